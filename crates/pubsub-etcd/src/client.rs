@@ -1,0 +1,278 @@
+//! Connecting to etcd: the [`ClientBuilder`] and the [`Client`] handle that
+//! every other part of the library borrows its etcd connection from.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, KvClient, TlsOptions, WatchClient};
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+/// Environment variable with comma-separated etcd endpoints.
+pub const ENDPOINTS_ENV: &str = "PUBSUB_ETCD_ENDPOINTS";
+/// The endpoint used when none is given.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
+/// The namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "pubsub-etcd";
+
+/// Endpoints from `PUBSUB_ETCD_ENDPOINTS` (comma-separated), or
+/// `127.0.0.1:2379` when it is unset or empty.
+pub fn endpoints_from_env() -> Vec<String> {
+    let endpoints: Vec<String> = std::env::var(ENDPOINTS_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect();
+    if endpoints.is_empty() {
+        vec![DEFAULT_ENDPOINT.to_string()]
+    } else {
+        endpoints
+    }
+}
+
+/// Configures and opens a [`Client`].
+///
+/// ```no_run
+/// # async fn f() -> pubsub_etcd::Result<()> {
+/// use std::time::Duration;
+/// let client = pubsub_etcd::Client::builder(["127.0.0.1:2379"])
+///     .namespace("my-app")
+///     .request_timeout(Duration::from_secs(5))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    namespace: String,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    ca_cert: Option<PathBuf>,
+    client_identity: Option<(PathBuf, PathBuf)>,
+    user: Option<(String, String)>,
+    max_response_bytes: usize,
+}
+
+impl fmt::Debug for ClientBuilder {
+    // Never print the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    fn new(endpoints: Vec<String>) -> Self {
+        ClientBuilder {
+            endpoints,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ca_cert: None,
+            client_identity: None,
+            user: None,
+            max_response_bytes: 256 * 1024 * 1024,
+        }
+    }
+
+    /// The prefix under which every key of the library lives, so that
+    /// applications can share an etcd and etcd's RBAC can confine a user to
+    /// one namespace. Default: `pubsub-etcd`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long to wait for a connection (and authentication). Default: 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long any one etcd request may take before it fails with
+    /// [`Error::Timeout`]. Default: 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Use TLS, trusting the CA certificate in this PEM file. Default: plain text.
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
+        self
+    }
+
+    /// Authenticate with this client certificate and key (PEM files); implies TLS.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Authenticate as this etcd user. Default: no authentication.
+    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((name.into(), password.into()));
+        self
+    }
+
+    /// The largest etcd response the client accepts. etcd-client's default of
+    /// 4 MiB is too small for a page of record batches or a watch replay.
+    /// Default: 256 MiB.
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// Opens the connection.
+    pub async fn connect(self) -> Result<Client> {
+        if self.endpoints.is_empty() {
+            return Err(Error::InvalidConfig("no etcd endpoints given".into()));
+        }
+        if self.namespace.trim_matches('/').is_empty() {
+            return Err(Error::InvalidConfig(
+                "the namespace must not be empty".into(),
+            ));
+        }
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig(
+                "timeouts must be greater than zero".into(),
+            ));
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_timeout(self.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let tls = self.ca_cert.is_some() || self.client_identity.is_some();
+        if tls {
+            let mut tls_options = TlsOptions::new();
+            if let Some(ca) = &self.ca_cert {
+                tls_options = tls_options.ca_certificate(Certificate::from_pem(read_pem(ca)?));
+            }
+            if let Some((cert, key)) = &self.client_identity {
+                tls_options =
+                    tls_options.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+            }
+            options = options.with_tls(tls_options);
+        }
+        if let Some((name, password)) = &self.user {
+            options = options.with_user(name.clone(), password.clone());
+        }
+        let endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else if tls {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let etcd = match tokio::time::timeout(
+            self.connect_timeout,
+            etcd_client::Client::connect(&endpoints, Some(options)),
+        )
+        .await
+        {
+            Ok(connected) => connected.map_err(|e| Error::etcd("connect", e))?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    op: "connect",
+                    timeout: self.connect_timeout,
+                })
+            }
+        };
+        let kv = etcd
+            .kv_client()
+            .max_decoding_message_size(self.max_response_bytes);
+        let watch = etcd
+            .watch_client()
+            .max_decoding_message_size(self.max_response_bytes);
+        Ok(Client {
+            etcd,
+            kv,
+            watch,
+            keys: Keys::new(&self.namespace),
+            namespace: self.namespace,
+            request_timeout: self.request_timeout,
+        })
+    }
+}
+
+fn read_pem(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::InvalidConfig(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A connection to etcd, scoped to one namespace. Cheap to clone: clones
+/// share the underlying connection.
+#[derive(Clone)]
+pub struct Client {
+    /// For leases, maintenance and anything without a dedicated client below.
+    pub(crate) etcd: etcd_client::Client,
+    /// KV client with the raised response limit.
+    pub(crate) kv: KvClient,
+    /// Watch client with the raised response limit.
+    pub(crate) watch: WatchClient,
+    pub(crate) keys: Keys,
+    namespace: String,
+    pub(crate) request_timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("namespace", &self.namespace)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts configuring a client for these etcd endpoints
+    /// (`host:port`, or URLs with `http://` / `https://`).
+    pub fn builder<E: Into<String>>(endpoints: impl IntoIterator<Item = E>) -> ClientBuilder {
+        ClientBuilder::new(endpoints.into_iter().map(Into::into).collect())
+    }
+
+    /// Connects to the endpoints of `PUBSUB_ETCD_ENDPOINTS` with default settings.
+    pub async fn connect_from_env() -> Result<Client> {
+        Client::builder(endpoints_from_env()).connect().await
+    }
+
+    /// The namespace this client works in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The raw etcd client, for operations this library does not wrap.
+    pub fn etcd(&self) -> &etcd_client::Client {
+        &self.etcd
+    }
+
+    /// Runs one etcd request under the request timeout.
+    pub(crate) async fn timed<T>(
+        &self,
+        op: &'static str,
+        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.request_timeout, request).await {
+            Ok(result) => result.map_err(|e| Error::etcd(op, e)),
+            Err(_) => Err(Error::Timeout {
+                op,
+                timeout: self.request_timeout,
+            }),
+        }
+    }
+}

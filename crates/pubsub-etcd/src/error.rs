@@ -1,0 +1,126 @@
+//! The library's error type: one enum, every variant naming what was wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A `Result` whose error defaults to this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in pubsub-etcd.
+///
+/// `Clone` because one failed etcd transaction fails every record of the
+/// batch it carried, and each record's caller gets its own copy.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic name breaks the naming rules.
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopicName { name: String, reason: &'static str },
+
+    /// A consumer group name breaks the naming rules.
+    #[error("invalid group name {name:?}: {reason}")]
+    InvalidGroupName { name: String, reason: &'static str },
+
+    /// A partition count outside `1..=MAX_PARTITIONS`.
+    #[error("invalid partition count {count}: must be between 1 and {max}")]
+    InvalidPartitionCount { count: u32, max: u32 },
+
+    /// A setting of a builder or of a topic is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// `create_topic` lost to an existing topic of the same name.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+
+    /// No topic of that name exists.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+
+    /// The topic this handle was made for was deleted (and possibly created
+    /// again as a new topic, which this handle never writes to).
+    #[error("topic {0:?} was deleted")]
+    TopicDeleted(String),
+
+    /// A partition number the topic does not have.
+    #[error("partition {partition} does not exist: topic {topic:?} has {partitions} partitions")]
+    PartitionOutOfRange {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+
+    /// Partition counts only grow: keyed records would change partition.
+    #[error("cannot decrease the partitions of topic {topic:?} from {current} to {requested}")]
+    PartitionDecrease {
+        topic: String,
+        current: u32,
+        requested: u32,
+    },
+
+    /// One record is larger than fits in one etcd request; nothing was written.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes per message")]
+    MessageTooLarge { size: usize, limit: usize },
+
+    /// etcd did not answer within the request timeout.
+    #[error("etcd did not answer {op} within {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+
+    /// etcd's backend quota is exhausted (NOSPACE alarm): writes fail until
+    /// an operator compacts, defragments and disarms the alarm.
+    #[error("etcd quota exceeded during {op}: database space exceeded (compact, defragment and disarm the NOSPACE alarm)")]
+    QuotaExceeded { op: &'static str },
+
+    /// Any other failure reported by etcd or the connection to it.
+    #[error("etcd {op} failed: {source}")]
+    Etcd {
+        op: &'static str,
+        #[source]
+        source: Arc<etcd_client::Error>,
+    },
+
+    /// A stored value that this version cannot read.
+    #[error("corrupt or unreadable value at key {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+
+    /// The producer was closed before the record was sent.
+    #[error("producer is closed")]
+    ProducerClosed,
+}
+
+impl Error {
+    /// Wraps an etcd-client error, recognising the few that callers act on.
+    pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> Self {
+        if let etcd_client::Error::GRpcStatus(status) = &source {
+            if status.message().contains("database space exceeded") {
+                return Error::QuotaExceeded { op };
+            }
+        }
+        Error::Etcd {
+            op,
+            source: Arc::new(source),
+        }
+    }
+
+    /// True when a request may or may not have been applied by etcd: a
+    /// timeout or a connection that broke mid-request. Retrying such a write
+    /// is only safe when it is idempotent.
+    pub fn is_outcome_unknown(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Etcd { source, .. } => match source.as_ref() {
+                etcd_client::Error::GRpcStatus(status) => matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                ),
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}

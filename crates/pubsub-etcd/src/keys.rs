@@ -1,0 +1,166 @@
+//! The etcd key layout: the one place that spells out every key the library
+//! reads or writes. DESIGN.md documents the same layout for other readers.
+//!
+//! ```text
+//! <ns>/topics/<topic>                               topic metadata (JSON); its create
+//!                                                   revision is the topic's incarnation
+//! <ns>/data/<topic>/<inc>/<partition>/head          partition head (next offset, idempotence table)
+//! <ns>/data/<topic>/<inc>/<partition>/b/<last>      record batch, named by its LAST offset
+//! <ns>/groups/<topic>/<group>/members/<member>      live member (leased)
+//! <ns>/groups/<topic>/<group>/owners/<partition>    partition owner (leased)
+//! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
+//! ```
+//!
+//! Partitions and offsets are zero-padded decimals, so etcd's byte order is
+//! numeric order. Every prefix used in a range ends in `/`: names may contain
+//! `-` and `.`, which sort before `/`, so `topics/a` must never match `topics/a-b`.
+
+/// Width of a zero-padded offset: `u64::MAX` has 20 digits.
+const OFFSET_WIDTH: usize = 20;
+/// Width of a zero-padded partition number; `MAX_PARTITIONS` fits in 5 digits.
+const PARTITION_WIDTH: usize = 5;
+
+/// Builds the keys of one namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    /// The namespace followed by `/`.
+    root: String,
+}
+
+impl Keys {
+    pub(crate) fn new(namespace: &str) -> Self {
+        Keys {
+            root: format!("{}/", namespace.trim_end_matches('/')),
+        }
+    }
+
+    pub(crate) fn topics_prefix(&self) -> String {
+        format!("{}topics/", self.root)
+    }
+
+    pub(crate) fn topic(&self, topic: &str) -> String {
+        format!("{}topics/{topic}", self.root)
+    }
+
+    /// Every incarnation's data of one topic.
+    pub(crate) fn topic_data_prefix(&self, topic: &str) -> String {
+        format!("{}data/{topic}/", self.root)
+    }
+
+    pub(crate) fn partition_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
+        format!(
+            "{}data/{topic}/{incarnation}/{partition:0PARTITION_WIDTH$}/",
+            self.root
+        )
+    }
+
+    pub(crate) fn head(&self, topic: &str, incarnation: i64, partition: u32) -> String {
+        format!(
+            "{}head",
+            self.partition_prefix(topic, incarnation, partition)
+        )
+    }
+
+    pub(crate) fn batches_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
+        format!("{}b/", self.partition_prefix(topic, incarnation, partition))
+    }
+
+    /// The key of the batch whose last offset is `last_offset`.
+    pub(crate) fn batch(
+        &self,
+        topic: &str,
+        incarnation: i64,
+        partition: u32,
+        last_offset: u64,
+    ) -> String {
+        format!(
+            "{}{last_offset:0OFFSET_WIDTH$}",
+            self.batches_prefix(topic, incarnation, partition)
+        )
+    }
+
+    /// Every group's state for one topic.
+    pub(crate) fn topic_groups_prefix(&self, topic: &str) -> String {
+        format!("{}groups/{topic}/", self.root)
+    }
+
+    pub(crate) fn groups_root(&self) -> String {
+        format!("{}groups/", self.root)
+    }
+
+    pub(crate) fn group_prefix(&self, topic: &str, group: &str) -> String {
+        format!("{}groups/{topic}/{group}/", self.root)
+    }
+
+    pub(crate) fn members_prefix(&self, topic: &str, group: &str) -> String {
+        format!("{}members/", self.group_prefix(topic, group))
+    }
+
+    pub(crate) fn member(&self, topic: &str, group: &str, member: &str) -> String {
+        format!("{}{member}", self.members_prefix(topic, group))
+    }
+
+    pub(crate) fn owners_prefix(&self, topic: &str, group: &str) -> String {
+        format!("{}owners/", self.group_prefix(topic, group))
+    }
+
+    pub(crate) fn owner(&self, topic: &str, group: &str, partition: u32) -> String {
+        format!(
+            "{}{partition:0PARTITION_WIDTH$}",
+            self.owners_prefix(topic, group)
+        )
+    }
+
+    pub(crate) fn offsets_prefix(&self, topic: &str, group: &str) -> String {
+        format!("{}offsets/", self.group_prefix(topic, group))
+    }
+
+    pub(crate) fn offset(&self, topic: &str, group: &str, partition: u32) -> String {
+        format!(
+            "{}{partition:0PARTITION_WIDTH$}",
+            self.offsets_prefix(topic, group)
+        )
+    }
+
+    /// Parses the number after the last `/` of a key (a partition or offset).
+    pub(crate) fn trailing_number(key: &[u8]) -> Option<u64> {
+        let key = std::str::from_utf8(key).ok()?;
+        key.rsplit('/').next()?.parse().ok()
+    }
+}
+
+/// The end of a prefix range: the prefix with its last byte incremented.
+/// Every prefix here ends in `/`, so the increment never overflows.
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_keys_sort_in_offset_order() {
+        let keys = Keys::new("ns");
+        let a = keys.batch("t", 7, 3, 9);
+        let b = keys.batch("t", 7, 3, 10);
+        let c = keys.batch("t", 7, 3, u64::MAX);
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(a, "ns/data/t/7/00003/b/00000000000000000009");
+        assert_eq!(Keys::trailing_number(c.as_bytes()), Some(u64::MAX));
+    }
+
+    #[test]
+    fn prefixes_do_not_match_longer_names() {
+        let keys = Keys::new("ns/");
+        let a = keys.topic_data_prefix("a");
+        let ab = keys.topic_data_prefix("a-b");
+        assert!(!ab.starts_with(&a));
+        assert!(ab.as_bytes() < prefix_end(&a).as_slice() && ab < a);
+        assert_eq!(prefix_end("x/"), b"x0".to_vec());
+    }
+}

@@ -1,0 +1,41 @@
+//! pubsub-etcd: a brokerless publish/subscribe log on etcd.
+//!
+//! Topics are split into partitions; producers append messages, each getting
+//! a contiguous `u64` offset in its partition; readers fetch by offset. etcd
+//! is the only server: every client is a peer.
+//!
+//! # Layout
+//! - `client`: connecting ([`ClientBuilder`], [`Client`]).
+//! - `keys`: the etcd key layout, defined in this one place.
+//! - `record`: [`Record`] in, [`Message`] out, and the versioned batch format.
+//! - `topic`: topic naming, metadata and admin operations.
+//! - `append`: the append transaction and its exactly-once retry.
+//! - `producer`: batching, partitioning and back-pressure ([`Producer`]).
+//! - `fetch`: reading a partition by offset ([`Client::fetch`]).
+//! - `error`: the [`Error`] enum.
+#![deny(rust_2018_idioms, unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+mod append;
+mod client;
+mod error;
+mod fetch;
+mod keys;
+mod producer;
+mod record;
+mod topic;
+
+pub use bytes::Bytes;
+pub use client::{
+    endpoints_from_env, Client, ClientBuilder, DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV,
+};
+pub use error::{Error, Result};
+pub use fetch::Fetched;
+pub use producer::{
+    partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
+};
+pub use record::{Message, Record, MAX_RECORDS_PER_BATCH};
+pub use topic::{
+    NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate, MAX_NAME_LEN,
+    MAX_PARTITIONS,
+};

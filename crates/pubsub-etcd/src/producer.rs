@@ -1,0 +1,618 @@
+//! Producing: the [`Producer`] that partitions records, coalesces concurrent
+//! sends into shared transactions, and reports where each record landed.
+//!
+//! Each partition has one worker task with a bounded queue. The worker takes
+//! every record queued so far (waiting up to `linger` for more), appends them
+//! as one batch (one transaction, see `append`), and answers each sender.
+//! While a transaction is in flight the queue fills, so batches grow with
+//! load. A byte semaphore bounds the memory of all queued records: when it
+//! is exhausted, senders wait (back-pressure); nothing is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::append::PartitionAppender;
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::record::{self, pb, Record, MAX_RECORDS_PER_BATCH};
+use crate::topic::TopicInfo;
+
+/// The largest encoded batch by default: etcd refuses requests over 1.5 MiB,
+/// and the head and transaction framing need room beside the batch.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// How a record without an explicit partition gets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Partitioner {
+    /// Keyed records go to `fnv1a_64(key) % partitions` (stable while the
+    /// partition count is unchanged); keyless records rotate over all
+    /// partitions.
+    #[default]
+    KeyHash,
+    /// Every record without an explicit partition rotates over all
+    /// partitions, keyed or not.
+    RoundRobin,
+}
+
+/// The partition of a key under [`Partitioner::KeyHash`]: the 64-bit
+/// FNV-1a hash of the key bytes, modulo the partition count.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = key
+        .iter()
+        .fold(OFFSET_BASIS, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME));
+    (hash % u64::from(partitions)) as u32
+}
+
+/// Configures a [`Producer`]; every setting has a documented default.
+#[derive(Debug, Clone)]
+pub struct ProducerBuilder {
+    client: Client,
+    topic: String,
+    linger: Duration,
+    max_batch_bytes: usize,
+    max_batch_records: usize,
+    buffer_bytes: usize,
+    delivery_timeout: Duration,
+    metadata_max_age: Duration,
+    partitioner: Partitioner,
+}
+
+impl ProducerBuilder {
+    pub(crate) fn new(client: Client, topic: String) -> Self {
+        ProducerBuilder {
+            client,
+            topic,
+            linger: Duration::ZERO,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_batch_records: MAX_RECORDS_PER_BATCH as usize,
+            buffer_bytes: 64 * 1024 * 1024,
+            delivery_timeout: Duration::from_secs(60),
+            metadata_max_age: Duration::from_secs(30),
+            partitioner: Partitioner::KeyHash,
+        }
+    }
+
+    /// How long a partition worker waits for more records before sending a
+    /// batch. Batches already grow while a transaction is in flight, so this
+    /// only trades latency for fewer transactions at low rates. Default: 0.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Largest encoded batch, which is also the largest record. Default:
+    /// 1 MiB; at most 1.4 MiB, since etcd refuses requests over 1.5 MiB.
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = bytes;
+        self
+    }
+
+    /// Most records per batch. Default and maximum: 10,000.
+    pub fn max_batch_records(mut self, records: usize) -> Self {
+        self.max_batch_records = records;
+        self
+    }
+
+    /// Bytes of records that may wait to be sent; senders wait for room
+    /// beyond it. Default: 64 MiB.
+    pub fn buffer_bytes(mut self, bytes: usize) -> Self {
+        self.buffer_bytes = bytes;
+        self
+    }
+
+    /// How long a batch may keep retrying while etcd is unreachable before
+    /// its records fail with the last error. Default: 60 s.
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+
+    /// How often the topic's metadata (partition count, deletion) is
+    /// re-read. Default: 30 s.
+    pub fn metadata_max_age(mut self, age: Duration) -> Self {
+        self.metadata_max_age = age;
+        self
+    }
+
+    /// How records without a partition get one. Default: [`Partitioner::KeyHash`].
+    pub fn partitioner(mut self, partitioner: Partitioner) -> Self {
+        self.partitioner = partitioner;
+        self
+    }
+
+    /// Reads the topic and makes the producer.
+    pub async fn build(self) -> Result<Producer> {
+        const MAX_REQUEST_BATCH: usize = 1400 * 1024;
+        if self.max_batch_bytes == 0 || self.max_batch_bytes > MAX_REQUEST_BATCH {
+            return Err(Error::InvalidConfig(format!(
+                "max_batch_bytes must be between 1 and {MAX_REQUEST_BATCH}"
+            )));
+        }
+        if self.max_batch_records == 0 || self.max_batch_records as u64 > MAX_RECORDS_PER_BATCH {
+            return Err(Error::InvalidConfig(format!(
+                "max_batch_records must be between 1 and {MAX_RECORDS_PER_BATCH}"
+            )));
+        }
+        if self.buffer_bytes < self.max_batch_bytes || self.buffer_bytes > u32::MAX as usize {
+            return Err(Error::InvalidConfig(
+                "buffer_bytes must be at least max_batch_bytes and below 4 GiB".into(),
+            ));
+        }
+        let topic = self.client.topic(&self.topic).await?;
+        let max_record_bytes = topic
+            .config
+            .max_message_bytes
+            .map_or(self.max_batch_bytes, |m| {
+                (m as usize).min(self.max_batch_bytes)
+            });
+        Ok(Producer {
+            shared: Arc::new(Shared {
+                client: self.client.clone(),
+                producer_id: rand::random(),
+                memory: Arc::new(Semaphore::new(self.buffer_bytes)),
+                workers: Mutex::new(Workers {
+                    senders: Vec::new(),
+                    tasks: Vec::new(),
+                    closed: false,
+                }),
+                metadata: Mutex::new(Metadata {
+                    refreshed: Instant::now(),
+                    topic: topic.clone(),
+                    max_record_bytes,
+                }),
+                name: topic.name.as_str().into(),
+                rotation: AtomicU64::new(rand::random::<u32>().into()),
+                deleted: Arc::new(AtomicBool::new(false)),
+                config: self,
+            }),
+        })
+    }
+}
+
+/// Publishes records to one topic. Cheap to clone; clones share the
+/// partition workers and the buffer.
+///
+/// Dropping every clone lets queued records finish in the background; call
+/// [`Producer::close`] to wait for them.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client,
+    config: ProducerBuilder,
+    /// Random per producer: with the per-partition sequence it makes appends
+    /// idempotent.
+    producer_id: u64,
+    /// Bytes of queued records not yet answered.
+    memory: Arc<Semaphore>,
+    /// A std mutex: it is never held across an await.
+    workers: Mutex<Workers>,
+    metadata: Mutex<Metadata>,
+    name: Arc<str>,
+    /// Next partition for records that rotate.
+    rotation: AtomicU64,
+    /// Set by a worker that found the topic deleted.
+    deleted: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct Workers {
+    /// Queue of each partition's worker, started on first use.
+    senders: Vec<Option<mpsc::Sender<Item>>>,
+    tasks: Vec<JoinHandle<()>>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Metadata {
+    refreshed: Instant,
+    topic: TopicInfo,
+    max_record_bytes: usize,
+}
+
+/// What a partition worker's queue carries.
+#[derive(Debug)]
+enum Item {
+    Record(Pending),
+    /// Answered once everything queued before it is answered.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Pending {
+    record: pb::Record,
+    size: usize,
+    /// Returned to the buffer when the record is answered.
+    permit: OwnedSemaphorePermit,
+    reply: oneshot::Sender<Result<(u32, u64)>>,
+}
+
+/// Resolves to `(partition, offset)` once the record is stored in etcd.
+#[derive(Debug)]
+#[must_use = "a delivery does nothing unless awaited; drop it to ignore the outcome"]
+pub struct Delivery {
+    reply: oneshot::Receiver<Result<(u32, u64)>>,
+}
+
+impl Future for Delivery {
+    type Output = Result<(u32, u64)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.reply)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::ProducerClosed)))
+    }
+}
+
+impl Client {
+    /// Starts configuring a producer for `topic`.
+    pub fn producer(&self, topic: impl Into<String>) -> ProducerBuilder {
+        ProducerBuilder::new(self.clone(), topic.into())
+    }
+}
+
+impl Producer {
+    /// The topic this producer writes to.
+    pub fn topic(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Sends one record and waits until it is durable in etcd.
+    pub async fn send(&self, record: Record) -> Result<(u32, u64)> {
+        self.enqueue(record).await?.await
+    }
+
+    /// Sends records and waits for all of them; one result per record, in
+    /// input order. Records for one partition keep their input order.
+    pub async fn send_batch(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Vec<Result<(u32, u64)>> {
+        let mut deliveries = Vec::new();
+        for record in records {
+            deliveries.push(self.enqueue(record).await);
+        }
+        let mut results = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            results.push(match delivery {
+                Ok(delivery) => delivery.await,
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    /// Queues a record, waiting only for buffer room, and returns a
+    /// [`Delivery`] to await its outcome. Lets one task keep many records in
+    /// flight; records enqueued by one task to one partition keep their order.
+    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+        let shared = &self.shared;
+        if shared.deleted.load(Ordering::Relaxed) {
+            return Err(Error::TopicDeleted(shared.name.to_string()));
+        }
+        self.refresh_if_stale().await?;
+        let explicit = record.partition;
+        let key_partition = match shared.config.partitioner {
+            Partitioner::KeyHash => record.key.clone(),
+            Partitioner::RoundRobin => None,
+        };
+        let record = record.into_pb();
+        let size = record::encoded_record_len(&record);
+        let (partitions, max_record_bytes) = {
+            let metadata = shared.metadata.lock().expect("metadata lock");
+            (metadata.topic.partitions, metadata.max_record_bytes)
+        };
+        if size > max_record_bytes {
+            return Err(Error::MessageTooLarge {
+                size,
+                limit: max_record_bytes,
+            });
+        }
+        let partition = match (explicit, key_partition) {
+            (Some(p), _) => {
+                if p >= partitions {
+                    self.refresh().await?;
+                    let partitions = shared
+                        .metadata
+                        .lock()
+                        .expect("metadata lock")
+                        .topic
+                        .partitions;
+                    if p >= partitions {
+                        return Err(Error::PartitionOutOfRange {
+                            topic: shared.name.to_string(),
+                            partition: p,
+                            partitions,
+                        });
+                    }
+                }
+                p
+            }
+            (None, Some(key)) => partition_for_key(&key, partitions),
+            (None, None) => {
+                (shared.rotation.fetch_add(1, Ordering::Relaxed) % u64::from(partitions)) as u32
+            }
+        };
+        let permit = shared
+            .memory
+            .clone()
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| Error::ProducerClosed)?;
+        let sender = self.worker(partition)?;
+        let (reply, receiver) = oneshot::channel();
+        sender
+            .send(Item::Record(Pending {
+                record,
+                size,
+                permit,
+                reply,
+            }))
+            .await
+            .map_err(|_| Error::ProducerClosed)?;
+        Ok(Delivery { reply: receiver })
+    }
+
+    /// Waits until every record enqueued before this call is answered.
+    pub async fn flush(&self) -> Result<()> {
+        let senders: Vec<_> = {
+            let workers = self.shared.workers.lock().expect("workers lock");
+            workers.senders.iter().flatten().cloned().collect()
+        };
+        let mut waits = Vec::with_capacity(senders.len());
+        for sender in senders {
+            let (done, wait) = oneshot::channel();
+            if sender.send(Item::Flush(done)).await.is_ok() {
+                waits.push(wait);
+            }
+        }
+        for wait in waits {
+            // An error means the worker ended, having answered everything.
+            let _ = wait.await;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting records, waits for every queued record to be answered,
+    /// and stops the partition workers. Other clones then fail with
+    /// [`Error::ProducerClosed`].
+    pub async fn close(&self) -> Result<()> {
+        let tasks = {
+            let mut workers = self.shared.workers.lock().expect("workers lock");
+            workers.closed = true;
+            workers.senders.clear();
+            std::mem::take(&mut workers.tasks)
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+
+    /// The queue of `partition`'s worker, starting the worker if needed.
+    fn worker(&self, partition: u32) -> Result<mpsc::Sender<Item>> {
+        let shared = &self.shared;
+        let mut workers = shared.workers.lock().expect("workers lock");
+        if workers.closed {
+            return Err(Error::ProducerClosed);
+        }
+        let index = partition as usize;
+        if workers.senders.len() <= index {
+            workers.senders.resize(index + 1, None);
+        }
+        if let Some(sender) = &workers.senders[index] {
+            return Ok(sender.clone());
+        }
+        let incarnation = shared
+            .metadata
+            .lock()
+            .expect("metadata lock")
+            .topic
+            .incarnation;
+        let (sender, receiver) = mpsc::channel(2 * shared.config.max_batch_records);
+        let worker = Worker {
+            appender: PartitionAppender::new(
+                shared.client.clone(),
+                shared.name.clone(),
+                incarnation,
+                partition,
+                shared.producer_id,
+            ),
+            partition,
+            queue: receiver,
+            held: None,
+            linger: shared.config.linger,
+            max_batch_bytes: shared.config.max_batch_bytes,
+            max_batch_records: shared.config.max_batch_records,
+            delivery_timeout: shared.config.delivery_timeout,
+            deleted: shared.deleted.clone(),
+        };
+        workers.tasks.push(tokio::spawn(worker.run()));
+        workers.senders[index] = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn refresh_if_stale(&self) -> Result<()> {
+        let stale = {
+            let mut metadata = self.shared.metadata.lock().expect("metadata lock");
+            let stale = metadata.refreshed.elapsed() >= self.shared.config.metadata_max_age;
+            if stale {
+                // Claim the refresh so concurrent senders do not all repeat it.
+                metadata.refreshed = Instant::now();
+            }
+            stale
+        };
+        if stale {
+            self.refresh().await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the topic: picks up new partitions, notices deletion.
+    async fn refresh(&self) -> Result<()> {
+        let shared = &self.shared;
+        let incarnation = shared
+            .metadata
+            .lock()
+            .expect("metadata lock")
+            .topic
+            .incarnation;
+        let topic = match shared.client.topic(&shared.name).await {
+            Ok(topic) if topic.incarnation == incarnation => topic,
+            Ok(_) | Err(Error::TopicNotFound(_)) => {
+                shared.deleted.store(true, Ordering::Relaxed);
+                return Err(Error::TopicDeleted(shared.name.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut metadata = shared.metadata.lock().expect("metadata lock");
+        metadata.max_record_bytes = topic
+            .config
+            .max_message_bytes
+            .map_or(shared.config.max_batch_bytes, |m| {
+                (m as usize).min(shared.config.max_batch_bytes)
+            });
+        metadata.topic = topic;
+        metadata.refreshed = Instant::now();
+        Ok(())
+    }
+}
+
+/// One partition's batching loop.
+struct Worker {
+    appender: PartitionAppender,
+    partition: u32,
+    queue: mpsc::Receiver<Item>,
+    /// A record taken from the queue that did not fit the last batch.
+    held: Option<Pending>,
+    linger: Duration,
+    max_batch_bytes: usize,
+    max_batch_records: usize,
+    delivery_timeout: Duration,
+    deleted: Arc<AtomicBool>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let mut batch = Vec::new();
+            let mut flushes = Vec::new();
+            let mut bytes = 0usize;
+            let first = match self.held.take() {
+                Some(pending) => Item::Record(pending),
+                None => match self.queue.recv().await {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let linger_until = Instant::now() + self.linger;
+            let mut item = Some(first);
+            loop {
+                match item.take() {
+                    Some(Item::Record(pending)) => {
+                        if !batch.is_empty() && bytes + pending.size > self.max_batch_bytes {
+                            self.held = Some(pending);
+                            break;
+                        }
+                        bytes += pending.size;
+                        batch.push(pending);
+                        if batch.len() >= self.max_batch_records {
+                            break;
+                        }
+                    }
+                    // A flush ends lingering: its caller wants the batch now.
+                    Some(Item::Flush(done)) => {
+                        flushes.push(done);
+                        if !self.linger.is_zero() {
+                            break;
+                        }
+                    }
+                    None => {}
+                }
+                item = match self.queue.try_recv() {
+                    Ok(next) => Some(next),
+                    Err(mpsc::error::TryRecvError::Empty) if Instant::now() < linger_until => {
+                        tokio::select! {
+                            next = self.queue.recv() => next,
+                            _ = tokio::time::sleep_until(linger_until) => None,
+                        }
+                    }
+                    Err(_) => None,
+                };
+                if item.is_none() {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                self.send(batch).await;
+            }
+            for done in flushes {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    async fn send(&mut self, batch: Vec<Pending>) {
+        let mut records = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        // The records' buffer room is held until they are answered.
+        let mut permits = Vec::with_capacity(batch.len());
+        for pending in batch {
+            records.push(pending.record);
+            replies.push(pending.reply);
+            permits.push(pending.permit);
+        }
+        let deadline = Instant::now() + self.delivery_timeout;
+        match self.appender.append(records, deadline).await {
+            Ok(base) => {
+                for (i, reply) in replies.into_iter().enumerate() {
+                    let _ = reply.send(Ok((self.partition, base + i as u64)));
+                }
+            }
+            Err(e) => {
+                if matches!(e, Error::TopicDeleted(_)) {
+                    self.deleted.store(true, Ordering::Relaxed);
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        drop(permits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hash_is_fnv1a_and_stable() {
+        // FNV-1a 64 of "" is the offset basis; of "a" is 0xaf63dc4c8601ec8c.
+        assert_eq!(
+            partition_for_key(b"", 1 << 31),
+            (0xcbf29ce484222325u64 % (1 << 31)) as u32
+        );
+        assert_eq!(
+            partition_for_key(b"a", 1000),
+            (0xaf63dc4c8601ec8cu64 % 1000) as u32
+        );
+        for p in [1, 3, 12, 4096] {
+            assert!(partition_for_key(b"user-42", p) < p);
+        }
+    }
+}

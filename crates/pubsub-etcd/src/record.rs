@@ -1,0 +1,219 @@
+//! Messages as the application sees them ([`Record`] going in, [`Message`]
+//! coming out) and the versioned on-etcd encoding of record batches and
+//! partition heads (`proto/record.proto`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use crate::error::{Error, Result};
+
+/// The generated protobuf types of `proto/record.proto`.
+pub(crate) mod pb {
+    include!(concat!(env!("OUT_DIR"), "/pubsub_etcd.v1.rs"));
+}
+
+/// The format-version byte that starts every batch and head value.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// The most records one batch may hold. Part of the format: readers rely on
+/// it to bound the key range that can contain a given offset.
+pub const MAX_RECORDS_PER_BATCH: u64 = 10_000;
+
+/// A message to produce.
+///
+/// ```
+/// use pubsub_etcd::Record;
+/// let record = Record::new("hello").key("user-42").header("trace", "abc");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The payload; any bytes, empty allowed.
+    pub value: Bytes,
+    /// Decides the partition (unless one is set) and identifies the record
+    /// for key compaction.
+    pub key: Option<Bytes>,
+    /// Application metadata.
+    pub headers: BTreeMap<String, Bytes>,
+    /// Milliseconds since the Unix epoch; the producer's clock when unset.
+    pub timestamp: Option<i64>,
+    /// Send to this partition instead of choosing one.
+    pub partition: Option<u32>,
+}
+
+impl Record {
+    /// A record with this value and nothing else set.
+    pub fn new(value: impl Into<Bytes>) -> Self {
+        Record {
+            value: value.into(),
+            ..Record::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header, replacing one of the same name.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the timestamp in milliseconds since the Unix epoch.
+    pub fn timestamp(mut self, millis: i64) -> Self {
+        self.timestamp = Some(millis);
+        self
+    }
+
+    /// Sends the record to this partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// The stored form, with its timestamp fixed now.
+    pub(crate) fn into_pb(self) -> pb::Record {
+        pb::Record {
+            offset_delta: 0,
+            timestamp_ms: self.timestamp.unwrap_or_else(now_millis),
+            key: self.key,
+            value: self.value,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(name, value)| pb::Header { name, value })
+                .collect(),
+            expires_at_ms: 0,
+        }
+    }
+}
+
+/// A message read back from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: BTreeMap<String, Bytes>,
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+/// Protobuf bytes that one record adds to a batch, including its field tag.
+pub(crate) fn encoded_record_len(record: &pb::Record) -> usize {
+    // Tag (1 byte) + length varint (at most 5) + the record itself.
+    record.encoded_len() + 6
+}
+
+/// Serialises a value with its format-version byte.
+pub(crate) fn encode<M: prost::Message>(message: &M) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + message.encoded_len());
+    out.push(FORMAT_VERSION);
+    message.encode(&mut out).expect("a Vec grows as needed");
+    out
+}
+
+/// Parses a value written by [`encode`].
+pub(crate) fn decode<M: prost::Message + Default>(key: &[u8], value: Bytes) -> Result<M> {
+    let corrupt = |reason: String| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    match value.first() {
+        Some(&FORMAT_VERSION) => {
+            M::decode(value.slice(1..)).map_err(|e| corrupt(format!("bad protobuf: {e}")))
+        }
+        Some(version) => Err(corrupt(format!("unknown format version {version}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+/// Turns a stored batch into messages, keeping those at or after `from`
+/// that have not expired by `now_ms`.
+pub(crate) fn batch_messages(
+    topic: &Arc<str>,
+    partition: u32,
+    batch: pb::RecordBatch,
+    from: u64,
+    now_ms: i64,
+) -> impl Iterator<Item = Message> + '_ {
+    let base = batch.base_offset;
+    batch.records.into_iter().filter_map(move |r| {
+        let offset = base + u64::from(r.offset_delta);
+        if offset < from || (r.expires_at_ms != 0 && r.expires_at_ms <= now_ms) {
+            return None;
+        }
+        Some(Message {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp: r.timestamp_ms,
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trips_with_version_byte() {
+        let batch = pb::RecordBatch {
+            base_offset: 10,
+            producer_id: 7,
+            producer_seq: 3,
+            offset_count: 2,
+            records: vec![
+                Record::new("a")
+                    .key("k")
+                    .header("h", "v")
+                    .timestamp(5)
+                    .into_pb(),
+                pb::Record {
+                    offset_delta: 1,
+                    ..Record::new(Bytes::new()).into_pb()
+                },
+            ],
+        };
+        let bytes = encode(&batch);
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        let back: pb::RecordBatch = decode(b"k", Bytes::from(bytes)).unwrap();
+        assert_eq!(back, batch);
+        let topic: Arc<str> = Arc::from("t");
+        let messages: Vec<_> = batch_messages(&topic, 0, back, 11, 0).collect();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].offset, 11);
+        assert!(messages[0].value.is_empty());
+    }
+
+    #[test]
+    fn unknown_version_and_garbage_are_errors() {
+        let err = decode::<pb::RecordBatch>(b"key", Bytes::from_static(&[9, 1, 2])).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown format version 9"),
+            "{err}"
+        );
+        let err = decode::<pb::RecordBatch>(b"key", Bytes::from_static(&[1, 0xff])).unwrap_err();
+        assert!(err.to_string().contains("bad protobuf"), "{err}");
+        assert!(decode::<pb::RecordBatch>(b"key", Bytes::new()).is_err());
+    }
+}

@@ -1,0 +1,432 @@
+//! Topics: naming rules, the stored metadata, and the admin operations
+//! (create, get, list, describe, update, delete) on [`Client`].
+
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::keys::prefix_end;
+use crate::record::{self, pb};
+
+/// The most partitions a topic may have. Each partition costs a head key,
+/// and a consumer group an owner and an offset key per partition; 4,096 keeps
+/// a whole topic's group state within a few etcd pages.
+pub const MAX_PARTITIONS: u32 = 4096;
+/// The longest topic or group name, as in Kafka.
+pub const MAX_NAME_LEN: usize = 249;
+
+/// Checks a name against the rules shared by topics and groups:
+/// 1 to 249 characters from `[A-Za-z0-9._-]`, and not `.` or `..`.
+fn check_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err("longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("must not be \".\" or \"..\"");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_topic_name(name: &str) -> Result<()> {
+    check_name(name).map_err(|reason| Error::InvalidTopicName {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+pub(crate) fn validate_group_name(name: &str) -> Result<()> {
+    check_name(name).map_err(|reason| Error::InvalidGroupName {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+fn validate_partitions(count: u32) -> Result<()> {
+    if count == 0 || count > MAX_PARTITIONS {
+        return Err(Error::InvalidPartitionCount {
+            count,
+            max: MAX_PARTITIONS,
+        });
+    }
+    Ok(())
+}
+
+/// Per-topic settings, stored with the topic and changeable later.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TopicConfig {
+    /// Largest accepted record (value, key and headers, encoded), in bytes.
+    /// Producers refuse larger records with [`Error::MessageTooLarge`].
+    /// Default (`None`): as large as fits in one etcd request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u32>,
+}
+
+impl TopicConfig {
+    fn validate(&self) -> Result<()> {
+        if self.max_message_bytes == Some(0) {
+            return Err(Error::InvalidConfig(
+                "max_message_bytes must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a new topic looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub config: TopicConfig,
+}
+
+impl NewTopic {
+    /// A topic with this name and partition count and default settings.
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        NewTopic {
+            name: name.into(),
+            partitions,
+            config: TopicConfig::default(),
+        }
+    }
+
+    /// Sets [`TopicConfig::max_message_bytes`].
+    pub fn max_message_bytes(mut self, bytes: u32) -> Self {
+        self.config.max_message_bytes = Some(bytes);
+        self
+    }
+}
+
+/// A change to an existing topic; fields left `None` stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicUpdate {
+    /// New partition count; it may only grow.
+    pub partitions: Option<u32>,
+    /// New settings, replacing the old ones whole.
+    pub config: Option<TopicConfig>,
+}
+
+/// The stored metadata of a topic (the JSON value of its topic key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTopic {
+    partitions: u32,
+    created_ms: i64,
+    #[serde(default)]
+    config: TopicConfig,
+}
+
+/// A topic as stored in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: u32,
+    pub config: TopicConfig,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// The etcd create revision of the topic key. It tells a topic from a
+    /// later topic of the same name, and names the topic's data keys.
+    pub incarnation: i64,
+    /// The etcd revision of the last change to the topic's metadata.
+    pub(crate) mod_revision: i64,
+}
+
+/// One partition's range of offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    /// The lowest offset still stored (equal to `next` when empty).
+    pub earliest: u64,
+    /// The offset the next appended message will get.
+    pub next: u64,
+}
+
+/// A topic with the offsets of each of its partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDescription {
+    pub topic: TopicInfo,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// Most partitions per describe transaction: two reads each, and etcd
+/// allows 128 operations per transaction.
+const DESCRIBE_CHUNK: u32 = 64;
+
+impl Client {
+    /// Creates a topic. Of several concurrent creates of one name exactly one
+    /// succeeds; the others get [`Error::TopicExists`].
+    pub async fn create_topic(&self, topic: NewTopic) -> Result<TopicInfo> {
+        validate_topic_name(&topic.name)?;
+        validate_partitions(topic.partitions)?;
+        topic.config.validate()?;
+        let key = self.keys.topic(&topic.name);
+        let stored = StoredTopic {
+            partitions: topic.partitions,
+            created_ms: record::now_millis(),
+            config: topic.config,
+        };
+        let value = serde_json::to_vec(&stored).expect("topic metadata serialises");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let response = self.timed("create topic", self.kv.clone().txn(txn)).await?;
+        if !response.succeeded() {
+            return Err(Error::TopicExists(topic.name));
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok(TopicInfo {
+            name: topic.name,
+            partitions: stored.partitions,
+            config: stored.config,
+            created_ms: stored.created_ms,
+            incarnation: revision,
+            mod_revision: revision,
+        })
+    }
+
+    /// Reads a topic's metadata.
+    pub async fn topic(&self, name: &str) -> Result<TopicInfo> {
+        validate_topic_name(name)?;
+        let key = self.keys.topic(name);
+        let mut response = self
+            .timed("get topic", self.kv.clone().get(key, None))
+            .await?;
+        match response.take_kvs().into_iter().next() {
+            Some(kv) => parse_topic(name, &kv),
+            None => Err(Error::TopicNotFound(name.to_string())),
+        }
+    }
+
+    /// Every topic of the namespace, sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let prefix = self.keys.topics_prefix();
+        let options = GetOptions::new().with_range(prefix_end(&prefix));
+        let mut response = self
+            .timed(
+                "list topics",
+                self.kv.clone().get(prefix.clone(), Some(options)),
+            )
+            .await?;
+        response
+            .take_kvs()
+            .iter()
+            .map(|kv| {
+                let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                parse_topic(&name, kv)
+            })
+            .collect()
+    }
+
+    /// A topic with the earliest and next offset of every partition.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let topic = self.topic(name).await?;
+        let mut partitions = Vec::with_capacity(topic.partitions as usize);
+        let mut first = 0;
+        while first < topic.partitions {
+            let last = (first + DESCRIBE_CHUNK).min(topic.partitions);
+            let mut ops = Vec::new();
+            for p in first..last {
+                ops.push(TxnOp::get(
+                    self.keys.head(&topic.name, topic.incarnation, p),
+                    None,
+                ));
+                let prefix = self.keys.batches_prefix(&topic.name, topic.incarnation, p);
+                let options = GetOptions::new()
+                    .with_range(prefix_end(&prefix))
+                    .with_limit(1);
+                ops.push(TxnOp::get(prefix, Some(options)));
+            }
+            let response = self
+                .timed(
+                    "describe topic",
+                    self.kv.clone().txn(Txn::new().and_then(ops)),
+                )
+                .await?;
+            let mut responses = response.op_responses().into_iter();
+            for p in first..last {
+                let head = match responses.next() {
+                    Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                        Some(kv) => {
+                            record::decode::<pb::PartitionHead>(
+                                kv.key(),
+                                kv.value().to_vec().into(),
+                            )?
+                            .next_offset
+                        }
+                        None => 0,
+                    },
+                    _ => 0,
+                };
+                let earliest = match responses.next() {
+                    Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                        Some(kv) => {
+                            let batch: pb::RecordBatch =
+                                record::decode(kv.key(), kv.value().to_vec().into())?;
+                            batch
+                                .records
+                                .first()
+                                .map(|r| batch.base_offset + u64::from(r.offset_delta))
+                                .unwrap_or(head)
+                        }
+                        None => head,
+                    },
+                    _ => head,
+                };
+                partitions.push(PartitionInfo {
+                    partition: p,
+                    earliest,
+                    next: head,
+                });
+            }
+            first = last;
+        }
+        Ok(TopicDescription { topic, partitions })
+    }
+
+    /// Changes a topic's partition count (growing only) or settings.
+    pub async fn update_topic(&self, name: &str, update: TopicUpdate) -> Result<TopicInfo> {
+        if let Some(count) = update.partitions {
+            validate_partitions(count)?;
+        }
+        if let Some(config) = &update.config {
+            config.validate()?;
+        }
+        loop {
+            let current = self.topic(name).await?;
+            let partitions = update.partitions.unwrap_or(current.partitions);
+            if partitions < current.partitions {
+                return Err(Error::PartitionDecrease {
+                    topic: name.to_string(),
+                    current: current.partitions,
+                    requested: partitions,
+                });
+            }
+            let stored = StoredTopic {
+                partitions,
+                created_ms: current.created_ms,
+                config: update.config.clone().unwrap_or(current.config.clone()),
+            };
+            let key = self.keys.topic(name);
+            let value = serde_json::to_vec(&stored).expect("topic metadata serialises");
+            // Guarded by the metadata's mod revision: a concurrent update makes
+            // this one re-read and re-check rather than overwrite it.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    current.mod_revision,
+                )])
+                .and_then([TxnOp::put(key, value, None)]);
+            let response = self.timed("update topic", self.kv.clone().txn(txn)).await?;
+            if response.succeeded() {
+                let revision = response.header().map_or(0, |h| h.revision());
+                return Ok(TopicInfo {
+                    partitions,
+                    config: stored.config,
+                    mod_revision: revision,
+                    ..current
+                });
+            }
+        }
+    }
+
+    /// Deletes a topic with its messages and every group's offsets and
+    /// ownership for it, in one transaction. Producers holding the topic get
+    /// [`Error::TopicDeleted`]; a later topic of the same name starts empty.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        validate_topic_name(name)?;
+        let key = self.keys.topic(name);
+        let data = self.keys.topic_data_prefix(name);
+        let groups = self.keys.topic_groups_prefix(name);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::delete(
+                    data.clone(),
+                    Some(DeleteOptions::new().with_range(prefix_end(&data))),
+                ),
+                TxnOp::delete(
+                    groups.clone(),
+                    Some(DeleteOptions::new().with_range(prefix_end(&groups))),
+                ),
+            ]);
+        let response = self.timed("delete topic", self.kv.clone().txn(txn)).await?;
+        if !response.succeeded() {
+            return Err(Error::TopicNotFound(name.to_string()));
+        }
+        Ok(())
+    }
+}
+
+fn parse_topic(name: &str, kv: &etcd_client::KeyValue) -> Result<TopicInfo> {
+    let stored: StoredTopic = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        reason: format!("bad topic metadata: {e}"),
+    })?;
+    Ok(TopicInfo {
+        name: name.to_string(),
+        partitions: stored.partitions,
+        config: stored.config,
+        created_ms: stored.created_ms,
+        incarnation: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// The name shared by every message of a topic, so messages clone cheaply.
+pub(crate) fn topic_arc(name: &str) -> Arc<str> {
+    Arc::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "A-b_c.9", &"x".repeat(249), "..."] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "a[b",
+            "a\\b",
+            "a^b",
+            "a`b",
+            "é",
+            &"x".repeat(250),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn partition_counts() {
+        assert!(validate_partitions(0).is_err());
+        assert!(validate_partitions(1).is_ok());
+        assert!(validate_partitions(1024).is_ok());
+        assert!(validate_partitions(MAX_PARTITIONS).is_ok());
+        let err = validate_partitions(MAX_PARTITIONS + 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid partition count 4097: must be between 1 and 4096"
+        );
+    }
+}

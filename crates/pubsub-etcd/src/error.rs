@@ -86,6 +86,27 @@ pub enum Error {
     /// The producer was closed before the record was sent.
     #[error("producer is closed")]
     ProducerClosed,
+
+    /// No group of that name has state in this namespace.
+    #[error("consumer group {0:?} does not exist")]
+    GroupNotFound(String),
+
+    /// An admin change to a group that live members would race with.
+    #[error("consumer group {group:?} has live members on topic {topic:?}; stop them first")]
+    GroupActive { group: String, topic: String },
+
+    /// This member no longer owns the partition (its lease expired, or the
+    /// partition was reassigned), so it may not commit for it.
+    #[error("partition {partition} of topic {topic:?} is not owned by this member (lost or reassigned); commit refused")]
+    NotOwner { topic: String, partition: u32 },
+
+    /// etcd ended a watch stream without an error.
+    #[error("etcd ended the watch stream")]
+    WatchEnded,
+
+    /// The consumer was closed.
+    #[error("consumer is closed")]
+    ConsumerClosed,
 }
 
 impl Error {

@@ -18,10 +18,14 @@
 
 mod append;
 mod client;
+mod consumer;
 mod error;
 mod fetch;
+mod group;
 mod keys;
+mod member;
 mod producer;
+mod reader;
 mod record;
 mod topic;
 
@@ -29,8 +33,10 @@ pub use bytes::Bytes;
 pub use client::{
     endpoints_from_env, Client, ClientBuilder, DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
+pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
 pub use error::{Error, Result};
 pub use fetch::Fetched;
+pub use group::{PartitionLag, StartOffset};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };

@@ -232,10 +232,31 @@ impl Client {
     /// A topic with the earliest and next offset of every partition.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
         let topic = self.topic(name).await?;
-        let mut partitions = Vec::with_capacity(topic.partitions as usize);
-        let mut first = 0;
-        while first < topic.partitions {
-            let last = (first + DESCRIBE_CHUNK).min(topic.partitions);
+        let partitions = self.partition_infos(&topic, 0..topic.partitions).await?;
+        Ok(TopicDescription { topic, partitions })
+    }
+
+    /// The earliest and next offset of one partition.
+    pub(crate) async fn partition_info(
+        &self,
+        topic: &TopicInfo,
+        partition: u32,
+    ) -> Result<PartitionInfo> {
+        let mut infos = self
+            .partition_infos(topic, partition..partition + 1)
+            .await?;
+        Ok(infos.remove(0))
+    }
+
+    async fn partition_infos(
+        &self,
+        topic: &TopicInfo,
+        range: std::ops::Range<u32>,
+    ) -> Result<Vec<PartitionInfo>> {
+        let mut partitions = Vec::with_capacity(range.len());
+        let mut first = range.start;
+        while first < range.end {
+            let last = (first + DESCRIBE_CHUNK).min(range.end);
             let mut ops = Vec::new();
             for p in first..last {
                 ops.push(TxnOp::get(
@@ -250,49 +271,43 @@ impl Client {
             }
             let response = self
                 .timed(
-                    "describe topic",
+                    "describe partitions",
                     self.kv.clone().txn(Txn::new().and_then(ops)),
                 )
                 .await?;
-            let mut responses = response.op_responses().into_iter();
+            let mut responses = response.op_responses().into_iter().map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                _ => None,
+            });
             for p in first..last {
-                let head = match responses.next() {
-                    Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
-                        Some(kv) => {
-                            record::decode::<pb::PartitionHead>(
-                                kv.key(),
-                                kv.value().to_vec().into(),
-                            )?
-                            .next_offset
-                        }
-                        None => 0,
-                    },
-                    _ => 0,
+                let next = match responses.next().flatten() {
+                    Some(kv) => {
+                        let head: pb::PartitionHead =
+                            record::decode(kv.key(), bytes::Bytes::copy_from_slice(kv.value()))?;
+                        head.next_offset
+                    }
+                    None => 0,
                 };
-                let earliest = match responses.next() {
-                    Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
-                        Some(kv) => {
-                            let batch: pb::RecordBatch =
-                                record::decode(kv.key(), kv.value().to_vec().into())?;
-                            batch
-                                .records
-                                .first()
-                                .map(|r| batch.base_offset + u64::from(r.offset_delta))
-                                .unwrap_or(head)
-                        }
-                        None => head,
-                    },
-                    _ => head,
+                let earliest = match responses.next().flatten() {
+                    Some(kv) => {
+                        let batch: pb::RecordBatch =
+                            record::decode(kv.key(), bytes::Bytes::copy_from_slice(kv.value()))?;
+                        batch
+                            .records
+                            .first()
+                            .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta))
+                    }
+                    None => next,
                 };
                 partitions.push(PartitionInfo {
                     partition: p,
                     earliest,
-                    next: head,
+                    next,
                 });
             }
             first = last;
         }
-        Ok(TopicDescription { topic, partitions })
+        Ok(partitions)
     }
 
     /// Changes a topic's partition count (growing only) or settings.

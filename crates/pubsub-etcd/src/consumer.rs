@@ -1,0 +1,604 @@
+//! Consuming: the group [`Consumer`] (a member that reads the partitions it
+//! owns), its policies ([`AutoCommit`], [`StartOffset`]), rebalance
+//! [`Event`]s, fenced commits, and the group-less [`AssignedReader`].
+//!
+//! The consumer is the application-facing half of a member; the other half,
+//! a background task in `member`, keeps the lease alive, balances partitions
+//! and runs one reader task per owned partition. Both halves share a
+//! [`MemberState`]: which partitions are owned under which epoch, how long
+//! the lease is known to be valid, and what has been delivered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::group::{check_partition, StartOffset};
+use crate::member::{Control, Member};
+use crate::reader::{Envelope, ReaderSpec};
+use crate::record::Message;
+use crate::topic::{topic_arc, validate_group_name};
+
+/// When a consumer commits on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AutoCommit {
+    /// Only explicit commits; a revoked or closed partition keeps its last
+    /// explicit commit.
+    Disabled,
+    /// Every interval, and when a partition is revoked or the consumer
+    /// closes, commit everything the application has taken.
+    Interval(Duration),
+    /// Commit each message when the application asks for the next one (it
+    /// has then handled the previous one): at-least-once with at most one
+    /// message redelivered, at the cost of one etcd write per message.
+    EveryMessage,
+}
+
+impl Default for AutoCommit {
+    fn default() -> Self {
+        AutoCommit::Interval(Duration::from_secs(5))
+    }
+}
+
+/// What a consumer yields: messages, and changes to what it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message of an owned partition.
+    Message(Message),
+    /// These partitions are now owned; their messages follow.
+    Assigned(Vec<u32>),
+    /// These partitions are about to be released: no more of their
+    /// messages follow. They are released when the application next asks
+    /// for an event, so it can commit or flush first.
+    Revoking(Vec<u32>),
+    /// These partitions were lost without a handover (the lease expired,
+    /// e.g. after a long pause): commits for them are refused and their
+    /// undelivered messages are dropped.
+    Lost(Vec<u32>),
+}
+
+/// A partition this member owns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claim {
+    /// Tags the messages of this ownership; a new claim gets a new epoch.
+    pub(crate) epoch: u64,
+    /// Create revision of the owner key: fences commits to this claim.
+    pub(crate) owner_revision: i64,
+}
+
+/// State shared by the consumer front and the member task. A std mutex:
+/// it is never held across an await.
+#[derive(Debug)]
+pub(crate) struct MemberState {
+    pub(crate) owned: HashMap<u32, Claim>,
+    /// Past this instant the lease may have expired: deliver and commit
+    /// nothing until it is renewed.
+    pub(crate) lease_valid_until: Instant,
+    /// Per owned partition: the offset after the last delivered message.
+    pub(crate) positions: HashMap<u32, u64>,
+    /// Per owned partition: the last offset committed by this member.
+    pub(crate) committed: HashMap<u32, u64>,
+}
+
+/// Configures a group [`Consumer`]; every setting has a documented default.
+#[derive(Debug, Clone)]
+pub struct ConsumerBuilder {
+    pub(crate) client: Client,
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) member_id: Option<String>,
+    pub(crate) session_ttl: Duration,
+    pub(crate) start: StartOffset,
+    pub(crate) auto_commit: AutoCommit,
+    pub(crate) page: usize,
+    pub(crate) buffer: usize,
+}
+
+impl ConsumerBuilder {
+    /// Lease TTL of the member: a member that stops renewing it (dies,
+    /// freezes, is cut off) loses its partitions this long after its last
+    /// renewal. Default: 10 s; at least 2 s (etcd's minimum).
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = ttl;
+        self
+    }
+
+    /// Where to start on a partition the group never committed. Default:
+    /// [`StartOffset::Earliest`].
+    pub fn start_offset(mut self, start: StartOffset) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// When to commit on its own. Default: [`AutoCommit::Interval`] of 5 s.
+    pub fn auto_commit(mut self, policy: AutoCommit) -> Self {
+        self.auto_commit = policy;
+        self
+    }
+
+    /// A stable member id (e.g. a pod name). Default: host-pid-random.
+    pub fn member_id(mut self, id: impl Into<String>) -> Self {
+        self.member_id = Some(id.into());
+        self
+    }
+
+    /// Messages read per etcd request while catching up. Default: 1,000.
+    pub fn fetch_messages(mut self, messages: usize) -> Self {
+        self.page = messages;
+        self
+    }
+
+    /// Messages (and events) buffered ahead of the application, across all
+    /// owned partitions; each partition reader also holds at most one page.
+    /// Default: 1,024.
+    pub fn buffer(mut self, messages: usize) -> Self {
+        self.buffer = messages;
+        self
+    }
+
+    /// Joins the group and starts consuming.
+    pub async fn join(self) -> Result<Consumer> {
+        validate_group_name(&self.group)?;
+        if self.session_ttl < Duration::from_secs(2) {
+            return Err(Error::InvalidConfig(
+                "session_ttl must be at least 2 s".into(),
+            ));
+        }
+        if self.page == 0 || self.buffer == 0 {
+            return Err(Error::InvalidConfig(
+                "fetch_messages and buffer must be at least 1".into(),
+            ));
+        }
+        if let Some(id) = &self.member_id {
+            validate_group_name(id).map_err(|_| {
+                Error::InvalidConfig(format!(
+                    "member id {id:?}: only ASCII letters, digits, '.', '_' and '-' are allowed"
+                ))
+            })?;
+        }
+        let topic = self.client.topic(&self.topic).await?;
+        let member_id = self.member_id.clone().unwrap_or_else(default_member_id);
+        let (queue_tx, queue_rx) = mpsc::channel(self.buffer);
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let shared = Arc::new(Mutex::new(MemberState {
+            owned: HashMap::new(),
+            lease_valid_until: Instant::now(),
+            positions: HashMap::new(),
+            committed: HashMap::new(),
+        }));
+        let member = Member::join(
+            self.clone(),
+            topic,
+            member_id.clone(),
+            shared.clone(),
+            queue_tx,
+            control_rx,
+        )
+        .await?;
+        let task = tokio::spawn(member.run());
+        Ok(Consumer {
+            client: self.client,
+            topic: topic_arc(&self.topic),
+            group: self.group,
+            member_id,
+            auto_commit: self.auto_commit,
+            queue: queue_rx,
+            shared,
+            control: control_tx,
+            task: Some(task),
+            pending_ack: None,
+            uncommitted: None,
+        })
+    }
+}
+
+fn default_member_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && validate_group_name(h).is_ok())
+        .unwrap_or_else(|| "member".to_string());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+impl Client {
+    /// Starts configuring a member of consumer group `group` on `topic`.
+    pub fn consumer(&self, topic: impl Into<String>, group: impl Into<String>) -> ConsumerBuilder {
+        ConsumerBuilder {
+            client: self.clone(),
+            topic: topic.into(),
+            group: group.into(),
+            member_id: None,
+            session_ttl: Duration::from_secs(10),
+            start: StartOffset::Earliest,
+            auto_commit: AutoCommit::default(),
+            page: 1000,
+            buffer: 1024,
+        }
+    }
+}
+
+/// A live member of a consumer group: yields the messages of the partitions
+/// it owns, rebalanced automatically as members join, leave or die.
+///
+/// Call [`Consumer::close`] to commit (per the policy), release the
+/// partitions at once and leave. Dropping it without closing leaves in the
+/// background; if the runtime is gone, its lease expires within the TTL.
+#[derive(Debug)]
+pub struct Consumer {
+    client: Client,
+    topic: Arc<str>,
+    group: String,
+    member_id: String,
+    auto_commit: AutoCommit,
+    queue: mpsc::Receiver<Envelope>,
+    shared: Arc<Mutex<MemberState>>,
+    control: mpsc::Sender<Control>,
+    task: Option<JoinHandle<()>>,
+    /// Answered when the application asks for the event after a Revoking.
+    pending_ack: Option<oneshot::Sender<()>>,
+    /// Last delivered message, committed on the next call under
+    /// [`AutoCommit::EveryMessage`].
+    uncommitted: Option<(u32, u64)>,
+}
+
+impl Consumer {
+    /// This member's id in the group.
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// The partitions this member owns now, sorted.
+    pub fn assignment(&self) -> Vec<u32> {
+        let state = self.shared.lock().expect("member state lock");
+        let mut owned: Vec<u32> = state.owned.keys().copied().collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    /// The next message or rebalance event. `None` once the consumer is
+    /// closed or its topic deleted.
+    pub async fn next_event(&mut self) -> Option<Result<Event>> {
+        if let Some(ack) = self.pending_ack.take() {
+            let _ = ack.send(());
+        }
+        if let Some((partition, offset)) = self.uncommitted.take() {
+            if let Err(e) = self
+                .commit_offsets(&BTreeMap::from([(partition, offset)]))
+                .await
+            {
+                return Some(Err(e));
+            }
+        }
+        loop {
+            match self.queue.recv().await? {
+                Envelope::Message { message, epoch } => {
+                    if !self.deliverable(message.partition, epoch, Some(message.offset)) {
+                        continue;
+                    }
+                    if self.auto_commit == AutoCommit::EveryMessage {
+                        self.uncommitted = Some((message.partition, message.offset + 1));
+                    }
+                    return Some(Ok(Event::Message(message)));
+                }
+                Envelope::Error { error, epoch } => {
+                    if let Error::TopicDeleted(_) = error {
+                        return Some(Err(error));
+                    }
+                    let owned = {
+                        let state = self.shared.lock().expect("member state lock");
+                        state.owned.values().any(|c| c.epoch == epoch)
+                    };
+                    if owned {
+                        return Some(Err(error));
+                    }
+                }
+                Envelope::Event { event, ack } => {
+                    self.pending_ack = ack;
+                    return Some(Ok(event));
+                }
+            }
+        }
+    }
+
+    /// The next message, skipping rebalance events. `None` once closed.
+    pub async fn recv(&mut self) -> Option<Result<Message>> {
+        loop {
+            match self.next_event().await? {
+                Ok(Event::Message(m)) => return Some(Ok(m)),
+                Ok(_) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The messages as a `Stream`, skipping rebalance events.
+    pub fn stream(&mut self) -> impl Stream<Item = Result<Message>> + '_ {
+        futures::stream::unfold(self, |consumer| async move {
+            let item = consumer.recv().await?;
+            Some((item, consumer))
+        })
+    }
+
+    /// True when a message of `partition` read under `epoch` may be handed
+    /// to the application now; records its position if so.
+    fn deliverable(&self, partition: u32, epoch: u64, offset: Option<u64>) -> bool {
+        let mut state = self.shared.lock().expect("member state lock");
+        let valid = Instant::now() < state.lease_valid_until
+            && state
+                .owned
+                .get(&partition)
+                .is_some_and(|c| c.epoch == epoch);
+        if valid {
+            if let Some(offset) = offset {
+                state.positions.insert(partition, offset + 1);
+            }
+        }
+        valid
+    }
+
+    /// Commits `message` as handled: the group resumes after it.
+    pub async fn commit(&self, message: &Message) -> Result<()> {
+        self.commit_offsets(&BTreeMap::from([(message.partition, message.offset + 1)]))
+            .await
+    }
+
+    /// Commits everything delivered so far on every owned partition.
+    pub async fn commit_delivered(&self) -> Result<()> {
+        let positions: BTreeMap<u32, u64> = {
+            let state = self.shared.lock().expect("member state lock");
+            state
+                .positions
+                .iter()
+                .filter(|(p, pos)| state.committed.get(p) != Some(pos))
+                .map(|(p, pos)| (*p, *pos))
+                .collect()
+        };
+        self.commit_offsets(&positions).await
+    }
+
+    /// Commits explicit next-offsets per partition. Fenced: refused with
+    /// [`Error::NotOwner`] for a partition this member does not own now,
+    /// including one it lost while paused or cut off.
+    pub async fn commit_offsets(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
+        commit_fenced(
+            &self.client,
+            &self.topic,
+            &self.group,
+            &self.member_id,
+            &self.shared,
+            offsets,
+        )
+        .await
+    }
+
+    /// Moves this member's reading position on an owned partition; the next
+    /// messages of that partition start at `offset`.
+    pub async fn seek(&self, partition: u32, offset: u64) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.control
+            .send(Control::Seek {
+                partition,
+                offset,
+                done,
+            })
+            .await
+            .map_err(|_| Error::ConsumerClosed)?;
+        wait.await.map_err(|_| Error::ConsumerClosed)?
+    }
+
+    /// Lag of this consumer's group on every partition of its topic.
+    pub async fn lag(&self) -> Result<Vec<crate::group::PartitionLag>> {
+        self.client.group_lag(&self.topic, &self.group).await
+    }
+
+    /// Commits per the auto-commit policy, releases every partition at once
+    /// (other members take them over immediately), leaves the group and
+    /// stops every task this consumer started.
+    pub async fn close(mut self) -> Result<()> {
+        self.shutdown().await
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        if let Some(ack) = self.pending_ack.take() {
+            let _ = ack.send(());
+        }
+        let mut result = Ok(());
+        if let Some((partition, offset)) = self.uncommitted.take() {
+            result = self
+                .commit_offsets(&BTreeMap::from([(partition, offset)]))
+                .await;
+        }
+        let Some(task) = self.task.take() else {
+            return result;
+        };
+        let (done, wait) = oneshot::channel();
+        if self.control.send(Control::Close { done }).await.is_ok() {
+            // Keep draining so the member task never blocks on a full queue.
+            let mut wait = wait;
+            loop {
+                tokio::select! {
+                    r = &mut wait => {
+                        if let Ok(Err(e)) = r {
+                            result = result.and(Err(e));
+                        }
+                        break;
+                    }
+                    item = self.queue.recv() => if item.is_none() { break },
+                }
+            }
+        }
+        self.queue.close();
+        let _ = task.await;
+        result
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // The member task notices the closed control channel and leaves.
+        self.queue.close();
+    }
+}
+
+/// The fenced commit: one transaction per chunk of partitions, each guarded
+/// by the owner key still holding this member's id at the create revision of
+/// this member's claim.
+pub(crate) async fn commit_fenced(
+    client: &Client,
+    topic: &str,
+    group: &str,
+    member_id: &str,
+    shared: &Mutex<MemberState>,
+    offsets: &BTreeMap<u32, u64>,
+) -> Result<()> {
+    let claims: Vec<(u32, u64, Claim)> = {
+        let state = shared.lock().expect("member state lock");
+        let mut claims = Vec::with_capacity(offsets.len());
+        for (&partition, &offset) in offsets {
+            match state.owned.get(&partition) {
+                Some(claim) if Instant::now() < state.lease_valid_until => {
+                    claims.push((partition, offset, *claim))
+                }
+                _ => {
+                    return Err(Error::NotOwner {
+                        topic: topic.to_string(),
+                        partition,
+                    })
+                }
+            }
+        }
+        claims
+    };
+    // Two compares and one put per partition, within etcd's 128 ops.
+    for chunk in claims.chunks(40) {
+        let mut compares = Vec::with_capacity(chunk.len() * 2);
+        let mut puts = Vec::with_capacity(chunk.len());
+        for (partition, offset, claim) in chunk {
+            let owner = client.keys.owner(topic, group, *partition);
+            compares.push(Compare::value(owner.clone(), CompareOp::Equal, member_id));
+            compares.push(Compare::create_revision(
+                owner,
+                CompareOp::Equal,
+                claim.owner_revision,
+            ));
+            puts.push(TxnOp::put(
+                client.keys.offset(topic, group, *partition),
+                offset.to_string(),
+                None,
+            ));
+        }
+        let txn = Txn::new().when(compares).and_then(puts);
+        let response = client
+            .timed("commit offsets", client.kv.clone().txn(txn))
+            .await?;
+        if !response.succeeded() {
+            return Err(Error::NotOwner {
+                topic: topic.to_string(),
+                partition: chunk[0].0,
+            });
+        }
+        let mut state = shared.lock().expect("member state lock");
+        for (partition, offset, _) in chunk {
+            state.committed.insert(*partition, *offset);
+        }
+    }
+    Ok(())
+}
+
+/// Reads chosen partitions from chosen positions with no group: no
+/// ownership, no commits (see [`Client::commit_offsets_unowned`] to record
+/// positions anyway).
+#[derive(Debug)]
+pub struct AssignedReader {
+    queue: mpsc::Receiver<Envelope>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Client {
+    /// Follows `partitions` of `topic`, each from its [`StartOffset`].
+    pub async fn assign(
+        &self,
+        topic: &str,
+        partitions: impl IntoIterator<Item = (u32, StartOffset)>,
+    ) -> Result<AssignedReader> {
+        let info = self.topic(topic).await?;
+        let name = topic_arc(topic);
+        let (queue_tx, queue_rx) = mpsc::channel(1024);
+        let mut tasks = Vec::new();
+        for (partition, start) in partitions {
+            check_partition(&info, partition)?;
+            let from = self.resolve_start(&info, partition, start).await?;
+            let spec = ReaderSpec {
+                client: self.clone(),
+                topic: name.clone(),
+                incarnation: info.incarnation,
+                partition,
+                from,
+                page: 1000,
+                epoch: 0,
+            };
+            tasks.push(tokio::spawn(spec.run(queue_tx.clone())));
+        }
+        Ok(AssignedReader {
+            queue: queue_rx,
+            tasks,
+        })
+    }
+}
+
+impl AssignedReader {
+    /// The next message of any assigned partition.
+    pub async fn recv(&mut self) -> Option<Result<Message>> {
+        loop {
+            match self.queue.recv().await? {
+                Envelope::Message { message, .. } => return Some(Ok(message)),
+                Envelope::Error { error, .. } => return Some(Err(error)),
+                // Readers send no events; only a member task does.
+                Envelope::Event { .. } => continue,
+            }
+        }
+    }
+
+    /// The messages as a `Stream`.
+    pub fn stream(&mut self) -> impl Stream<Item = Result<Message>> + '_ {
+        futures::stream::unfold(self, |reader| async move {
+            let item = reader.recv().await?;
+            Some((item, reader))
+        })
+    }
+
+    /// Stops every reader task.
+    pub async fn close(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for AssignedReader {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Consumer-group state in etcd that is not tied to a live member: committed
+//! offsets, lag, and the admin operations on groups (list, describe, reset,
+//! delete). Membership and ownership live in `member`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::fetch::fetch_partition;
+use crate::keys::{prefix_end, Keys};
+use crate::topic::{topic_arc, validate_group_name, TopicInfo};
+
+/// Where a group starts reading a partition it has no committed offset for,
+/// or where an admin reset puts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartOffset {
+    /// The oldest message still stored (the default, so that nothing
+    /// produced before the group's first member joined is skipped).
+    #[default]
+    Earliest,
+    /// Only messages produced from now on.
+    Latest,
+    /// This offset (clamped to the partition's stored range).
+    Offset(u64),
+    /// The first message whose timestamp (ms since the epoch) is at least this.
+    Timestamp(i64),
+}
+
+/// One partition of a group's view of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: u32,
+    /// The member id owning the partition now, if any.
+    pub owner: Option<String>,
+    /// The next offset the group will read, if it committed one.
+    pub committed: Option<u64>,
+    /// The offset the next produced message will get.
+    pub next: u64,
+    /// `next - committed` (or `next - earliest` without a commit).
+    pub lag: u64,
+}
+
+/// Parses a committed offset value (a decimal number).
+pub(crate) fn parse_offset(key: &[u8], value: &[u8]) -> Result<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: "committed offset is not a decimal number".into(),
+        })
+}
+
+impl Client {
+    /// Names of every group with state (commits or members) in this
+    /// namespace, with the topics each has state for.
+    pub async fn list_groups(&self) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let root = self.keys.groups_root();
+        let options = GetOptions::new()
+            .with_range(prefix_end(&root))
+            .with_keys_only();
+        let mut response = self
+            .timed(
+                "list groups",
+                self.kv.clone().get(root.clone(), Some(options)),
+            )
+            .await?;
+        let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for kv in response.take_kvs() {
+            let rest = String::from_utf8_lossy(&kv.key()[root.len()..]).into_owned();
+            let mut parts = rest.split('/');
+            if let (Some(topic), Some(group)) = (parts.next(), parts.next()) {
+                groups
+                    .entry(group.to_string())
+                    .or_default()
+                    .insert(topic.to_string());
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Committed offsets of a group on a topic, by partition.
+    pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<u32, u64>> {
+        validate_group_name(group)?;
+        let prefix = self.keys.offsets_prefix(topic, group);
+        let options = GetOptions::new().with_range(prefix_end(&prefix));
+        let mut response = self
+            .timed("read offsets", self.kv.clone().get(prefix, Some(options)))
+            .await?;
+        let mut offsets = BTreeMap::new();
+        for kv in response.take_kvs() {
+            if let Some(partition) = Keys::trailing_number(kv.key()) {
+                offsets.insert(partition as u32, parse_offset(kv.key(), kv.value())?);
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// Per partition of `topic`: owner, committed offset, next offset, lag.
+    pub async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>> {
+        validate_group_name(group)?;
+        let description = self.describe_topic(topic).await?;
+        let committed = self.committed_offsets(topic, group).await?;
+        let owners = self.partition_owners(topic, group).await?;
+        Ok(description
+            .partitions
+            .iter()
+            .map(|p| {
+                let committed = committed.get(&p.partition).copied();
+                let from = committed.unwrap_or(p.earliest).max(p.earliest);
+                PartitionLag {
+                    topic: topic.to_string(),
+                    partition: p.partition,
+                    owner: owners.get(&p.partition).cloned(),
+                    committed,
+                    next: p.next,
+                    lag: p.next.saturating_sub(from),
+                }
+            })
+            .collect())
+    }
+
+    /// Owner member id of each owned partition.
+    pub(crate) async fn partition_owners(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<BTreeMap<u32, String>> {
+        let prefix = self.keys.owners_prefix(topic, group);
+        let options = GetOptions::new().with_range(prefix_end(&prefix));
+        let mut response = self
+            .timed("read owners", self.kv.clone().get(prefix, Some(options)))
+            .await?;
+        Ok(response
+            .take_kvs()
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    Keys::trailing_number(kv.key())? as u32,
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Sets a group's committed offsets without being a member: for tools
+    /// and manual assignment. Refused for a partition a live member owns,
+    /// since that member's commits would race with these.
+    pub async fn commit_offsets_unowned(
+        &self,
+        topic: &str,
+        group: &str,
+        offsets: &BTreeMap<u32, u64>,
+    ) -> Result<()> {
+        validate_group_name(group)?;
+        let info = self.topic(topic).await?;
+        let mut compares = vec![Compare::create_revision(
+            self.keys.topic(topic),
+            CompareOp::Equal,
+            info.incarnation,
+        )];
+        let mut ops = Vec::new();
+        for (&partition, &offset) in offsets {
+            check_partition(&info, partition)?;
+            compares.push(Compare::create_revision(
+                self.keys.owner(topic, group, partition),
+                CompareOp::Equal,
+                0,
+            ));
+            ops.push(TxnOp::put(
+                self.keys.offset(topic, group, partition),
+                offset.to_string(),
+                None,
+            ));
+        }
+        for chunk in ops.chunks(100) {
+            let txn = Txn::new().when(compares.clone()).and_then(chunk.to_vec());
+            let response = self
+                .timed("commit offsets", self.kv.clone().txn(txn))
+                .await?;
+            if !response.succeeded() {
+                return Err(Error::GroupActive {
+                    group: group.to_string(),
+                    topic: topic.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a group's committed offsets on every partition of `topic` to
+    /// `to`. The group must have no live member owning a partition.
+    pub async fn reset_offsets(
+        &self,
+        topic: &str,
+        group: &str,
+        to: StartOffset,
+    ) -> Result<BTreeMap<u32, u64>> {
+        let info = self.topic(topic).await?;
+        let mut offsets = BTreeMap::new();
+        for partition in 0..info.partitions {
+            offsets.insert(partition, self.resolve_start(&info, partition, to).await?);
+        }
+        self.commit_offsets_unowned(topic, group, &offsets).await?;
+        Ok(offsets)
+    }
+
+    /// Deletes a group's state on every topic. Refused while a member is live.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        validate_group_name(group)?;
+        let groups = self.list_groups().await?;
+        let Some(topics) = groups.get(group) else {
+            return Err(Error::GroupNotFound(group.to_string()));
+        };
+        for topic in topics {
+            let members = self.keys.members_prefix(topic, group);
+            let prefix = self.keys.group_prefix(topic, group);
+            // No member key may exist: compare the whole members range.
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(members.clone(), CompareOp::Equal, 0)
+                        .with_range(prefix_end(&members)),
+                ])
+                .and_then([TxnOp::delete(
+                    prefix.clone(),
+                    Some(DeleteOptions::new().with_range(prefix_end(&prefix))),
+                )]);
+            let response = self.timed("delete group", self.kv.clone().txn(txn)).await?;
+            if !response.succeeded() {
+                return Err(Error::GroupActive {
+                    group: group.to_string(),
+                    topic: topic.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The offset a [`StartOffset`] means on one partition now.
+    pub(crate) async fn resolve_start(
+        &self,
+        topic: &TopicInfo,
+        partition: u32,
+        start: StartOffset,
+    ) -> Result<u64> {
+        let bounds = self.partition_bounds(topic, partition).await?;
+        Ok(match start {
+            StartOffset::Earliest => bounds.0,
+            StartOffset::Latest => bounds.1,
+            StartOffset::Offset(o) => o.clamp(bounds.0, bounds.1),
+            StartOffset::Timestamp(ts) => {
+                // No time index: scan forward. Timestamps set by producers
+                // need not be monotonic, so the first match wins.
+                let name = topic_arc(&topic.name);
+                let mut from = bounds.0;
+                loop {
+                    let page =
+                        fetch_partition(self, &name, topic.incarnation, partition, from, 1000)
+                            .await?;
+                    if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
+                        break m.offset;
+                    }
+                    if page.messages.is_empty() || page.next_offset >= bounds.1 {
+                        break bounds.1;
+                    }
+                    from = page.next_offset;
+                }
+            }
+        })
+    }
+
+    /// Earliest stored and next offsets of one partition.
+    pub(crate) async fn partition_bounds(
+        &self,
+        topic: &TopicInfo,
+        partition: u32,
+    ) -> Result<(u64, u64)> {
+        let p = self.partition_info(topic, partition).await?;
+        Ok((p.earliest, p.next))
+    }
+}
+
+pub(crate) fn check_partition(topic: &TopicInfo, partition: u32) -> Result<()> {
+    if partition >= topic.partitions {
+        return Err(Error::PartitionOutOfRange {
+            topic: topic.name.clone(),
+            partition,
+            partitions: topic.partitions,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,781 @@
+//! The background half of a group member: its lease, its member key, the
+//! balancing of partitions between members, and one reader task per owned
+//! partition.
+//!
+//! Ownership protocol. A member holds a lease (TTL = session TTL) and puts
+//! `members/<id>` under it. A partition is owned by whoever created
+//! `owners/<p>` (value: member id, under the owner's lease); creation is a
+//! transaction comparing the key's create revision with 0, so two members
+//! can never own one partition at once. Every member watches the group's
+//! members and owners and, from the sorted member list, computes its quota
+//! (`P / n`, plus one for the first `P % n` members). Above quota it releases
+//! its highest partitions (stop reading, tell the application, commit,
+//! delete the owner key); below quota it claims unowned partitions. A
+//! partition moves only when balance requires it, and members keep reading
+//! the partitions that stay theirs. A member that dies stops renewing its
+//! lease; etcd deletes its keys at expiry and the others claim them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchStream,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::client::Client;
+use crate::consumer::{commit_fenced, AutoCommit, Claim, ConsumerBuilder, Event, MemberState};
+use crate::error::{Error, Result};
+use crate::group::parse_offset;
+use crate::keys::{prefix_end, Keys};
+use crate::reader::{Envelope, ReaderSpec};
+use crate::topic::{topic_arc, TopicInfo};
+
+/// Requests from the consumer front.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Seek {
+        partition: u32,
+        offset: u64,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Close {
+        done: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// The member task's state.
+pub(crate) struct Member {
+    config: ConsumerBuilder,
+    client: Client,
+    topic: TopicInfo,
+    name: Arc<str>,
+    member_id: String,
+    shared: Arc<Mutex<MemberState>>,
+    queue: mpsc::Sender<Envelope>,
+    control: mpsc::Receiver<Control>,
+    lease: i64,
+    keepalive: JoinHandle<()>,
+    /// Set by the keep-alive task when etcd says the lease is gone.
+    lease_lost: Arc<tokio::sync::Notify>,
+    readers: HashMap<u32, JoinHandle<()>>,
+    /// Live members and partition owners, as last seen in etcd.
+    members: BTreeSet<String>,
+    owners: BTreeMap<u32, String>,
+    watch: Option<WatchStream>,
+    next_epoch: u64,
+}
+
+impl Member {
+    pub(crate) async fn join(
+        config: ConsumerBuilder,
+        topic: TopicInfo,
+        member_id: String,
+        shared: Arc<Mutex<MemberState>>,
+        queue: mpsc::Sender<Envelope>,
+        control: mpsc::Receiver<Control>,
+    ) -> Result<Member> {
+        let client = config.client.clone();
+        let lease_lost = Arc::new(tokio::sync::Notify::new());
+        let mut member = Member {
+            name: topic_arc(&topic.name),
+            client,
+            topic,
+            member_id,
+            shared,
+            queue,
+            control,
+            lease: 0,
+            keepalive: tokio::spawn(async {}),
+            lease_lost,
+            readers: HashMap::new(),
+            members: BTreeSet::new(),
+            owners: BTreeMap::new(),
+            watch: None,
+            next_epoch: 1,
+            config,
+        };
+        member.register().await?;
+        member.relist().await?;
+        Ok(member)
+    }
+
+    /// Grants a lease, starts keeping it alive and puts the member key.
+    async fn register(&mut self) -> Result<()> {
+        let ttl = self.config.session_ttl;
+        let sent = Instant::now();
+        let mut lease_client = self.client.etcd.lease_client();
+        let grant = self
+            .client
+            .timed(
+                "grant lease",
+                lease_client.grant(ttl.as_secs() as i64, None),
+            )
+            .await?;
+        self.lease = grant.id();
+        self.shared
+            .lock()
+            .expect("member state lock")
+            .lease_valid_until = sent + Duration::from_secs(grant.ttl().max(0) as u64);
+        let key = self
+            .client
+            .keys
+            .member(&self.name, &self.config.group, &self.member_id);
+        let value = format!(
+            "{{\"member\":\"{}\",\"pid\":{}}}",
+            self.member_id,
+            std::process::id()
+        );
+        self.client
+            .timed(
+                "register member",
+                self.client.kv.clone().put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(self.lease)),
+                ),
+            )
+            .await?;
+        self.keepalive.abort();
+        self.keepalive = tokio::spawn(keep_alive(
+            self.client.clone(),
+            self.lease,
+            ttl,
+            self.shared.clone(),
+            self.lease_lost.clone(),
+        ));
+        tracing::debug!(member = %self.member_id, lease = self.lease, "joined group");
+        Ok(())
+    }
+
+    /// Reads the members and owners, then watches them from that revision.
+    async fn relist(&mut self) -> Result<()> {
+        let prefix = self
+            .client
+            .keys
+            .group_prefix(&self.name, &self.config.group);
+        let members = self
+            .client
+            .keys
+            .members_prefix(&self.name, &self.config.group);
+        let owners = self
+            .client
+            .keys
+            .owners_prefix(&self.name, &self.config.group);
+        let txn = Txn::new().and_then([
+            TxnOp::get(
+                members.clone(),
+                Some(GetOptions::new().with_range(prefix_end(&members))),
+            ),
+            TxnOp::get(
+                owners.clone(),
+                Some(GetOptions::new().with_range(prefix_end(&owners))),
+            ),
+        ]);
+        let response = self
+            .client
+            .timed("read group", self.client.kv.clone().txn(txn))
+            .await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let mut gets = response.op_responses().into_iter();
+        self.members.clear();
+        self.owners.clear();
+        if let Some(TxnOpResponse::Get(get)) = gets.next() {
+            for kv in get.kvs() {
+                self.members
+                    .insert(String::from_utf8_lossy(&kv.key()[members.len()..]).into_owned());
+            }
+        }
+        if let Some(TxnOpResponse::Get(get)) = gets.next() {
+            for kv in get.kvs() {
+                if let Some(p) = Keys::trailing_number(kv.key()) {
+                    self.owners
+                        .insert(p as u32, String::from_utf8_lossy(kv.value()).into_owned());
+                }
+            }
+        }
+        let options = WatchOptions::new()
+            .with_range(prefix_end(&prefix))
+            .with_start_revision(revision + 1);
+        let watch = self
+            .client
+            .timed(
+                "watch group",
+                self.client.watch.clone().watch(prefix, Some(options)),
+            )
+            .await?;
+        self.watch = Some(watch);
+        Ok(())
+    }
+
+    pub(crate) async fn run(mut self) {
+        let ttl = self.config.session_ttl;
+        let mut tick = tokio::time::interval((ttl / 4).min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let commit_every = match self.config.auto_commit {
+            AutoCommit::Interval(every) if !every.is_zero() => every,
+            // Never fires in practice; keeps one select arm for both cases.
+            _ => Duration::from_secs(365 * 24 * 3600),
+        };
+        let mut commit_tick = tokio::time::interval_at(Instant::now() + commit_every, commit_every);
+        let mut ticks: u64 = 0;
+        let mut dirty = true;
+        loop {
+            let expired = Instant::now()
+                >= self
+                    .shared
+                    .lock()
+                    .expect("member state lock")
+                    .lease_valid_until;
+            if expired || !self.members.contains(&self.member_id) && self.watch.is_some() && !dirty
+            {
+                self.lose_everything().await;
+                dirty = true;
+            }
+            if dirty {
+                dirty = false;
+                match self.rebalance().await {
+                    Ok(()) => {}
+                    Err(Error::TopicDeleted(name)) => {
+                        let _ = self
+                            .queue
+                            .send(Envelope::Error {
+                                error: Error::TopicDeleted(name),
+                                epoch: 0,
+                            })
+                            .await;
+                        self.leave_logged().await;
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(member = %self.member_id, %error, "rebalance failed, will retry")
+                    }
+                }
+            }
+            let watch_message = async {
+                match self.watch.as_mut() {
+                    Some(watch) => watch.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                message = watch_message => {
+                    dirty = true;
+                    match message {
+                        Ok(Some(response)) if !response.canceled() => self.apply(&response),
+                        _ => {
+                            // Broken or compacted watch: read the state anew.
+                            self.watch = None;
+                            if let Err(error) = self.relist().await {
+                                tracing::warn!(member = %self.member_id, %error, "re-reading group failed");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    dirty = true;
+                    if self.watch.is_none() {
+                        if let Err(error) = self.relist().await {
+                            tracing::warn!(member = %self.member_id, %error, "re-reading group failed");
+                        }
+                    }
+                    if ticks % 5 == 0 {
+                        if let Err(Error::TopicDeleted(name)) = self.refresh_topic().await {
+                            let _ = self.queue.send(Envelope::Error { error: Error::TopicDeleted(name), epoch: 0 }).await;
+                            self.leave_logged().await;
+                            return;
+                        }
+                    }
+                }
+                _ = self.lease_lost.notified() => {
+                    self.lose_everything().await;
+                    dirty = true;
+                }
+                _ = commit_tick.tick() => {
+                    if let Err(error) = self.commit_delivered(None).await {
+                        tracing::warn!(member = %self.member_id, %error, "auto-commit failed");
+                    }
+                }
+                control = self.control.recv() => match control {
+                    Some(Control::Seek { partition, offset, done }) => {
+                        let _ = done.send(self.seek(partition, offset));
+                    }
+                    Some(Control::Close { done }) => {
+                        let result = self.leave().await;
+                        let _ = done.send(result);
+                        return;
+                    }
+                    None => {
+                        self.leave_logged().await;
+                        return;
+                    }
+                },
+                _ = self.queue.closed() => {
+                    self.leave_logged().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies watched changes to the member and owner views; an owner key
+    /// of ours that disappeared means that partition was lost.
+    fn apply(&mut self, response: &etcd_client::WatchResponse) {
+        let members = self
+            .client
+            .keys
+            .members_prefix(&self.name, &self.config.group);
+        let owners = self
+            .client
+            .keys
+            .owners_prefix(&self.name, &self.config.group);
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key());
+            let put = event.event_type() == EventType::Put;
+            if let Some(id) = key.strip_prefix(&members) {
+                if put {
+                    self.members.insert(id.to_string());
+                } else {
+                    self.members.remove(id);
+                }
+            } else if key.starts_with(&owners) {
+                let Some(p) = Keys::trailing_number(kv.key()) else {
+                    continue;
+                };
+                let p = p as u32;
+                if put {
+                    self.owners
+                        .insert(p, String::from_utf8_lossy(kv.value()).into_owned());
+                } else {
+                    self.owners.remove(&p);
+                    let claim = self
+                        .shared
+                        .lock()
+                        .expect("member state lock")
+                        .owned
+                        .get(&p)
+                        .copied();
+                    if let Some(claim) = claim {
+                        if kv.mod_revision() > claim.owner_revision {
+                            self.drop_partitions(&[p]);
+                            let _ = self.queue.try_send(Envelope::Event {
+                                event: Event::Lost(vec![p]),
+                                ack: None,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims or releases partitions to reach this member's quota.
+    async fn rebalance(&mut self) -> Result<()> {
+        let Some(index) = self.members.iter().position(|m| *m == self.member_id) else {
+            return Ok(());
+        };
+        let n = self.members.len() as u32;
+        let partitions = self.topic.partitions;
+        let quota = (partitions / n + u32::from((index as u32) < partitions % n)) as usize;
+        let mut mine: Vec<u32> = self
+            .shared
+            .lock()
+            .expect("member state lock")
+            .owned
+            .keys()
+            .copied()
+            .collect();
+        mine.sort_unstable();
+        if mine.len() > quota {
+            let release = mine.split_off(quota);
+            self.release(&release).await;
+        } else if mine.len() < quota {
+            let need = quota - mine.len();
+            // Start the scan at a different place per member so members
+            // joining together do not all race for the same partitions.
+            let startp = (index as u32 * partitions) / n;
+            let free: Vec<u32> = (0..partitions)
+                .map(|i| (startp + i) % partitions)
+                .filter(|p| !self.owners.contains_key(p))
+                .take(need)
+                .collect();
+            let mut claimed = Vec::new();
+            for p in free {
+                if let Some(from) = self.claim(p).await? {
+                    claimed.push((p, from));
+                }
+            }
+            if !claimed.is_empty() {
+                let mut assigned: Vec<u32> = claimed.iter().map(|(p, _)| *p).collect();
+                assigned.sort_unstable();
+                let _ = self
+                    .queue
+                    .send(Envelope::Event {
+                        event: Event::Assigned(assigned),
+                        ack: None,
+                    })
+                    .await;
+                for (p, from) in claimed {
+                    self.start_reader(p, from);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries to create the owner key of `partition`; on success returns the
+    /// offset to read from (the group's commit, or the start policy).
+    async fn claim(&mut self, partition: u32) -> Result<Option<u64>> {
+        let keys = &self.client.keys;
+        let owner = keys.owner(&self.name, &self.config.group, partition);
+        let topic_key = keys.topic(&self.name);
+        let offset_key = keys.offset(&self.name, &self.config.group, partition);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(owner.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(
+                    topic_key.clone(),
+                    CompareOp::Equal,
+                    self.topic.incarnation,
+                ),
+            ])
+            .and_then([
+                TxnOp::put(
+                    owner,
+                    self.member_id.clone(),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                ),
+                TxnOp::get(offset_key, None),
+            ])
+            .or_else([TxnOp::get(topic_key, None)]);
+        let response = self
+            .client
+            .timed("claim partition", self.client.kv.clone().txn(txn))
+            .await?;
+        let mut responses = response.op_responses().into_iter();
+        if !response.succeeded() {
+            let topic_alive = matches!(responses.next(), Some(TxnOpResponse::Get(get))
+                if get.kvs().first().map(|kv| kv.create_revision()) == Some(self.topic.incarnation));
+            if !topic_alive {
+                return Err(Error::TopicDeleted(self.name.to_string()));
+            }
+            return Ok(None);
+        }
+        let owner_revision = response.header().map_or(0, |h| h.revision());
+        let committed = match responses.nth(1) {
+            Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                Some(kv) => Some(parse_offset(kv.key(), kv.value())?),
+                None => None,
+            },
+            _ => None,
+        };
+        let (earliest, next) = self.client.partition_bounds(&self.topic, partition).await?;
+        let from = match committed {
+            // Retention may have removed what the group had not read yet:
+            // resume at the earliest stored message rather than stall.
+            Some(offset) => offset.clamp(earliest, next.max(offset)),
+            None => {
+                self.client
+                    .resolve_start(&self.topic, partition, self.config.start)
+                    .await?
+            }
+        };
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let mut state = self.shared.lock().expect("member state lock");
+        state.owned.insert(
+            partition,
+            Claim {
+                epoch,
+                owner_revision,
+            },
+        );
+        state.positions.insert(partition, from);
+        if let Some(offset) = committed {
+            state.committed.insert(partition, offset);
+        }
+        self.owners.insert(partition, self.member_id.clone());
+        tracing::debug!(member = %self.member_id, partition, from, "claimed partition");
+        Ok(Some(from))
+    }
+
+    fn start_reader(&mut self, partition: u32, from: u64) {
+        let Some(claim) = self
+            .shared
+            .lock()
+            .expect("member state lock")
+            .owned
+            .get(&partition)
+            .copied()
+        else {
+            return;
+        };
+        let spec = ReaderSpec {
+            client: self.client.clone(),
+            topic: self.name.clone(),
+            incarnation: self.topic.incarnation,
+            partition,
+            from,
+            page: self.config.page,
+            epoch: claim.epoch,
+        };
+        if let Some(old) = self
+            .readers
+            .insert(partition, tokio::spawn(spec.run(self.queue.clone())))
+        {
+            old.abort();
+        }
+    }
+
+    /// Hands partitions back: stop reading them, let the application finish
+    /// with them, commit per the policy, then delete the owner keys.
+    async fn release(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            if let Some(reader) = self.readers.remove(p) {
+                reader.abort();
+                let _ = reader.await;
+            }
+        }
+        let (ack, acked) = oneshot::channel();
+        let event = Envelope::Event {
+            event: Event::Revoking(partitions.to_vec()),
+            ack: Some(ack),
+        };
+        let wait = self.config.session_ttl;
+        if tokio::time::timeout(wait, self.queue.send(event))
+            .await
+            .is_ok_and(|sent| sent.is_ok())
+        {
+            let _ = tokio::time::timeout(wait, acked).await;
+        }
+        if let Err(error) = self.commit_delivered(Some(partitions)).await {
+            tracing::warn!(member = %self.member_id, %error, "commit before release failed");
+        }
+        let claims = self.drop_partitions(partitions);
+        for (p, claim) in claims {
+            let owner = self.client.keys.owner(&self.name, &self.config.group, p);
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    owner.clone(),
+                    CompareOp::Equal,
+                    claim.owner_revision,
+                )])
+                .and_then([TxnOp::delete(owner, None)]);
+            match self
+                .client
+                .timed("release partition", self.client.kv.clone().txn(txn))
+                .await
+            {
+                Ok(_) => {
+                    self.owners.remove(&p);
+                }
+                // The lease will delete the key at expiry anyway.
+                Err(error) => {
+                    tracing::warn!(member = %self.member_id, partition = p, %error, "release failed")
+                }
+            }
+        }
+    }
+
+    /// Forgets partitions locally: their queued messages are dropped and
+    /// commits for them refused from now on.
+    fn drop_partitions(&mut self, partitions: &[u32]) -> Vec<(u32, Claim)> {
+        let mut state = self.shared.lock().expect("member state lock");
+        let mut claims = Vec::new();
+        for p in partitions {
+            if let Some(reader) = self.readers.remove(p) {
+                reader.abort();
+            }
+            if let Some(claim) = state.owned.remove(p) {
+                claims.push((*p, claim));
+            }
+            state.positions.remove(p);
+            state.committed.remove(p);
+        }
+        claims
+    }
+
+    /// The lease expired (or may have): everything owned is lost. Tell the
+    /// application, then join again under a new lease.
+    async fn lose_everything(&mut self) {
+        let lost: Vec<u32> = {
+            let state = self.shared.lock().expect("member state lock");
+            let mut owned: Vec<u32> = state.owned.keys().copied().collect();
+            owned.sort_unstable();
+            owned
+        };
+        tracing::warn!(member = %self.member_id, ?lost, "lease lost");
+        self.drop_partitions(&lost);
+        if !lost.is_empty() {
+            let event = Envelope::Event {
+                event: Event::Lost(lost),
+                ack: None,
+            };
+            let _ = tokio::time::timeout(self.config.session_ttl, self.queue.send(event)).await;
+        }
+        self.keepalive.abort();
+        let old = self.lease;
+        let _ = self
+            .client
+            .timed("revoke lease", self.client.etcd.lease_client().revoke(old))
+            .await;
+        loop {
+            match self.register().await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(member = %self.member_id, %error, "re-joining failed, retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.watch = None;
+        if let Err(error) = self.relist().await {
+            tracing::warn!(member = %self.member_id, %error, "re-reading group failed");
+        }
+    }
+
+    fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {
+        let epoch = self.next_epoch;
+        {
+            let mut state = self.shared.lock().expect("member state lock");
+            let Some(claim) = state.owned.get_mut(&partition) else {
+                return Err(Error::NotOwner {
+                    topic: self.name.to_string(),
+                    partition,
+                });
+            };
+            claim.epoch = epoch;
+            state.positions.insert(partition, offset);
+        }
+        self.next_epoch += 1;
+        self.start_reader(partition, offset);
+        Ok(())
+    }
+
+    async fn refresh_topic(&mut self) -> Result<()> {
+        match self.client.topic(&self.name).await {
+            Ok(topic) if topic.incarnation == self.topic.incarnation => {
+                self.topic = topic;
+                Ok(())
+            }
+            Ok(_) | Err(Error::TopicNotFound(_)) => Err(Error::TopicDeleted(self.name.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits delivered positions (of `only` these partitions, or all) when
+    /// the policy commits on its own.
+    async fn commit_delivered(&self, only: Option<&[u32]>) -> Result<()> {
+        if self.config.auto_commit == AutoCommit::Disabled {
+            return Ok(());
+        }
+        let positions: BTreeMap<u32, u64> = {
+            let state = self.shared.lock().expect("member state lock");
+            state
+                .positions
+                .iter()
+                .filter(|(p, _)| only.is_none_or(|only| only.contains(p)))
+                .filter(|(p, pos)| state.committed.get(p).is_none_or(|c| c != *pos))
+                .map(|(p, pos)| (*p, *pos))
+                .collect()
+        };
+        if positions.is_empty() {
+            return Ok(());
+        }
+        commit_fenced(
+            &self.client,
+            &self.name,
+            &self.config.group,
+            &self.member_id,
+            &self.shared,
+            &positions,
+        )
+        .await
+    }
+
+    /// [`Member::leave`] when nobody waits for its outcome.
+    async fn leave_logged(&mut self) {
+        if let Err(error) = self.leave().await {
+            tracing::warn!(member = %self.member_id, %error, "leaving the group failed");
+        }
+    }
+
+    /// Stops reading, commits per the policy, and revokes the lease, which
+    /// deletes the member key and every owner key at once.
+    async fn leave(&mut self) -> Result<()> {
+        for (_, reader) in self.readers.drain() {
+            reader.abort();
+        }
+        let committed = self.commit_delivered(None).await;
+        self.keepalive.abort();
+        self.shared.lock().expect("member state lock").owned.clear();
+        let revoked = self
+            .client
+            .timed(
+                "revoke lease",
+                self.client.etcd.lease_client().revoke(self.lease),
+            )
+            .await
+            .map(|_| ());
+        tracing::debug!(member = %self.member_id, "left group");
+        committed.and(revoked)
+    }
+}
+
+/// Renews the lease every third of its TTL. Each renewal extends the
+/// member's known validity to (time the request was sent + TTL), so a member
+/// frozen past that instant stops delivering before anyone else can own its
+/// partitions.
+async fn keep_alive(
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    shared: Arc<Mutex<MemberState>>,
+    lost: Arc<tokio::sync::Notify>,
+) {
+    let every = ttl / 3;
+    loop {
+        let mut lease_client = client.etcd.lease_client();
+        let (mut keeper, mut responses) = match client
+            .timed("keep lease alive", lease_client.keep_alive(lease))
+            .await
+        {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::warn!(lease, %error, "lease keep-alive failed to start");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            let sent = Instant::now();
+            let renewed = async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            match tokio::time::timeout(every.max(Duration::from_millis(500)), renewed).await {
+                Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                    shared.lock().expect("member state lock").lease_valid_until =
+                        sent + Duration::from_secs(response.ttl() as u64);
+                }
+                Ok(Ok(Some(_))) => {
+                    // TTL 0: etcd no longer has the lease.
+                    lost.notify_one();
+                    return;
+                }
+                other => {
+                    tracing::debug!(lease, ?other, "lease keep-alive interrupted");
+                    break;
+                }
+            }
+            tokio::time::sleep_until(sent + every).await;
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Consumer groups against a real etcd: balance, delivery, order, commits,
+//! handover, fencing and compaction. Members that must die or freeze run in
+//! separate processes (this test binary re-executed as a child).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::ns::Namespace;
+use pubsub_etcd::{AutoCommit, Client, Consumer, Event, NewTopic, Record, StartOffset};
+use tokio::time::{timeout, Instant};
+
+const TTL: Duration = Duration::from_secs(3);
+
+async fn member(client: &Client, topic: &str, group: &str) -> Consumer {
+    client
+        .consumer(topic, group)
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap()
+}
+
+/// Polls `consumer` (so rebalance events are acknowledged) until `done`
+/// holds or the deadline passes; returns the messages seen meanwhile.
+async fn pump_until(
+    consumers: &mut [&mut Consumer],
+    deadline: Duration,
+    done: impl Fn(&[&mut Consumer]) -> bool,
+) -> Vec<pubsub_etcd::Message> {
+    let until = Instant::now() + deadline;
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        if done(consumers) {
+            return seen;
+        }
+        for c in consumers.iter_mut() {
+            if let Ok(Some(Ok(Event::Message(m)))) =
+                timeout(Duration::from_millis(20), c.next_event()).await
+            {
+                seen.push(m);
+            }
+        }
+    }
+    assert!(done(consumers), "condition not reached within {deadline:?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_settle_at_four_each() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 12)).await.unwrap();
+    let mut a = member(&client, "t", "g").await;
+    let mut b = member(&client, "t", "g").await;
+    let mut c = member(&client, "t", "g").await;
+    pump_until(
+        &mut [&mut a, &mut b, &mut c],
+        Duration::from_secs(20),
+        |cs| cs.iter().all(|c| c.assignment().len() == 4),
+    )
+    .await;
+    let mut all: Vec<u32> = [&a, &b, &c].iter().flat_map(|c| c.assignment()).collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..12).collect::<Vec<_>>(),
+        "every partition owned exactly once"
+    );
+    // Graceful close hands partitions over in well under a second.
+    c.close().await.unwrap();
+    let start = Instant::now();
+    pump_until(&mut [&mut a, &mut b], Duration::from_secs(5), |cs| {
+        cs.iter().all(|c| c.assignment().len() == 6)
+    })
+    .await;
+    let handover = start.elapsed();
+    assert!(
+        handover < Duration::from_secs(1),
+        "handover took {handover:?}"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_delivers_everything_in_order_and_resumes_after_commit() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 4)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    // Produced before anyone subscribed: Earliest must still see them.
+    let early: Vec<_> = (0..200)
+        .map(|i| Record::new(format!("{i}")).key(format!("k{}", i % 10)))
+        .collect();
+    for r in producer.send_batch(early).await {
+        r.unwrap();
+    }
+    let mut consumer = member(&client, "t", "g").await;
+    let sender = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            for i in 200..1000 {
+                producer
+                    .send(Record::new(format!("{i}")).key(format!("k{}", i % 10)))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut per_partition: HashMap<u32, Vec<u64>> = HashMap::new();
+    let mut values = Vec::new();
+    let mut last = None;
+    while values.len() < 1000 {
+        let m = timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        per_partition.entry(m.partition).or_default().push(m.offset);
+        values.push(
+            String::from_utf8(m.value.to_vec())
+                .unwrap()
+                .parse::<u32>()
+                .unwrap(),
+        );
+        last = Some(m);
+    }
+    sender.await.unwrap();
+    for (p, offsets) in &per_partition {
+        assert!(
+            offsets.windows(2).all(|w| w[1] == w[0] + 1),
+            "partition {p} out of order or gapped"
+        );
+        assert_eq!(offsets[0], 0);
+    }
+    values.sort_unstable();
+    assert_eq!(values, (0..1000).collect::<Vec<_>>());
+    // Commit everything delivered, leave, and a new member resumes after it.
+    consumer.commit_delivered().await.unwrap();
+    let lag = consumer.lag().await.unwrap();
+    assert!(lag.iter().all(|l| l.lag == 0), "{lag:?}");
+    consumer.close().await.unwrap();
+    assert!(last.is_some());
+    producer
+        .send(Record::new("after").partition(0))
+        .await
+        .unwrap();
+    let mut again = member(&client, "t", "g").await;
+    let m = timeout(Duration::from_secs(10), again.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        m.value.as_ref(),
+        b"after",
+        "resumed right after the last commit"
+    );
+    again.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_for_a_partition_not_owned_is_refused() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let mut a = member(&client, "t", "g").await;
+    let mut b = member(&client, "t", "g").await;
+    pump_until(&mut [&mut a, &mut b], Duration::from_secs(20), |cs| {
+        cs.iter().all(|c| c.assignment().len() == 1)
+    })
+    .await;
+    let theirs = b.assignment()[0];
+    let err = a
+        .commit_offsets(&BTreeMap::from([(theirs, 5)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition, .. } if partition == theirs),
+        "{err}"
+    );
+    assert!(client.committed_offsets("t", "g").await.unwrap().is_empty());
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_offsets_and_manual_assignment() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..10).map(|i| Record::new(format!("{i}")).timestamp(1000 + i)))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut reader = client
+        .assign("t", [(0, StartOffset::Offset(7))])
+        .await
+        .unwrap();
+    let m = timeout(Duration::from_secs(5), reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.offset, 7);
+    reader.close().await;
+    let mut reader = client
+        .assign("t", [(0, StartOffset::Timestamp(1004))])
+        .await
+        .unwrap();
+    let m = timeout(Duration::from_secs(5), reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.offset, 4);
+    reader.close().await;
+    let mut latest = client
+        .consumer("t", "late")
+        .start_offset(StartOffset::Latest)
+        .session_ttl(TTL)
+        .join()
+        .await
+        .unwrap();
+    // Wait until it owns the partition before producing.
+    pump_until(&mut [&mut latest], Duration::from_secs(10), |cs| {
+        cs[0].assignment() == vec![0]
+    })
+    .await;
+    producer.send(Record::new("new")).await.unwrap();
+    let m = timeout(Duration::from_secs(5), latest.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.offset, m.value.as_ref()), (10, b"new".as_ref()));
+    latest.close().await.unwrap();
+    // Admin reset moves the group's committed offsets.
+    let reset = client
+        .reset_offsets("t", "late", StartOffset::Offset(3))
+        .await
+        .unwrap();
+    assert_eq!(reset, BTreeMap::from([(0, 3)]));
+    let lag = client.group_lag("t", "late").await.unwrap();
+    assert_eq!(
+        (lag[0].committed, lag[0].next, lag[0].lag),
+        (Some(3), 11, 8)
+    );
+}

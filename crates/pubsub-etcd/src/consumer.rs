@@ -149,14 +149,16 @@ impl ConsumerBuilder {
     pub async fn join(self) -> Result<Consumer> {
         validate_group_name(&self.group)?;
         if self.session_ttl < Duration::from_secs(2) {
-            return Err(Error::InvalidConfig(
-                "session_ttl must be at least 2 s".into(),
-            ));
+            return Err(Error::InvalidConfig(format!(
+                "session_ttl is {:?}; it must be at least 2 s",
+                self.session_ttl
+            )));
         }
         if self.page == 0 || self.buffer == 0 {
-            return Err(Error::InvalidConfig(
-                "fetch_messages and buffer must be at least 1".into(),
-            ));
+            return Err(Error::InvalidConfig(format!(
+                "fetch_messages is {} and buffer is {}; both must be at least 1",
+                self.page, self.buffer
+            )));
         }
         if let Some(id) = &self.member_id {
             validate_group_name(id).map_err(|_| {

@@ -136,18 +136,21 @@ impl ProducerBuilder {
         const MAX_REQUEST_BATCH: usize = 1400 * 1024;
         if self.max_batch_bytes == 0 || self.max_batch_bytes > MAX_REQUEST_BATCH {
             return Err(Error::InvalidConfig(format!(
-                "max_batch_bytes must be between 1 and {MAX_REQUEST_BATCH}"
+                "max_batch_bytes is {}; it must be between 1 and {MAX_REQUEST_BATCH}",
+                self.max_batch_bytes
             )));
         }
         if self.max_batch_records == 0 || self.max_batch_records as u64 > MAX_RECORDS_PER_BATCH {
             return Err(Error::InvalidConfig(format!(
-                "max_batch_records must be between 1 and {MAX_RECORDS_PER_BATCH}"
+                "max_batch_records is {}; it must be between 1 and {MAX_RECORDS_PER_BATCH}",
+                self.max_batch_records
             )));
         }
         if self.buffer_bytes < self.max_batch_bytes || self.buffer_bytes > u32::MAX as usize {
-            return Err(Error::InvalidConfig(
-                "buffer_bytes must be at least max_batch_bytes and below 4 GiB".into(),
-            ));
+            return Err(Error::InvalidConfig(format!(
+                "buffer_bytes is {}; it must be at least max_batch_bytes ({}) and below 4 GiB",
+                self.buffer_bytes, self.max_batch_bytes
+            )));
         }
         let topic = self.client.topic(&self.topic).await?;
         let max_record_bytes = topic

@@ -78,7 +78,7 @@ impl TopicConfig {
     fn validate(&self) -> Result<()> {
         if self.max_message_bytes == Some(0) {
             return Err(Error::InvalidConfig(
-                "max_message_bytes must be greater than zero".into(),
+                "max_message_bytes is 0; it must be greater than zero".into(),
             ));
         }
         Ok(())

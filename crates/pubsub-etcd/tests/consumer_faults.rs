@@ -1,0 +1,411 @@
+//! Consumer groups under faults: a member killed with SIGKILL, a member
+//! frozen with SIGSTOP past its lease, and etcd compaction during catch-up.
+//! The member that dies or freezes is this test binary re-executed as a
+//! child process (`child_member`), so its death is real.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use common::ns::Namespace;
+use pubsub_etcd::{AutoCommit, Consumer, Event, NewTopic, Record};
+use tokio::time::{timeout, Instant};
+
+const TTL: Duration = Duration::from_secs(3);
+const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
+
+/// Not a test on its own: the body of a child member process. It prints
+/// one line per event (`owned 0,1`, `msg P O`, `lost 0,1`, `commit-refused P`)
+/// and, every 100 ms, re-commits the last message it got, so a commit made
+/// after a freeze is observable.
+#[test]
+fn child_member() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    // libtest has printed "test child_member ... " without a newline.
+    println!();
+    let mut parts = spec.split(',');
+    let (ns, topic, group) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = pubsub_etcd::Client::builder(common::ns::endpoints())
+            .namespace(ns)
+            .connect()
+            .await
+            .unwrap();
+        let mut consumer = client
+            .consumer(topic, group)
+            .session_ttl(TTL)
+            .auto_commit(AutoCommit::Disabled)
+            .join()
+            .await
+            .unwrap();
+        let mut last: Option<pubsub_etcd::Message> = None;
+        let mut owned = Vec::new();
+        loop {
+            if let Ok(Some(event)) =
+                timeout(Duration::from_millis(100), consumer.next_event()).await
+            {
+                match event {
+                    Ok(Event::Message(m)) => {
+                        println!("msg {} {}", m.partition, m.offset);
+                        last = Some(m);
+                    }
+                    Ok(Event::Lost(ps)) => println!("lost {}", join(&ps)),
+                    Ok(_) => {}
+                    Err(e) => println!("error {e}"),
+                }
+            }
+            if let Some(m) = &last {
+                match consumer.commit(m).await {
+                    Ok(()) => {}
+                    Err(pubsub_etcd::Error::NotOwner { partition, .. }) => {
+                        println!("commit-refused {partition}");
+                        last = None;
+                    }
+                    Err(e) => println!("error {e}"),
+                }
+            }
+            if consumer.assignment() != owned {
+                owned = consumer.assignment();
+                println!("owned {}", join(&owned));
+            }
+        }
+    });
+}
+
+fn join(ps: &[u32]) -> String {
+    ps.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A child member and the lines it prints, read on a thread.
+struct ChildMember {
+    child: Child,
+    lines: std_mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ChildMember {
+    fn spawn(ns: &str, topic: &str, group: &str) -> ChildMember {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_member", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, format!("{ns},{topic},{group}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildMember {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Takes the lines printed so far.
+    fn drain(&mut self) -> Vec<String> {
+        let fresh: Vec<String> = self.lines.try_iter().collect();
+        self.seen.extend(fresh.iter().cloned());
+        fresh
+    }
+
+    fn owned(&self) -> Vec<u32> {
+        self.seen
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("owned "))
+            .map(|s| {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(|x| x.parse().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ChildMember {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn local_member(client: &pubsub_etcd::Client, topic: &str, group: &str) -> Consumer {
+    client
+        .consumer(topic, group)
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap()
+}
+
+/// Polls the local member for a while, committing what it receives.
+async fn poll(consumer: &mut Consumer, seen: &mut Vec<(u32, u64)>, for_: Duration) {
+    let until = Instant::now() + for_;
+    while Instant::now() < until {
+        if let Ok(Some(Ok(Event::Message(m)))) =
+            timeout(Duration::from_millis(20), consumer.next_event()).await
+        {
+            seen.push((m.partition, m.offset));
+            consumer.commit(&m).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_member_partitions_are_taken_over_within_ttl() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 6)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..600).map(|i| Record::new(format!("{i}"))))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut local = local_member(&client, "t", "g").await;
+    let mut child = ChildMember::spawn(ns.name(), "t", "g");
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !(child.owned().len() == 3 && local.assignment().len() == 3) {
+        assert!(
+            Instant::now() < until,
+            "never balanced 3/3: child {:?} local {:?}",
+            child.owned(),
+            local.assignment()
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(100)).await;
+        child.drain();
+    }
+    // Let the child consume some of its partitions, then kill it hard.
+    poll(&mut local, &mut seen, Duration::from_millis(500)).await;
+    child.drain();
+    child.child.kill().unwrap();
+    child.child.wait().unwrap();
+    let killed = Instant::now();
+    while local.assignment().len() < 6 {
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        assert!(
+            killed.elapsed() < TTL + Duration::from_secs(2),
+            "takeover took over TTL + 2 s"
+        );
+    }
+    let takeover = killed.elapsed();
+    poll(&mut local, &mut seen, Duration::from_secs(2)).await;
+    // Nothing lost: every message went to one of the two (the child's
+    // uncommitted tail may come twice: at-least-once).
+    let mut delivered: HashSet<(u32, u64)> = seen.iter().copied().collect();
+    for line in &child.seen {
+        if let Some(rest) = line.strip_prefix("msg ") {
+            let mut it = rest.split(' ');
+            delivered.insert((
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap().parse().unwrap(),
+            ));
+        }
+    }
+    let description = client.describe_topic("t").await.unwrap();
+    let expected: HashSet<(u32, u64)> = description
+        .partitions
+        .iter()
+        .flat_map(|p| (0..p.next).map(move |o| (p.partition, o)))
+        .collect();
+    assert_eq!(expected.len(), 600);
+    assert!(
+        expected.is_subset(&delivered),
+        "lost: {:?}",
+        expected.difference(&delivered).take(5).collect::<Vec<_>>()
+    );
+    eprintln!("takeover after SIGKILL: {takeover:?} (TTL {TTL:?})");
+    local.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut local = local_member(&client, "t", "g").await;
+    let mut child = ChildMember::spawn(ns.name(), "t", "g");
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !(child.owned().len() == 1 && local.assignment().len() == 1) {
+        assert!(
+            Instant::now() < until,
+            "never balanced 1/1: child {:?} local {:?} lines {:?}",
+            child.owned(),
+            local.assignment(),
+            child.seen
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(100)).await;
+        child.drain();
+    }
+    let theirs = child.owned()[0];
+    // Give the child a message to hold and keep re-committing.
+    producer
+        .send(Record::new("x").partition(theirs))
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !child.seen.iter().any(|l| l.starts_with("msg ")) {
+        assert!(Instant::now() < until, "child got no message");
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        child.drain();
+    }
+    child.signal("-STOP");
+    // Past the TTL, the local member takes the frozen member's partition.
+    let frozen = Instant::now();
+    while local.assignment().len() < 2 {
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        assert!(
+            frozen.elapsed() < TTL + Duration::from_secs(3),
+            "no takeover from frozen member"
+        );
+    }
+    // Produced while the child is frozen: only the local member may get them.
+    for r in producer
+        .send_batch((0..20).map(|i| Record::new(format!("{i}")).partition(theirs)))
+        .await
+    {
+        r.unwrap();
+    }
+    poll(&mut local, &mut seen, Duration::from_millis(500)).await;
+    child.drain();
+    let before_resume = child.seen.len();
+    child.signal("-CONT");
+    let resumed = Instant::now();
+    while !child.seen[before_resume..]
+        .iter()
+        .any(|l| l.starts_with("commit-refused"))
+    {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "child's commit was not refused: {:?}",
+            &child.seen[before_resume..]
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        child.drain();
+    }
+    poll(&mut local, &mut seen, Duration::from_millis(500)).await;
+    child.drain();
+    let after: Vec<&String> = child.seen[before_resume..].iter().collect();
+    // The child delivered nothing of the partition it lost while frozen
+    // (until it might own it again under a new claim, after "lost").
+    let lost_at = after
+        .iter()
+        .position(|l| l.starts_with("lost"))
+        .unwrap_or(after.len());
+    let delivered_while_stale: Vec<_> = after[..lost_at]
+        .iter()
+        .filter(|l| l.starts_with(&format!("msg {theirs} ")))
+        .collect();
+    assert!(
+        delivered_while_stale.is_empty(),
+        "delivered after losing the partition: {delivered_while_stale:?}"
+    );
+    let got: BTreeSet<u64> = seen
+        .iter()
+        .filter(|(p, _)| *p == theirs)
+        .map(|(_, o)| *o)
+        .collect();
+    assert!(
+        (1..21).all(|o| got.contains(&o)),
+        "local member missed messages: {got:?}"
+    );
+    local.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_during_catch_up_loses_nothing() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    // Many small batches: many keys and revisions.
+    let producer = client
+        .producer("t")
+        .max_batch_records(10)
+        .build()
+        .await
+        .unwrap();
+    for r in producer
+        .send_batch((0..3000).map(|i| Record::new(format!("{i}"))))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(TTL)
+        .fetch_messages(50)
+        .buffer(16)
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    while offsets.len() < 1000 {
+        let m = timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        offsets.push(m.offset);
+    }
+    let mut etcd = client.etcd().clone();
+    let revision = etcd
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    etcd.compact(revision, None).await.unwrap();
+    for r in producer
+        .send_batch((3000..4000).map(|i| Record::new(format!("{i}"))))
+        .await
+    {
+        r.unwrap();
+    }
+    while offsets.len() < 4000 {
+        let m = timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        offsets.push(m.offset);
+    }
+    assert_eq!(offsets, (0..4000).collect::<Vec<u64>>());
+    consumer.close().await.unwrap();
+}

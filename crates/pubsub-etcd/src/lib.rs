@@ -12,9 +12,18 @@
 //! - `append`: the append transaction and its exactly-once retry.
 //! - `producer`: batching, partitioning and back-pressure ([`Producer`]).
 //! - `fetch`: reading a partition by offset ([`Client::fetch`]).
+//! - `reader`: following one partition (catch up, then watch).
+//! - `group`: committed offsets, lag and group admin ([`StartOffset`]).
+//! - `member`: a member's lease, membership and partition balancing.
+//! - `consumer`: the application side of a member ([`Consumer`]), fenced
+//!   commits, and group-less [`AssignedReader`].
 //! - `error`: the [`Error`] enum.
+//!
+//! DESIGN.md at the repository root documents the key layout and protocols.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
+// The README's examples compile as doc tests, so they cannot rot.
+#![doc = include_str!("../../../README.md")]
 
 mod append;
 mod client;

@@ -60,6 +60,14 @@ pub enum Event {
     /// messages follow. They are released when the application next asks
     /// for an event, so it can commit or flush first.
     Revoking(Vec<u32>),
+    /// The group's committed offset on `partition` was below the earliest
+    /// stored message (retention or truncation removed what it had not
+    /// read): reading resumes at `resumed_at`.
+    OffsetReset {
+        partition: u32,
+        committed: u64,
+        resumed_at: u64,
+    },
     /// These partitions were lost without a handover (the lease expired,
     /// e.g. after a long pause): commits for them are refused and their
     /// undelivered messages are dropped.
@@ -351,6 +359,17 @@ impl Consumer {
         valid
     }
 
+    /// A handle that commits for this member from another task.
+    pub(crate) fn committer(&self) -> Committer {
+        Committer {
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Commits `message` as handled: the group resumes after it.
     pub async fn commit(&self, message: &Message) -> Result<()> {
         self.commit_offsets(&BTreeMap::from([(message.partition, message.offset + 1)]))
@@ -452,6 +471,32 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         // The member task notices the closed control channel and leaves.
         self.queue.close();
+    }
+}
+
+/// Commits for a member from outside its [`Consumer`] (e.g. a
+/// subscription's task), with the same fencing.
+#[derive(Debug, Clone)]
+pub(crate) struct Committer {
+    client: Client,
+    topic: Arc<str>,
+    group: String,
+    member_id: String,
+    shared: Arc<Mutex<MemberState>>,
+}
+
+impl Committer {
+    pub(crate) async fn commit(&self, message: &Message) -> Result<()> {
+        let offsets = BTreeMap::from([(message.partition, message.offset + 1)]);
+        commit_fenced(
+            &self.client,
+            &self.topic,
+            &self.group,
+            &self.member_id,
+            &self.shared,
+            &offsets,
+        )
+        .await
     }
 }
 

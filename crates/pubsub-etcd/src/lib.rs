@@ -17,6 +17,8 @@
 //! - `member`: a member's lease, membership and partition balancing.
 //! - `consumer`: the application side of a member ([`Consumer`]), fenced
 //!   commits, and group-less [`AssignedReader`].
+//! - `subscription`: one [`Subscription`] per owned partition, the Go
+//!   original's shape.
 //! - `error`: the [`Error`] enum.
 //!
 //! DESIGN.md at the repository root documents the key layout and protocols.
@@ -36,6 +38,7 @@ mod member;
 mod producer;
 mod reader;
 mod record;
+mod subscription;
 mod topic;
 
 pub use bytes::Bytes;
@@ -50,6 +53,7 @@ pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH};
+pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{
     NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate, MAX_NAME_LEN,
     MAX_PARTITIONS,

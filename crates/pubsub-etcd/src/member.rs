@@ -68,6 +68,8 @@ pub(crate) struct Member {
     owners: BTreeMap<u32, String>,
     watch: Option<WatchStream>,
     next_epoch: u64,
+    /// Offset resets found while claiming, reported after the assignment.
+    resets: Vec<Event>,
 }
 
 impl Member {
@@ -97,6 +99,7 @@ impl Member {
             owners: BTreeMap::new(),
             watch: None,
             next_epoch: 1,
+            resets: Vec::new(),
             config,
         };
         member.register().await?;
@@ -422,6 +425,9 @@ impl Member {
                         ack: None,
                     })
                     .await;
+                for event in std::mem::take(&mut self.resets) {
+                    let _ = self.queue.send(Envelope::Event { event, ack: None }).await;
+                }
                 for (p, from) in claimed {
                     self.start_reader(p, from);
                 }
@@ -476,11 +482,20 @@ impl Member {
             },
             _ => None,
         };
-        let (earliest, next) = self.client.partition_bounds(&self.topic, partition).await?;
+        let (earliest, _) = self.client.partition_bounds(&self.topic, partition).await?;
         let from = match committed {
             // Retention may have removed what the group had not read yet:
-            // resume at the earliest stored message rather than stall.
-            Some(offset) => offset.clamp(earliest, next.max(offset)),
+            // resume at the earliest stored message rather than stall, and
+            // say so.
+            Some(offset) if offset < earliest => {
+                self.resets.push(Event::OffsetReset {
+                    partition,
+                    committed: offset,
+                    resumed_at: earliest,
+                });
+                earliest
+            }
+            Some(offset) => offset,
             None => {
                 self.client
                     .resolve_start(&self.topic, partition, self.config.start)

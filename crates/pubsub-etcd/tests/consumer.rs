@@ -253,3 +253,46 @@ async fn start_offsets_and_manual_assignment() {
         (Some(3), 11, 8)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_subscription_per_partition() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 3)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..30u32).map(|i| Record::new(format!("{i}")).partition(i % 3)))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut partitioned = member(&client, "t", "g").await.into_partitioned(4);
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let mut sub = timeout(Duration::from_secs(10), partitioned.next_subscription())
+            .await
+            .unwrap()
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            while offsets.len() < 10 {
+                let m = sub.recv().await.unwrap().unwrap();
+                assert_eq!(m.partition, sub.partition);
+                offsets.push(m.offset);
+                sub.commit(&m).await.unwrap();
+            }
+            (sub.partition, offsets)
+        }));
+    }
+    let mut seen = Vec::new();
+    for task in tasks {
+        let (partition, offsets) = task.await.unwrap();
+        assert_eq!(offsets, (0..10).collect::<Vec<u64>>());
+        seen.push(partition);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2]);
+    partitioned.close().await.unwrap();
+    let committed = client.committed_offsets("t", "g").await.unwrap();
+    assert_eq!(committed, BTreeMap::from([(0, 10), (1, 10), (2, 10)]));
+}

@@ -27,6 +27,15 @@ pub struct Fetched {
     /// The etcd revision the read saw; a watch from `revision + 1` misses
     /// nothing written after it.
     pub(crate) revision: i64,
+    /// Batch keys the read decoded.
+    pub(crate) batches: usize,
+}
+
+/// How a fetch bounds its result; see [`fetch_partition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    Exact,
+    WholeBatches(usize),
 }
 
 impl Client {
@@ -55,6 +64,7 @@ impl Client {
             partition,
             from,
             max,
+            Cut::Exact,
         )
         .await
     }
@@ -64,6 +74,12 @@ impl Client {
 /// bounded by offsets (etcd's range cost grows with the keys left in the
 /// range, whatever the limit), and falls back to an open range only when a
 /// gap (a truncation) leaves that window empty.
+///
+/// `Cut::Exact` returns at most `max` messages, cutting inside a batch;
+/// `Cut::WholeBatches(n)` reads at most `n` batches and returns all of their
+/// messages, stopping after the batch that reaches `max`. Readers that
+/// continue from `next_offset` use the latter so that a large batch is
+/// decoded once, not once per page.
 pub(crate) async fn fetch_partition(
     client: &Client,
     topic: &Arc<str>,
@@ -71,9 +87,14 @@ pub(crate) async fn fetch_partition(
     partition: u32,
     from: u64,
     max: usize,
+    cut: Cut,
 ) -> Result<Fetched> {
     let max = max.max(1);
-    let limit = max.min(MAX_BATCHES_PER_READ) as i64;
+    let limit = match cut {
+        Cut::Exact => max,
+        Cut::WholeBatches(batches) => batches.max(1),
+    }
+    .min(MAX_BATCHES_PER_READ) as i64;
     let start = client.keys.batch(topic, incarnation, partition, from);
     let window_end = from
         .saturating_add(max as u64)
@@ -97,26 +118,33 @@ pub(crate) async fn fetch_partition(
     let now = record::now_millis();
     let mut messages = Vec::new();
     let mut next_offset = from;
+    let mut batches = 0;
     for kv in response.take_kvs() {
         let (key, value) = kv.into_key_value();
         let batch: pb::RecordBatch = record::decode(&key, Bytes::from(value))?;
         let batch_end = batch.base_offset + u64::from(batch.offset_count);
         for message in record::batch_messages(topic, partition, batch, from, now) {
-            if messages.len() == max {
+            if cut == Cut::Exact && messages.len() == max {
                 return Ok(Fetched {
                     messages,
                     next_offset,
                     revision,
+                    batches,
                 });
             }
             next_offset = message.offset + 1;
             messages.push(message);
         }
         next_offset = next_offset.max(batch_end);
+        batches += 1;
+        if messages.len() >= max {
+            break;
+        }
     }
     Ok(Fetched {
         messages,
         next_offset,
         revision,
+        batches,
     })
 }

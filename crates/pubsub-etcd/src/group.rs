@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::fetch::fetch_partition;
+use crate::fetch::{fetch_partition, Cut};
 use crate::keys::{prefix_end, Keys};
 use crate::topic::{topic_arc, validate_group_name, TopicInfo};
 
@@ -259,9 +259,16 @@ impl Client {
                 let name = topic_arc(&topic.name);
                 let mut from = bounds.0;
                 loop {
-                    let page =
-                        fetch_partition(self, &name, topic.incarnation, partition, from, 1000)
-                            .await?;
+                    let page = fetch_partition(
+                        self,
+                        &name,
+                        topic.incarnation,
+                        partition,
+                        from,
+                        1000,
+                        Cut::WholeBatches(4),
+                    )
+                    .await?;
                     if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
                         break m.offset;
                     }

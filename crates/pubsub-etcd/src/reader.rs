@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::Error;
-use crate::fetch::fetch_partition;
+use crate::fetch::{fetch_partition, Cut};
 use crate::keys::prefix_end;
 use crate::record::{self, pb, Message};
 
@@ -98,6 +98,9 @@ impl ReaderSpec {
         queue: &mpsc::Sender<Envelope>,
         position: &mut u64,
     ) -> Result<Option<i64>, Error> {
+        // Records per batch seen so far: sizes the next read to about one
+        // page of messages without decoding any batch twice.
+        let mut per_batch = 1usize;
         loop {
             let fetched = fetch_partition(
                 &self.client,
@@ -106,8 +109,12 @@ impl ReaderSpec {
                 self.partition,
                 *position,
                 self.page,
+                Cut::WholeBatches(self.page.div_ceil(per_batch)),
             )
             .await?;
+            if fetched.batches > 0 {
+                per_batch = (fetched.messages.len() / fetched.batches).max(1);
+            }
             let done = fetched.messages.is_empty() && fetched.next_offset <= *position;
             for message in fetched.messages {
                 let envelope = Envelope::Message {

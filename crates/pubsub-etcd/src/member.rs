@@ -70,6 +70,8 @@ pub(crate) struct Member {
     next_epoch: u64,
     /// Offset resets found while claiming, reported after the assignment.
     resets: Vec<Event>,
+    /// False between losing the lease and joining again under a new one.
+    joined: bool,
 }
 
 impl Member {
@@ -100,10 +102,10 @@ impl Member {
             watch: None,
             next_epoch: 1,
             resets: Vec::new(),
+            joined: false,
             config,
         };
-        member.register().await?;
-        member.relist().await?;
+        member.rejoin().await?;
         Ok(member)
     }
 
@@ -228,18 +230,27 @@ impl Member {
         let mut ticks: u64 = 0;
         let mut dirty = true;
         loop {
+            if !self.joined {
+                match self.rejoin().await {
+                    Ok(()) => dirty = true,
+                    Err(error) => {
+                        tracing::warn!(member = %self.member_id, %error, "re-joining failed, will retry")
+                    }
+                }
+            }
             let expired = Instant::now()
                 >= self
                     .shared
                     .lock()
                     .expect("member state lock")
                     .lease_valid_until;
-            if expired || !self.members.contains(&self.member_id) && self.watch.is_some() && !dirty
-            {
+            // A missing member key means etcd dropped our lease already.
+            let dropped = self.watch.is_some() && !self.members.contains(&self.member_id);
+            if self.joined && (expired || dropped) {
                 self.lose_everything().await;
-                dirty = true;
+                continue;
             }
-            if dirty {
+            if dirty && self.joined {
                 dirty = false;
                 match self.rebalance().await {
                     Ok(()) => {}
@@ -297,8 +308,9 @@ impl Member {
                     }
                 }
                 _ = self.lease_lost.notified() => {
-                    self.lose_everything().await;
-                    dirty = true;
+                    if self.joined {
+                        self.lose_everything().await;
+                    }
                 }
                 _ = commit_tick.tick() => {
                     if let Err(error) = self.commit_delivered(None).await {
@@ -618,7 +630,7 @@ impl Member {
     }
 
     /// The lease expired (or may have): everything owned is lost. Tell the
-    /// application, then join again under a new lease.
+    /// application and give up the old lease; the run loop joins again.
     async fn lose_everything(&mut self) {
         let lost: Vec<u32> = {
             let state = self.shared.lock().expect("member state lock");
@@ -641,19 +653,18 @@ impl Member {
             .client
             .timed("revoke lease", self.client.etcd.lease_client().revoke(old))
             .await;
-        loop {
-            match self.register().await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(member = %self.member_id, %error, "re-joining failed, retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+        self.joined = false;
         self.watch = None;
-        if let Err(error) = self.relist().await {
-            tracing::warn!(member = %self.member_id, %error, "re-reading group failed");
-        }
+    }
+
+    /// Joins again under a new lease after losing the old one; the run loop
+    /// retries on its next tick while etcd is unreachable, so closing the
+    /// consumer is never blocked behind it.
+    async fn rejoin(&mut self) -> Result<()> {
+        self.register().await?;
+        self.relist().await?;
+        self.joined = true;
+        Ok(())
     }
 
     fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {

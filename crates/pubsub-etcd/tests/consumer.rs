@@ -296,3 +296,123 @@ async fn one_subscription_per_partition() {
     let committed = client.committed_offsets("t", "g").await.unwrap();
     assert_eq!(committed, BTreeMap::from([(0, 10), (1, 10), (2, 10)]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_events_reach_the_application_in_order() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let mut a = member(&client, "t", "g").await;
+    let event = timeout(Duration::from_secs(10), a.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, Event::Assigned(vec![0, 1]));
+    let mut b = member(&client, "t", "g").await;
+    // `a` is told before it loses a partition, and only then does `b` get it.
+    let revoked = loop {
+        match timeout(Duration::from_secs(10), a.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Event::Revoking(ps) => break ps,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        a.assignment().len(),
+        2,
+        "still owned until the application comes back"
+    );
+    // Coming back for the next event acknowledges the revocation.
+    let _ = timeout(Duration::from_millis(300), a.next_event()).await;
+    let event = timeout(Duration::from_secs(10), b.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, Event::Assigned(revoked.clone()));
+    assert!(!a.assignment().contains(&revoked[0]));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_policies_and_seek() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..10).map(|i| Record::new(format!("{i}"))))
+        .await
+    {
+        r.unwrap();
+    }
+    // EveryMessage: taking message n+1 commits message n.
+    let mut every = client
+        .consumer("t", "every")
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::EveryMessage)
+        .join()
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        timeout(Duration::from_secs(5), every.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        client.committed_offsets("t", "every").await.unwrap(),
+        BTreeMap::from([(0, 3)])
+    );
+    // Seek back: the next message is offset 1 again.
+    every.seek(0, 1).await.unwrap();
+    let m = timeout(Duration::from_secs(5), every.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.offset, 1);
+    every.close().await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "every").await.unwrap(),
+        BTreeMap::from([(0, 2)])
+    );
+
+    // Interval: commits on its own while the member runs.
+    let mut interval = client
+        .consumer("t", "interval")
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::Interval(Duration::from_millis(200)))
+        .join()
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        timeout(Duration::from_secs(5), interval.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while client.committed_offsets("t", "interval").await.unwrap() != BTreeMap::from([(0, 10)]) {
+        assert!(
+            Instant::now() < until,
+            "interval auto-commit never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Dropped without close: it still leaves, so a new member gets the
+    // partition well before the TTL would expire.
+    drop(interval);
+    let mut next = member(&client, "t", "interval").await;
+    pump_until(&mut [&mut next], TTL, |cs| cs[0].assignment() == vec![0]).await;
+    next.close().await.unwrap();
+}

@@ -22,12 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
 use rand::Rng;
 use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::keys::prefix_end;
 use crate::record::{self, pb};
 
 /// Entries kept in a head's idempotence table.
@@ -41,6 +44,8 @@ struct Head {
     /// key's mod revision as 0.
     mod_revision: i64,
     producers: Vec<pb::ProducerState>,
+    /// Record bytes ever appended (for byte retention).
+    total_bytes: u64,
 }
 
 /// The single writer of one producer to one partition.
@@ -54,6 +59,11 @@ pub(crate) struct PartitionAppender {
     /// Sequence number of the next batch.
     next_seq: u64,
     head: Option<Head>,
+    /// When this appender last put its waiting marker (it is starved).
+    marked_at: Option<Instant>,
+    /// Another producer was waiting at our last append: yield before the
+    /// next one.
+    others_waiting: bool,
 }
 
 /// An append attempt whose transaction may or may not have applied.
@@ -79,16 +89,27 @@ impl PartitionAppender {
             producer_id,
             next_seq: 0,
             head: None,
+            marked_at: None,
+            others_waiting: false,
         }
+    }
+
+    /// The partition's next offset and total appended bytes as of this
+    /// appender's last successful append or read, if known.
+    pub(crate) fn known_head(&self) -> Option<(u64, u64)> {
+        self.head.as_ref().map(|h| (h.next_offset, h.total_bytes))
     }
 
     /// Appends `records` (at most [`record::MAX_RECORDS_PER_BATCH`]) as one
     /// batch and returns the offset of the first. Gives up with the last
     /// error once `deadline` passes while the outcome is still unknown.
-    pub(crate) async fn append(
+    /// With `lease`, the batch key is attached to that etcd lease (records
+    /// with a time to live), so etcd deletes the batch when it expires.
+    pub(crate) async fn append_leased(
         &mut self,
         mut records: Vec<pb::Record>,
         deadline: Instant,
+        lease: Option<i64>,
     ) -> Result<u64> {
         let count = records.len() as u64;
         debug_assert!(count > 0 && count <= record::MAX_RECORDS_PER_BATCH);
@@ -105,7 +126,13 @@ impl PartitionAppender {
             producer_seq: seq,
             records,
             offset_count: count as u32,
+            base_bytes: 0,
         };
+        let bytes: u64 = batch
+            .records
+            .iter()
+            .map(|r| record::encoded_record_len(r) as u64)
+            .sum();
         loop {
             let head = match self.head.clone() {
                 Some(head) => head,
@@ -113,14 +140,20 @@ impl PartitionAppender {
                     Ok(Landed::Yes(base)) => return Ok(base),
                     Ok(Landed::No) => continue,
                     Err(e) if e.is_outcome_unknown() && Instant::now() < deadline => {
-                        backoff(&mut conflicts).await;
+                        tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
                     }
                     Err(e) => return Err(e),
                 },
             };
+            if std::mem::take(&mut self.others_waiting) {
+                // Give a starved producer's retry a window to land first.
+                let micros = rand::rng().random_range(0..=YIELD_MAX.as_micros() as u64);
+                tokio::time::sleep(Duration::from_micros(micros)).await;
+            }
             batch.base_offset = head.next_offset;
-            let (txn, new_head) = self.append_txn(&head, &batch, seq, count);
+            batch.base_bytes = head.total_bytes;
+            let (txn, new_head) = self.append_txn(&head, &batch, seq, count, bytes, lease);
             match self
                 .client
                 .timed("append", self.client.kv.clone().txn(txn))
@@ -131,13 +164,21 @@ impl PartitionAppender {
                         mod_revision: response.header().map_or(0, |h| h.revision()),
                         ..new_head
                     });
+                    self.marked_at = None;
+                    self.others_waiting = self.others_waiting_in(&response);
                     return Ok(batch.base_offset);
                 }
                 Ok(response) => {
                     // Lost a race: the else branch brought the current head.
                     match self.parse_state(&response, seq, &uncertain)? {
                         Landed::Yes(base) => return Ok(base),
-                        Landed::No => backoff(&mut conflicts).await,
+                        Landed::No => {
+                            conflicts += 1;
+                            if conflicts >= STARVED_AFTER {
+                                self.mark_waiting().await;
+                            }
+                            backoff(conflicts).await;
+                        }
                     }
                 }
                 Err(e) if e.is_outcome_unknown() => {
@@ -150,6 +191,25 @@ impl PartitionAppender {
                         return Err(e);
                     }
                     tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "append outcome unknown, checking");
+                }
+                Err(e @ Error::QuotaExceeded { .. }) => {
+                    // etcd applies a write that passed its quota pre-check
+                    // but crosses the quota while being applied, and still
+                    // answers "database space exceeded" (and raises the
+                    // alarm): check, with a read (reads work under NOSPACE),
+                    // whether this batch landed.
+                    uncertain.push(Uncertain {
+                        base_offset: batch.base_offset,
+                        count,
+                    });
+                    self.head = None;
+                    return match self.read_head(seq, &uncertain).await {
+                        Ok(Landed::Yes(base)) => Ok(base),
+                        _ => {
+                            self.head = None;
+                            Err(e)
+                        }
+                    };
                 }
                 Err(e) => {
                     self.head = None;
@@ -175,6 +235,8 @@ impl PartitionAppender {
         batch: &pb::RecordBatch,
         seq: u64,
         count: u64,
+        bytes: u64,
+        lease: Option<i64>,
     ) -> (Txn, Head) {
         let mut producers: Vec<pb::ProducerState> = head
             .producers
@@ -195,10 +257,12 @@ impl PartitionAppender {
             next_offset: batch.base_offset + count,
             mod_revision: 0,
             producers,
+            total_bytes: head.total_bytes + bytes,
         };
         let head_value = record::encode(&pb::PartitionHead {
             next_offset: new_head.next_offset,
             producers: new_head.producers.clone(),
+            total_bytes: new_head.total_bytes,
         });
         let batch_key = self.client.keys.batch(
             &self.topic,
@@ -211,15 +275,93 @@ impl PartitionAppender {
                 Compare::create_revision(self.topic_key(), CompareOp::Equal, self.incarnation),
                 Compare::mod_revision(self.head_key(), CompareOp::Equal, head.mod_revision),
             ])
-            .and_then([
-                TxnOp::put(batch_key, record::encode(batch), None),
-                TxnOp::put(self.head_key(), head_value, None),
-            ])
+            .and_then(self.then_ops(batch_key, record::encode(batch), head_value, lease))
             .or_else([
                 TxnOp::get(self.topic_key(), None),
                 TxnOp::get(self.head_key(), None),
             ]);
         (txn, new_head)
+    }
+
+    /// The writes of an append, plus a read of the waiting markers (and the
+    /// removal of ours, once this append ends our starvation).
+    fn then_ops(
+        &self,
+        batch_key: String,
+        batch_value: Vec<u8>,
+        head_value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Vec<TxnOp> {
+        let keys = &self.client.keys;
+        let waiting = keys.waiting_prefix(&self.topic, self.incarnation, self.partition);
+        let mut ops = vec![
+            TxnOp::put(
+                batch_key,
+                batch_value,
+                lease.map(|id| PutOptions::new().with_lease(id)),
+            ),
+            TxnOp::put(self.head_key(), head_value, None),
+            TxnOp::get(
+                waiting.clone(),
+                Some(GetOptions::new().with_range(prefix_end(&waiting))),
+            ),
+        ];
+        if self.marked_at.is_some() {
+            ops.push(TxnOp::delete(
+                keys.waiting(
+                    &self.topic,
+                    self.incarnation,
+                    self.partition,
+                    self.producer_id,
+                ),
+                None,
+            ));
+        }
+        ops
+    }
+
+    /// Whether a successful append saw a recent marker of another producer.
+    fn others_waiting_in(&self, response: &TxnResponse) -> bool {
+        let mine = self.client.keys.waiting(
+            &self.topic,
+            self.incarnation,
+            self.partition,
+            self.producer_id,
+        );
+        let recent = record::now_millis() - MARKER_FRESH_MS;
+        response.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().iter().any(|kv| {
+                kv.key() != mine.as_bytes()
+                    && std::str::from_utf8(kv.value())
+                        .ok()
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .is_some_and(|at| at >= recent)
+            }),
+            _ => false,
+        })
+    }
+
+    /// Tells the producers that keep winning this partition that this one
+    /// is starved, refreshing the marker at most once a second. Best
+    /// effort: a failed put only means no help this time.
+    async fn mark_waiting(&mut self) {
+        if self
+            .marked_at
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let key = self.client.keys.waiting(
+            &self.topic,
+            self.incarnation,
+            self.partition,
+            self.producer_id,
+        );
+        let mut kv = self.client.kv.clone();
+        let put = kv.put(key, record::now_millis().to_string(), None);
+        if self.client.timed("mark waiting", put).await.is_ok() {
+            self.marked_at = Some(Instant::now());
+        }
     }
 
     /// Reads the topic key, the head and the batches of uncertain attempts.
@@ -273,12 +415,14 @@ impl PartitionAppender {
                     next_offset: stored.next_offset,
                     mod_revision: kv.mod_revision(),
                     producers: stored.producers,
+                    total_bytes: stored.total_bytes,
                 }
             }
             None => Head {
                 next_offset: 0,
                 mod_revision: 0,
                 producers: Vec::new(),
+                total_bytes: 0,
             },
         };
         let landed = head
@@ -316,13 +460,22 @@ enum Landed {
     No,
 }
 
-/// Sleeps a little longer after each consecutive conflict, with jitter so
-/// contending producers spread out. The first retry is immediate.
-async fn backoff(conflicts: &mut u32) {
-    *conflicts += 1;
-    if *conflicts > 1 {
-        let cap_ms = (1u64 << (*conflicts).min(6)).min(50);
-        let ms = rand::rng().random_range(0..=cap_ms);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+/// Consecutive lost races after which a producer marks itself waiting.
+const STARVED_AFTER: u32 = 2;
+/// Markers older than this are ignored (their producer stopped or won).
+const MARKER_FRESH_MS: i64 = 2000;
+/// Longest pause a winning producer takes for a waiting one.
+const YIELD_MAX: Duration = Duration::from_millis(2);
+/// Pause before re-reading the head after a request with unknown outcome.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Retries after a lost race are immediate: the else branch brought the
+/// current head, and a loser that sleeps only falls further behind the
+/// winner. Many consecutive conflicts (a crowd of producers) add up to 1 ms
+/// of jitter so attempts spread out.
+async fn backoff(conflicts: u32) {
+    if conflicts > 4 {
+        let micros = rand::rng().random_range(0..=1000);
+        tokio::time::sleep(Duration::from_micros(micros)).await;
     }
 }

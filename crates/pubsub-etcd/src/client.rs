@@ -6,7 +6,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, Identity, KvClient, TlsOptions, WatchClient};
+use etcd_client::{
+    Certificate, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, WatchClient,
+};
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
@@ -199,13 +201,30 @@ impl ClientBuilder {
         let watch = etcd
             .watch_client()
             .max_decoding_message_size(self.max_response_bytes);
-        Ok(Client {
+        let client = Client {
             etcd,
             kv,
             watch,
             keys: Keys::new(&self.namespace),
             namespace: self.namespace,
+            request_timeout: self.connect_timeout,
+        };
+        // etcd-client connects lazily: one small read inside the namespace
+        // (allowed to a user confined to it by RBAC) makes an unreachable or
+        // refusing etcd fail here, with the connect timeout, not later.
+        let probe = GetOptions::new().with_count_only().with_limit(1);
+        client
+            .timed(
+                "connect",
+                client
+                    .kv
+                    .clone()
+                    .get(client.keys.topics_prefix(), Some(probe)),
+            )
+            .await?;
+        Ok(Client {
             request_timeout: self.request_timeout,
+            ..client
         })
     }
 }

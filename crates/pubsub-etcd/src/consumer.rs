@@ -554,7 +554,7 @@ pub(crate) async fn commit_fenced(
         if !response.succeeded() {
             return Err(Error::NotOwner {
                 topic: topic.to_string(),
-                partition: chunk[0].0,
+                partition: lost_partition(client, topic, group, member_id, chunk).await,
             });
         }
         let mut state = shared.lock().expect("member state lock");
@@ -563,6 +563,42 @@ pub(crate) async fn commit_fenced(
         }
     }
     Ok(())
+}
+
+/// Which partition of a refused commit chunk is no longer this member's
+/// (the first of the chunk if the owners cannot be read).
+async fn lost_partition(
+    client: &Client,
+    topic: &str,
+    group: &str,
+    member_id: &str,
+    chunk: &[(u32, u64, Claim)],
+) -> u32 {
+    let gets: Vec<TxnOp> = chunk
+        .iter()
+        .map(|(p, _, _)| TxnOp::get(client.keys.owner(topic, group, *p), None))
+        .collect();
+    let response = client
+        .timed(
+            "read owners",
+            client.kv.clone().txn(Txn::new().and_then(gets)),
+        )
+        .await;
+    let Ok(response) = response else {
+        return chunk[0].0;
+    };
+    for ((partition, _, claim), op) in chunk.iter().zip(response.op_responses()) {
+        let ours = match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| {
+                kv.value() == member_id.as_bytes() && kv.create_revision() == claim.owner_revision
+            }),
+            _ => false,
+        };
+        if !ours {
+            return *partition;
+        }
+    }
+    chunk[0].0
 }
 
 /// Reads chosen partitions from chosen positions with no group: no

@@ -72,9 +72,12 @@ pub enum Error {
     QuotaExceeded { op: &'static str },
 
     /// Any other failure reported by etcd or the connection to it.
-    #[error("etcd {op} failed: {source}")]
+    /// `detail` is etcd's own message (e.g. `etcdserver: request is too
+    /// large`) or the connection error; `source` keeps the full error.
+    #[error("etcd {op} failed: {detail}")]
     Etcd {
         op: &'static str,
+        detail: String,
         #[source]
         source: Arc<etcd_client::Error>,
     },
@@ -117,8 +120,15 @@ impl Error {
                 return Error::QuotaExceeded { op };
             }
         }
+        let detail = match &source {
+            etcd_client::Error::GRpcStatus(status) if !status.message().is_empty() => {
+                format!("{} ({:?})", status.message(), status.code())
+            }
+            other => other.to_string(),
+        };
         Error::Etcd {
             op,
+            detail,
             source: Arc::new(source),
         }
     }

@@ -149,8 +149,9 @@ impl Client {
     }
 
     /// Sets a group's committed offsets without being a member: for tools
-    /// and manual assignment. Refused for a partition a live member owns,
-    /// since that member's commits would race with these.
+    /// and manual assignment. Refused with [`Error::GroupActive`] while any
+    /// member owns a partition of the topic, since its commits would race
+    /// with these.
     pub async fn commit_offsets_unowned(
         &self,
         topic: &str,
@@ -159,19 +160,16 @@ impl Client {
     ) -> Result<()> {
         validate_group_name(group)?;
         let info = self.topic(topic).await?;
-        let mut compares = vec![Compare::create_revision(
-            self.keys.topic(topic),
-            CompareOp::Equal,
-            info.incarnation,
-        )];
-        let mut ops = Vec::new();
+        let owners = self.keys.owners_prefix(topic, group);
+        // A range compare holds when no key in the range exists: no owners.
+        let compares = [
+            Compare::create_revision(self.keys.topic(topic), CompareOp::Equal, info.incarnation),
+            Compare::create_revision(owners.clone(), CompareOp::Equal, 0)
+                .with_range(prefix_end(&owners)),
+        ];
+        let mut ops = Vec::with_capacity(offsets.len());
         for (&partition, &offset) in offsets {
             check_partition(&info, partition)?;
-            compares.push(Compare::create_revision(
-                self.keys.owner(topic, group, partition),
-                CompareOp::Equal,
-                0,
-            ));
             ops.push(TxnOp::put(
                 self.keys.offset(topic, group, partition),
                 offset.to_string(),

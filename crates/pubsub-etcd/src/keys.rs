@@ -6,6 +6,7 @@
 //!                                                   revision is the topic's incarnation
 //! <ns>/data/<topic>/<inc>/<partition>/head          partition head (next offset, idempotence table)
 //! <ns>/data/<topic>/<inc>/<partition>/b/<last>      record batch, named by its LAST offset
+//! <ns>/data/<topic>/<inc>/<partition>/w/<producer>  a producer starved by contention (ms timestamp)
 //! <ns>/groups/<topic>/<group>/members/<member>      live member (leased)
 //! <ns>/groups/<topic>/<group>/owners/<partition>    partition owner (leased)
 //! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
@@ -63,6 +64,24 @@ impl Keys {
 
     pub(crate) fn batches_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
         format!("{}b/", self.partition_prefix(topic, incarnation, partition))
+    }
+
+    /// Markers of producers starved by contention on one partition.
+    pub(crate) fn waiting_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
+        format!("{}w/", self.partition_prefix(topic, incarnation, partition))
+    }
+
+    pub(crate) fn waiting(
+        &self,
+        topic: &str,
+        incarnation: i64,
+        partition: u32,
+        producer_id: u64,
+    ) -> String {
+        format!(
+            "{}{producer_id:016x}",
+            self.waiting_prefix(topic, incarnation, partition)
+        )
     }
 
     /// The key of the batch whose last offset is `last_offset`.

@@ -34,10 +34,12 @@ mod error;
 mod fetch;
 mod group;
 mod keys;
+mod maintenance;
 mod member;
 mod producer;
 mod reader;
 mod record;
+mod retention;
 mod subscription;
 mod topic;
 
@@ -49,12 +51,14 @@ pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event}
 pub use error::{Error, Result};
 pub use fetch::Fetched;
 pub use group::{PartitionLag, StartOffset};
+pub use maintenance::{Alarm, AlarmKind, CompactReport, MemberSpace};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH};
+pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{
-    NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate, MAX_NAME_LEN,
-    MAX_PARTITIONS,
+    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate,
+    MAX_NAME_LEN, MAX_PARTITIONS,
 };

@@ -8,6 +8,7 @@
 //! load. A byte semaphore bounds the memory of all queued records: when it
 //! is exhausted, senders wait (back-pressure); nothing is dropped.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,19 @@ use crate::append::PartitionAppender;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::record::{self, pb, Record, MAX_RECORDS_PER_BATCH};
-use crate::topic::TopicInfo;
+use crate::retention;
+use crate::topic::{TopicConfig, TopicInfo};
+
+/// How often a partition worker trims its partition to the topic's
+/// retention limits (after a successful append; never two trims at once).
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a closing worker's final trim may take.
+const FINAL_TRIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Width of a deadline bucket: records whose deadlines fall in one bucket
+/// share one etcd lease (per producer) and may share a batch.
+const TTL_BUCKET_MS: i64 = 1000;
+/// A cached lease is reused only while it has at least this long to live.
+const LEASE_MARGIN_MS: i64 = 2000;
 
 /// The largest encoded batch by default: etcd refuses requests over 1.5 MiB,
 /// and the head and transaction framing need room beside the batch.
@@ -174,6 +187,8 @@ impl ProducerBuilder {
                     topic: topic.clone(),
                     max_record_bytes,
                 }),
+                retention: Arc::new(Mutex::new(topic.config.clone())),
+                leases: Arc::new(LeaseCache::default()),
                 name: topic.name.as_str().into(),
                 rotation: AtomicU64::new(rand::random::<u32>().into()),
                 deleted: Arc::new(AtomicBool::new(false)),
@@ -210,6 +225,50 @@ struct Shared {
     rotation: AtomicU64,
     /// Set by a worker that found the topic deleted.
     deleted: Arc<AtomicBool>,
+    /// The topic's settings as last read, for the workers' retention trims.
+    retention: Arc<Mutex<TopicConfig>>,
+    /// Leases of records with a time to live, shared by the workers.
+    leases: Arc<LeaseCache>,
+}
+
+/// One etcd lease per deadline bucket, granted on first use and shared by
+/// every batch of this producer whose records' deadlines fall in the bucket:
+/// one grant per second of distinct deadlines, not one per message.
+#[derive(Debug, Default)]
+struct LeaseCache {
+    /// Bucket -> (lease id, when the lease ends in ms since the epoch).
+    leases: tokio::sync::Mutex<HashMap<i64, (i64, i64)>>,
+}
+
+impl LeaseCache {
+    /// The lease for records whose deadlines fall in `bucket`. It ends a few
+    /// seconds after the bucket (readers skip expired records exactly by
+    /// their own deadline; the lease only reclaims the space).
+    async fn lease_for(&self, client: &Client, bucket: i64) -> Result<i64> {
+        let now = record::now_millis();
+        let mut leases = self.leases.lock().await;
+        leases.retain(|_, (_, ends)| *ends > now);
+        if let Some(&(id, ends)) = leases.get(&bucket) {
+            if ends > now + LEASE_MARGIN_MS {
+                return Ok(id);
+            }
+        }
+        let bucket_end = bucket * TTL_BUCKET_MS;
+        let ttl_secs = ((bucket_end - now).max(0) + 999) / 1000 + 3;
+        let granted = client
+            .timed(
+                "grant lease",
+                client.etcd.clone().lease_grant(ttl_secs, None),
+            )
+            .await?;
+        leases.insert(bucket, (granted.id(), now + granted.ttl() * 1000));
+        Ok(granted.id())
+    }
+}
+
+/// The deadline bucket of a record with a time to live.
+fn ttl_bucket(record: &pb::Record) -> Option<i64> {
+    (record.expires_at_ms != 0).then(|| (record.expires_at_ms + TTL_BUCKET_MS - 1) / TTL_BUCKET_MS)
 }
 
 #[derive(Debug)]
@@ -443,6 +502,14 @@ impl Producer {
             max_batch_records: shared.config.max_batch_records,
             delivery_timeout: shared.config.delivery_timeout,
             deleted: shared.deleted.clone(),
+            client: shared.client.clone(),
+            topic: shared.name.clone(),
+            incarnation,
+            retention: shared.retention.clone(),
+            leases: shared.leases.clone(),
+            last_trim: None,
+            appended_since_trim: false,
+            trimming: Arc::new(AtomicBool::new(false)),
         };
         workers.tasks.push(tokio::spawn(worker.run()));
         workers.senders[index] = Some(sender.clone());
@@ -489,6 +556,7 @@ impl Producer {
             .map_or(shared.config.max_batch_bytes, |m| {
                 (m as usize).min(shared.config.max_batch_bytes)
             });
+        *shared.retention.lock().expect("retention lock") = topic.config.clone();
         metadata.topic = topic;
         metadata.refreshed = Instant::now();
         Ok(())
@@ -507,6 +575,16 @@ struct Worker {
     max_batch_records: usize,
     delivery_timeout: Duration,
     deleted: Arc<AtomicBool>,
+    client: Client,
+    topic: Arc<str>,
+    incarnation: i64,
+    retention: Arc<Mutex<TopicConfig>>,
+    leases: Arc<LeaseCache>,
+    /// When the last retention trim started.
+    last_trim: Option<Instant>,
+    appended_since_trim: bool,
+    /// Set while a trim task runs.
+    trimming: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -519,7 +597,10 @@ impl Worker {
                 Some(pending) => Item::Record(pending),
                 None => match self.queue.recv().await {
                     Some(item) => item,
-                    None => return,
+                    None => {
+                        self.final_trim().await;
+                        return;
+                    }
                 },
             };
             let linger_until = Instant::now() + self.linger;
@@ -527,7 +608,15 @@ impl Worker {
             loop {
                 match item.take() {
                     Some(Item::Record(pending)) => {
-                        if !batch.is_empty() && bytes + pending.size > self.max_batch_bytes {
+                        // Records of different deadline buckets (or with and
+                        // without a time to live) go in different batches:
+                        // a batch key carries at most one lease.
+                        let other_bucket = batch.first().is_some_and(|first: &Pending| {
+                            ttl_bucket(&first.record) != ttl_bucket(&pending.record)
+                        });
+                        if !batch.is_empty()
+                            && (bytes + pending.size > self.max_batch_bytes || other_bucket)
+                        {
                             self.held = Some(pending);
                             break;
                         }
@@ -580,11 +669,25 @@ impl Worker {
             permits.push(pending.permit);
         }
         let deadline = Instant::now() + self.delivery_timeout;
-        match self.appender.append(records, deadline).await {
+        let lease = match records.first().and_then(ttl_bucket) {
+            Some(bucket) => match self.leases.lease_for(&self.client, bucket).await {
+                Ok(lease) => Some(lease),
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            },
+            None => None,
+        };
+        match self.appender.append_leased(records, deadline, lease).await {
             Ok(base) => {
                 for (i, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok((self.partition, base + i as u64)));
                 }
+                self.appended_since_trim = true;
+                self.maybe_trim();
             }
             Err(e) => {
                 if matches!(e, Error::TopicDeleted(_)) {
@@ -597,11 +700,84 @@ impl Worker {
         }
         drop(permits);
     }
+
+    /// Starts a background trim of this partition to the topic's retention
+    /// limits, at most once per [`TRIM_INTERVAL`] and never two at once, so
+    /// the append path only pays for a clock read and an atomic load.
+    fn maybe_trim(&mut self) {
+        if self.trimming.load(Ordering::Acquire)
+            || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_INTERVAL)
+        {
+            return;
+        }
+        let config = self.retention.lock().expect("retention lock").clone();
+        if !retention::wants_trim(&config) {
+            return;
+        }
+        let Some((next, total_bytes)) = self.appender.known_head() else {
+            return;
+        };
+        self.last_trim = Some(Instant::now());
+        self.appended_since_trim = false;
+        self.trimming.store(true, Ordering::Release);
+        let trimming = self.trimming.clone();
+        let trim = retention::producer_trim(
+            self.client.clone(),
+            self.topic.clone(),
+            self.incarnation,
+            self.partition,
+            config,
+            next,
+            total_bytes,
+        );
+        tokio::spawn(async move {
+            trim.await;
+            trimming.store(false, Ordering::Release);
+        });
+    }
+
+    /// On close: one last trim if anything was appended since the last, so
+    /// a closed producer leaves its partitions within the limits.
+    async fn final_trim(&mut self) {
+        if !self.appended_since_trim {
+            return;
+        }
+        let config = self.retention.lock().expect("retention lock").clone();
+        let Some((next, total_bytes)) = self.appender.known_head() else {
+            return;
+        };
+        if !retention::wants_trim(&config) {
+            return;
+        }
+        let trim = retention::producer_trim(
+            self.client.clone(),
+            self.topic.clone(),
+            self.incarnation,
+            self.partition,
+            config,
+            next,
+            total_bytes,
+        );
+        let _ = tokio::time::timeout(FINAL_TRIM_TIMEOUT, trim).await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_buckets_are_one_second_wide() {
+        let at = |ms: i64| pb::Record {
+            expires_at_ms: ms,
+            ..pb::Record::default()
+        };
+        assert_eq!(ttl_bucket(&at(0)), None);
+        assert_eq!(ttl_bucket(&at(1)), Some(1));
+        assert_eq!(ttl_bucket(&at(1000)), Some(1));
+        assert_eq!(ttl_bucket(&at(1001)), Some(2));
+        assert_eq!(ttl_bucket(&at(1999)), Some(2));
+    }
 
     #[test]
     fn key_hash_is_fnv1a_and_stable() {

@@ -112,8 +112,8 @@ impl ReaderSpec {
                 Cut::WholeBatches(self.page.div_ceil(per_batch)),
             )
             .await?;
-            if fetched.batches > 0 {
-                per_batch = (fetched.messages.len() / fetched.batches).max(1);
+            if let Some(average) = fetched.messages.len().checked_div(fetched.batches) {
+                per_batch = average.max(1);
             }
             let done = fetched.messages.is_empty() && fetched.next_offset <= *position;
             for message in fetched.messages {

@@ -42,6 +42,10 @@ pub struct Record {
     pub timestamp: Option<i64>,
     /// Send to this partition instead of choosing one.
     pub partition: Option<u32>,
+    /// Time to live, counted from when the producer accepts the record:
+    /// readers skip the record after it, and etcd deletes its batch soon
+    /// after (through a lease shared by all records of a ~1 s deadline bucket).
+    pub ttl: Option<Duration>,
 }
 
 impl Record {
@@ -77,11 +81,26 @@ impl Record {
         self
     }
 
-    /// The stored form, with its timestamp fixed now.
+    /// Sets a time to live: the record disappears at send time + `ttl`,
+    /// even when the topic's retention would keep it longer.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The stored form, with its timestamp (and deadline) fixed now.
     pub(crate) fn into_pb(self) -> pb::Record {
+        let now = now_millis();
+        let expires_at_ms = match self.ttl {
+            // At least 1 ms: 0 means "never expires".
+            Some(ttl) => now
+                .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+                .max(1),
+            None => 0,
+        };
         pb::Record {
             offset_delta: 0,
-            timestamp_ms: self.timestamp.unwrap_or_else(now_millis),
+            timestamp_ms: self.timestamp.unwrap_or(now),
             key: self.key,
             value: self.value,
             headers: self
@@ -89,7 +108,7 @@ impl Record {
                 .into_iter()
                 .map(|(name, value)| pb::Header { name, value })
                 .collect(),
-            expires_at_ms: 0,
+            expires_at_ms,
         }
     }
 }
@@ -182,6 +201,7 @@ mod tests {
             producer_id: 7,
             producer_seq: 3,
             offset_count: 2,
+            base_bytes: 0,
             records: vec![
                 Record::new("a")
                     .key("k")
@@ -203,6 +223,28 @@ mod tests {
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].offset, 11);
         assert!(messages[0].value.is_empty());
+    }
+
+    #[test]
+    fn ttl_sets_a_deadline_and_readers_skip_past_it() {
+        let before = now_millis();
+        let r = Record::new("v").ttl(Duration::from_secs(5)).into_pb();
+        assert!(r.expires_at_ms >= before + 5000 && r.expires_at_ms <= now_millis() + 5000);
+        assert_eq!(Record::new("v").into_pb().expires_at_ms, 0);
+        let batch = pb::RecordBatch {
+            offset_count: 1,
+            records: vec![r.clone()],
+            ..pb::RecordBatch::default()
+        };
+        let topic: Arc<str> = Arc::from("t");
+        assert_eq!(
+            batch_messages(&topic, 0, batch.clone(), 0, before).count(),
+            1
+        );
+        assert_eq!(
+            batch_messages(&topic, 0, batch, 0, r.expires_at_ms).count(),
+            0
+        );
     }
 
     #[test]

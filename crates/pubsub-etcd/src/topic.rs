@@ -72,6 +72,43 @@ pub struct TopicConfig {
     /// Default (`None`): as large as fits in one etcd request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<u32>,
+    /// Maximum age of a message, in milliseconds of its record timestamp:
+    /// a record batch is deleted once its newest record is older than this.
+    /// Default (`None`): no age limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
+    /// Maximum messages per partition, counted in offsets: offsets below
+    /// `next - retention_messages` are deleted. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_messages: Option<u64>,
+    /// Maximum bytes of records (encoded) per partition: the oldest batches
+    /// are deleted while the partition holds more. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_bytes: Option<u64>,
+    /// Whether the retention sweep also keeps only the newest message per key.
+    #[serde(default, skip_serializing_if = "CleanupPolicy::is_delete")]
+    pub cleanup_policy: CleanupPolicy,
+}
+
+/// What the retention sweep does besides enforcing the limits, like Kafka's
+/// `cleanup.policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CleanupPolicy {
+    /// Only the retention limits delete messages.
+    #[default]
+    Delete,
+    /// Key compaction as well: per partition, only the newest message of each
+    /// key is kept, and a key whose newest message has an empty value (a
+    /// tombstone) is dropped altogether. Keyless messages are kept.
+    Compact,
+}
+
+impl CleanupPolicy {
+    fn is_delete(&self) -> bool {
+        *self == CleanupPolicy::Delete
+    }
 }
 
 impl TopicConfig {
@@ -81,7 +118,25 @@ impl TopicConfig {
                 "max_message_bytes is 0; it must be greater than zero".into(),
             ));
         }
+        for (name, value) in [
+            ("retention_ms", self.retention_ms),
+            ("retention_messages", self.retention_messages),
+            ("retention_bytes", self.retention_bytes),
+        ] {
+            if value == Some(0) {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} is 0; it must be greater than zero (or unset for no limit)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// True when any retention limit is set.
+    pub fn has_retention_limits(&self) -> bool {
+        self.retention_ms.is_some()
+            || self.retention_messages.is_some()
+            || self.retention_bytes.is_some()
     }
 }
 
@@ -106,6 +161,30 @@ impl NewTopic {
     /// Sets [`TopicConfig::max_message_bytes`].
     pub fn max_message_bytes(mut self, bytes: u32) -> Self {
         self.config.max_message_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`TopicConfig::retention_ms`] (maximum message age).
+    pub fn retention(mut self, age: std::time::Duration) -> Self {
+        self.config.retention_ms = Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Sets [`TopicConfig::retention_messages`] (maximum messages per partition).
+    pub fn retention_messages(mut self, messages: u64) -> Self {
+        self.config.retention_messages = Some(messages);
+        self
+    }
+
+    /// Sets [`TopicConfig::retention_bytes`] (maximum bytes per partition).
+    pub fn retention_bytes(mut self, bytes: u64) -> Self {
+        self.config.retention_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`TopicConfig::cleanup_policy`].
+    pub fn cleanup_policy(mut self, policy: CleanupPolicy) -> Self {
+        self.config.cleanup_policy = policy;
         self
     }
 }
@@ -430,6 +509,36 @@ mod tests {
         ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn config_without_retention_fields_parses_and_defaults_are_not_written() {
+        let old: StoredTopic =
+            serde_json::from_str(r#"{"partitions":3,"created_ms":1,"config":{}}"#).unwrap();
+        assert_eq!(old.config, TopicConfig::default());
+        assert_eq!(old.config.cleanup_policy, CleanupPolicy::Delete);
+        assert_eq!(
+            serde_json::to_string(&TopicConfig::default()).unwrap(),
+            "{}"
+        );
+        let config = NewTopic::new("t", 1)
+            .retention(std::time::Duration::from_secs(1))
+            .retention_messages(2)
+            .retention_bytes(3)
+            .cleanup_policy(CleanupPolicy::Compact)
+            .config;
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            json,
+            r#"{"retention_ms":1000,"retention_messages":2,"retention_bytes":3,"cleanup_policy":"compact"}"#
+        );
+        assert_eq!(serde_json::from_str::<TopicConfig>(&json).unwrap(), config);
+        assert!(config.validate().is_ok());
+        let zero = TopicConfig {
+            retention_bytes: Some(0),
+            ..TopicConfig::default()
+        };
+        assert!(zero.validate().is_err());
     }
 
     #[test]

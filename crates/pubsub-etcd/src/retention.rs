@@ -1,0 +1,618 @@
+//! Retention, deletion, truncation and key compaction, all done by clients:
+//! there is no server process.
+//!
+//! Every operation here only deletes batch keys or rewrites them without
+//! some of their records; none touches a partition head, which producers
+//! own, so offsets are never reused and the head still reports the next
+//! offset. A rewrite is a transaction guarded by the batch key's mod
+//! revision, retried after re-reading the batch when it loses a race (with
+//! another rewrite, or with the lease of a batch with a time to live). Batch
+//! keys are written once by producers and never again, so a producer never
+//! races with these operations; readers skip absent records (a batch keeps
+//! its `offset_count`, so gaps are known to be gaps).
+//!
+//! - [`Client::delete_messages`]: rewrites each batch holding one of the
+//!   offsets without it, or deletes the batch key when no record is left.
+//! - [`Client::truncate_partition`]: deletes every batch whose last offset is
+//!   below `before` (range deletes, at most [`DELETE_CHUNK`] keys each) and
+//!   rewrites the one batch straddling `before`.
+//! - Retention limits (`trim_partition`): the messages limit is a truncation
+//!   at `next - limit`; the age and byte limits delete whole batches from the
+//!   oldest on, stopping at the first one within limits. Producers call it
+//!   at most once per second per partition after a successful append, and
+//!   [`Client::enforce_retention`] runs it for every partition.
+//! - Key compaction ([`Client::compact_topic`]): one pass finds the newest
+//!   offset of every key, a second rewrites the batches holding older
+//!   records of a key (and tombstones). Records appended after the first
+//!   pass have higher offsets and are never removed, so it is safe while
+//!   producers run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::keys::{prefix_end, Keys};
+use crate::record::{self, pb, MAX_RECORDS_PER_BATCH};
+use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig};
+
+/// Most batch keys one range delete removes.
+const DELETE_CHUNK: i64 = 1000;
+/// Most batches (values) read in one page by sweeps.
+const PAGE: i64 = 32;
+/// Most rewrite attempts of one batch before giving up: each failure means
+/// someone else changed the batch, so this is never reached in practice.
+const MAX_REWRITE_ATTEMPTS: u32 = 100;
+
+/// What a retention sweep, truncation or compaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetentionReport {
+    /// Batch keys deleted whole (each held one or more messages).
+    pub batches_deleted: u64,
+    /// Batches rewritten without some of their messages.
+    pub batches_rewritten: u64,
+    /// Messages removed by rewrites and by deleting batches that were read
+    /// (batches removed by range deletes are not read, so not counted here).
+    pub records_removed: u64,
+    /// Every partition's offsets afterwards (sweeps of a whole topic only).
+    pub partitions: Vec<PartitionInfo>,
+}
+
+impl RetentionReport {
+    fn add(&mut self, other: &RetentionReport) {
+        self.batches_deleted += other.batches_deleted;
+        self.batches_rewritten += other.batches_rewritten;
+        self.records_removed += other.records_removed;
+    }
+}
+
+/// A batch as read from etcd, with what a guarded rewrite needs.
+#[derive(Debug, Clone)]
+struct StoredBatch {
+    key: Vec<u8>,
+    mod_revision: i64,
+    lease: i64,
+    batch: pb::RecordBatch,
+}
+
+impl StoredBatch {
+    fn from_kv(kv: etcd_client::KeyValue) -> Result<Self> {
+        let mod_revision = kv.mod_revision();
+        let lease = kv.lease();
+        let (key, value) = kv.into_key_value();
+        let batch = record::decode(&key, Bytes::from(value))?;
+        Ok(StoredBatch {
+            key,
+            mod_revision,
+            lease,
+            batch,
+        })
+    }
+
+    fn last_offset(&self) -> u64 {
+        Keys::trailing_number(&self.key).unwrap_or(0)
+    }
+}
+
+/// The outcome of one guarded rewrite.
+enum Rewrite {
+    /// Every record was kept; nothing written.
+    Unchanged,
+    /// Rewritten without `removed` records.
+    Rewritten { removed: u64 },
+    /// No record was left: the key was deleted.
+    Deleted { removed: u64 },
+    /// The batch changed (or vanished) since it was read.
+    Conflict,
+}
+
+/// One partition of one topic incarnation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PartitionRef<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) incarnation: i64,
+    pub(crate) partition: u32,
+}
+
+impl PartitionRef<'_> {
+    fn batch_key(&self, client: &Client, last_offset: u64) -> String {
+        client
+            .keys
+            .batch(self.topic, self.incarnation, self.partition, last_offset)
+    }
+
+    fn batches_prefix(&self, client: &Client) -> String {
+        client
+            .keys
+            .batches_prefix(self.topic, self.incarnation, self.partition)
+    }
+}
+
+impl Client {
+    /// Deletes the message at `offset` of a partition. Returns whether a
+    /// message was there to delete. The offset is never reused.
+    pub async fn delete_message(&self, topic: &str, partition: u32, offset: u64) -> Result<bool> {
+        Ok(self.delete_messages(topic, partition, &[offset]).await? == 1)
+    }
+
+    /// Deletes the messages at these offsets of a partition (any order,
+    /// duplicates ignored) and returns how many were there to delete.
+    /// Each batch holding one of them is rewritten without them (or its key
+    /// deleted when none is left) in one transaction guarded by the batch's
+    /// mod revision. Offsets are never reused; the partition's next offset
+    /// is unchanged.
+    pub async fn delete_messages(
+        &self,
+        topic: &str,
+        partition: u32,
+        offsets: &[u64],
+    ) -> Result<u64> {
+        let info = self.topic(topic).await?;
+        crate::group::check_partition(&info, partition)?;
+        let part = PartitionRef {
+            topic,
+            incarnation: info.incarnation,
+            partition,
+        };
+        let mut offsets = offsets.to_vec();
+        offsets.sort_unstable();
+        offsets.dedup();
+        let mut deleted = 0;
+        let mut i = 0;
+        while i < offsets.len() {
+            let offset = offsets[i];
+            let Some(stored) = self.batch_containing(part, offset).await? else {
+                i += 1;
+                continue;
+            };
+            let last = stored.last_offset();
+            let end = offsets[i..].partition_point(|&o| o <= last) + i;
+            if stored.batch.base_offset > offset {
+                // The batch starts after this offset: it is not stored.
+                i += 1;
+                continue;
+            }
+            let targets = &offsets[i..end];
+            let report = self
+                .rewrite_until_done(stored, |o, _| targets.binary_search(&o).is_err())
+                .await?;
+            deleted += report.records_removed;
+            i = end;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes every message of a partition below offset `before` (clamped
+    /// to the partition's next offset) and returns the partition's offsets
+    /// afterwards. Whole batches are deleted; the batch straddling `before`
+    /// is rewritten. Offsets are never reused: the next offset is unchanged.
+    pub async fn truncate_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        before: u64,
+    ) -> Result<PartitionInfo> {
+        let info = self.topic(topic).await?;
+        crate::group::check_partition(&info, partition)?;
+        let part = PartitionRef {
+            topic,
+            incarnation: info.incarnation,
+            partition,
+        };
+        let (next, _) = self.head_state(part).await?;
+        truncate_before(self, part, before.min(next)).await?;
+        self.partition_info(&info, partition).await
+    }
+
+    /// Enforces a topic's retention limits on every partition now (and key
+    /// compaction when its cleanup policy is [`CleanupPolicy::Compact`]).
+    /// Any client may run it at any time, concurrently with producers,
+    /// consumers and other sweeps. Producers trim the partitions they write
+    /// to by themselves; this sweep is for partitions nobody writes to any
+    /// more (age limits) and for compaction.
+    pub async fn enforce_retention(&self, topic: &str) -> Result<RetentionReport> {
+        let info = self.topic(topic).await?;
+        let mut report = RetentionReport::default();
+        for partition in 0..info.partitions {
+            let part = PartitionRef {
+                topic,
+                incarnation: info.incarnation,
+                partition,
+            };
+            let (next, total_bytes) = self.head_state(part).await?;
+            let r = trim_partition(self, part, &info.config, next, total_bytes).await?;
+            report.add(&r);
+            if info.config.cleanup_policy == CleanupPolicy::Compact {
+                report.add(&compact_partition(self, part).await?);
+            }
+        }
+        report.partitions = self.describe_topic(topic).await?.partitions;
+        Ok(report)
+    }
+
+    /// Key compaction of every partition of a topic, whatever its cleanup
+    /// policy: keeps only the newest message of each key, and drops a key
+    /// whose newest message has an empty value (a tombstone). Keyless
+    /// messages are kept. Safe while producers append: messages appended
+    /// during the sweep are never removed by it.
+    pub async fn compact_topic(&self, topic: &str) -> Result<RetentionReport> {
+        let info = self.topic(topic).await?;
+        let mut report = RetentionReport::default();
+        for partition in 0..info.partitions {
+            let part = PartitionRef {
+                topic,
+                incarnation: info.incarnation,
+                partition,
+            };
+            report.add(&compact_partition(self, part).await?);
+        }
+        report.partitions = self.describe_topic(topic).await?.partitions;
+        Ok(report)
+    }
+
+    /// The partition head's next offset and total appended bytes (0 and 0
+    /// before the first append).
+    async fn head_state(&self, part: PartitionRef<'_>) -> Result<(u64, u64)> {
+        let key = self.keys.head(part.topic, part.incarnation, part.partition);
+        let response = self
+            .timed("read partition head", self.kv.clone().get(key, None))
+            .await?;
+        match response.kvs().first() {
+            Some(kv) => {
+                let head: pb::PartitionHead =
+                    record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
+                Ok((head.next_offset, head.total_bytes))
+            }
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// The batch that would hold `offset`: the first whose last offset is at
+    /// least `offset` (it holds it when its base offset is not above it).
+    async fn batch_containing(
+        &self,
+        part: PartitionRef<'_>,
+        offset: u64,
+    ) -> Result<Option<StoredBatch>> {
+        let start = part.batch_key(self, offset);
+        // A batch holds at most MAX_RECORDS_PER_BATCH offsets, so the one
+        // holding `offset` ends below this key: keep the range narrow.
+        let end = part.batch_key(self, offset.saturating_add(MAX_RECORDS_PER_BATCH));
+        let options = GetOptions::new().with_range(end).with_limit(1);
+        let mut response = self
+            .timed("read batch", self.kv.clone().get(start, Some(options)))
+            .await?;
+        response
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(StoredBatch::from_kv)
+            .transpose()
+    }
+
+    /// Re-reads one batch key.
+    async fn reread(&self, key: &[u8]) -> Result<Option<StoredBatch>> {
+        let mut response = self
+            .timed("read batch", self.kv.clone().get(key.to_vec(), None))
+            .await?;
+        response
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(StoredBatch::from_kv)
+            .transpose()
+    }
+
+    /// Rewrites a batch keeping the records for which `keep(offset, record)`
+    /// holds, re-reading and retrying on conflict, until done or the batch
+    /// is gone.
+    async fn rewrite_until_done(
+        &self,
+        mut stored: StoredBatch,
+        keep: impl Fn(u64, &pb::Record) -> bool,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        for _ in 0..MAX_REWRITE_ATTEMPTS {
+            match self.rewrite(&stored, &keep).await? {
+                Rewrite::Unchanged => return Ok(report),
+                Rewrite::Rewritten { removed } => {
+                    report.batches_rewritten += 1;
+                    report.records_removed += removed;
+                    return Ok(report);
+                }
+                Rewrite::Deleted { removed } => {
+                    report.batches_deleted += 1;
+                    report.records_removed += removed;
+                    return Ok(report);
+                }
+                Rewrite::Conflict => match self.reread(&stored.key).await? {
+                    Some(again) => stored = again,
+                    None => return Ok(report),
+                },
+            }
+        }
+        Err(Error::InvalidConfig(format!(
+            "batch {} kept changing during {MAX_REWRITE_ATTEMPTS} rewrite attempts",
+            String::from_utf8_lossy(&stored.key)
+        )))
+    }
+
+    /// One guarded rewrite attempt.
+    async fn rewrite(
+        &self,
+        stored: &StoredBatch,
+        keep: &impl Fn(u64, &pb::Record) -> bool,
+    ) -> Result<Rewrite> {
+        let base = stored.batch.base_offset;
+        let before = stored.batch.records.len();
+        let mut batch = stored.batch.clone();
+        batch
+            .records
+            .retain(|r| keep(base + u64::from(r.offset_delta), r));
+        let removed = (before - batch.records.len()) as u64;
+        if removed == 0 {
+            return Ok(Rewrite::Unchanged);
+        }
+        let key = stored.key.clone();
+        let guard = Compare::mod_revision(key.clone(), CompareOp::Equal, stored.mod_revision);
+        let (op, outcome) = if batch.records.is_empty() {
+            (TxnOp::delete(key, None), Rewrite::Deleted { removed })
+        } else {
+            // Keep the batch's lease (records with a time to live), so etcd
+            // still deletes it at its deadline.
+            let options = (stored.lease != 0).then(|| PutOptions::new().with_lease(stored.lease));
+            (
+                TxnOp::put(key, record::encode(&batch), options),
+                Rewrite::Rewritten { removed },
+            )
+        };
+        let txn = Txn::new().when([guard]).and_then([op]);
+        match self.timed("rewrite batch", self.kv.clone().txn(txn)).await {
+            Ok(response) if response.succeeded() => Ok(outcome),
+            Ok(_) => Ok(Rewrite::Conflict),
+            // The batch's lease expired between read and rewrite: etcd has
+            // deleted (or is deleting) the batch; re-read it.
+            Err(Error::Etcd { source, .. }) if source.to_string().contains("lease not found") => {
+                Ok(Rewrite::Conflict)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Reads up to `limit` batches with keys in `[start, end)`.
+async fn read_page(
+    client: &Client,
+    start: Vec<u8>,
+    end: Vec<u8>,
+    limit: i64,
+) -> Result<Vec<StoredBatch>> {
+    let options = GetOptions::new().with_range(end).with_limit(limit);
+    let mut response = client
+        .timed("read batches", client.kv.clone().get(start, Some(options)))
+        .await?;
+    response
+        .take_kvs()
+        .into_iter()
+        .map(StoredBatch::from_kv)
+        .collect()
+}
+
+/// The key just after `key` in etcd's order.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+/// Deletes every record below offset `before`: whole batches by range
+/// deletes, then the straddling batch by a guarded rewrite.
+pub(crate) async fn truncate_before(
+    client: &Client,
+    part: PartitionRef<'_>,
+    before: u64,
+) -> Result<RetentionReport> {
+    let mut report = RetentionReport::default();
+    if before == 0 {
+        return Ok(report);
+    }
+    let prefix = part.batches_prefix(client);
+    // Batches are named by their last offset: those entirely below `before`
+    // are exactly the keys below batch(before).
+    let end = part.batch_key(client, before);
+    loop {
+        // Range deletes of bounded size, so one request never removes an
+        // unbounded number of keys.
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(DELETE_CHUNK)
+            .with_keys_only();
+        let response = client
+            .timed(
+                "list batches",
+                client.kv.clone().get(prefix.clone(), Some(options)),
+            )
+            .await?;
+        let Some(last) = response.kvs().last().map(|kv| kv.key().to_vec()) else {
+            break;
+        };
+        let full = response.kvs().len() as i64 == DELETE_CHUNK;
+        let options = DeleteOptions::new().with_range(key_after(&last));
+        let deleted = client
+            .timed(
+                "delete batches",
+                client.kv.clone().delete(prefix.clone(), Some(options)),
+            )
+            .await?;
+        report.batches_deleted += deleted.deleted() as u64;
+        if !full {
+            break;
+        }
+    }
+    if let Some(stored) = client.batch_containing(part, before).await? {
+        if stored.batch.base_offset < before {
+            let r = client
+                .rewrite_until_done(stored, |offset, _| offset >= before)
+                .await?;
+            report.add(&r);
+        }
+    }
+    Ok(report)
+}
+
+/// Enforces a topic's retention limits on one partition whose head is at
+/// `next` with `total_bytes` appended. Cheap when nothing is due: one
+/// range delete over an empty range and one read of the oldest batch.
+pub(crate) async fn trim_partition(
+    client: &Client,
+    part: PartitionRef<'_>,
+    config: &TopicConfig,
+    next: u64,
+    total_bytes: u64,
+) -> Result<RetentionReport> {
+    let mut cutoff = config
+        .retention_messages
+        .map_or(0, |limit| next.saturating_sub(limit));
+    let min_timestamp = config
+        .retention_ms
+        .map(|ms| record::now_millis().saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+    let min_base_bytes = config
+        .retention_bytes
+        .map(|limit| total_bytes.saturating_sub(limit));
+    if min_timestamp.is_some() || min_base_bytes.is_some() {
+        // Whole batches from the oldest on, stopping at the first within
+        // limits. The page grows from 1: usually the oldest batch is kept.
+        let prefix = part.batches_prefix(client);
+        let end = prefix_end(&prefix);
+        let mut start = part.batch_key(client, cutoff).into_bytes();
+        let mut limit = 1;
+        'scan: loop {
+            let page = read_page(client, start, end.clone(), limit).await?;
+            let full = page.len() as i64 == limit;
+            for stored in &page {
+                let too_old = min_timestamp.is_some_and(|min| {
+                    stored
+                        .batch
+                        .records
+                        .iter()
+                        .map(|r| r.timestamp_ms)
+                        .max()
+                        .is_none_or(|newest| newest < min)
+                });
+                // Deleting everything before this batch would leave
+                // total_bytes - base_bytes: too much when base_bytes is low.
+                let too_big = min_base_bytes.is_some_and(|min| stored.batch.base_bytes < min);
+                if !(too_old || too_big) {
+                    break 'scan;
+                }
+                cutoff = cutoff.max(stored.last_offset() + 1);
+            }
+            match page.last() {
+                Some(last) if full => start = key_after(&last.key),
+                _ => break,
+            }
+            limit = (limit * 4).min(PAGE);
+        }
+    }
+    truncate_before(client, part, cutoff.min(next)).await
+}
+
+/// Key compaction of one partition (see [`Client::compact_topic`]).
+pub(crate) async fn compact_partition(
+    client: &Client,
+    part: PartitionRef<'_>,
+) -> Result<RetentionReport> {
+    let prefix = part.batches_prefix(client);
+    // Pass 1: the newest offset of every key, up to the last batch seen.
+    let mut newest: HashMap<Bytes, u64> = HashMap::new();
+    let mut start = prefix.clone().into_bytes();
+    let mut scanned_end: Option<Vec<u8>> = None;
+    loop {
+        let page = read_page(client, start, prefix_end(&prefix), PAGE).await?;
+        for stored in &page {
+            let base = stored.batch.base_offset;
+            for r in &stored.batch.records {
+                if let Some(key) = &r.key {
+                    let offset = base + u64::from(r.offset_delta);
+                    let entry = newest.entry(key.clone()).or_insert(offset);
+                    *entry = (*entry).max(offset);
+                }
+            }
+        }
+        match page.last() {
+            Some(last) => {
+                start = key_after(&last.key);
+                scanned_end = Some(start.clone());
+            }
+            None => break,
+        }
+        if (page.len() as i64) < PAGE {
+            break;
+        }
+    }
+    let mut report = RetentionReport::default();
+    let Some(scanned_end) = scanned_end else {
+        return Ok(report);
+    };
+    let newest = Arc::new(newest);
+    // Pass 2: rewrite the batches (seen in pass 1) holding superseded records
+    // or tombstones. A record appended after pass 1 has a higher offset than
+    // any in `newest`, so `offset >= newest` keeps it.
+    let keep = |offset: u64, r: &pb::Record| match &r.key {
+        None => true,
+        Some(key) => match newest.get(key) {
+            None => true,
+            Some(&n) if offset > n => true,
+            Some(&n) if offset == n => !r.value.is_empty(),
+            Some(_) => false,
+        },
+    };
+    let mut start = prefix.into_bytes();
+    loop {
+        let page = read_page(client, start, scanned_end.clone(), PAGE).await?;
+        for stored in &page {
+            let r = client.rewrite_until_done(stored.clone(), keep).await?;
+            report.add(&r);
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 == PAGE => start = key_after(&last.key),
+            _ => break,
+        }
+    }
+    Ok(report)
+}
+
+/// Retention limits of a topic, for a producer deciding whether to trim.
+pub(crate) fn wants_trim(config: &TopicConfig) -> bool {
+    config.has_retention_limits()
+}
+
+/// Trims one partition on behalf of a producer; errors are only logged.
+pub(crate) async fn producer_trim(
+    client: Client,
+    topic: Arc<str>,
+    incarnation: i64,
+    partition: u32,
+    config: TopicConfig,
+    next: u64,
+    total_bytes: u64,
+) {
+    let part = PartitionRef {
+        topic: &topic,
+        incarnation,
+        partition,
+    };
+    match trim_partition(&client, part, &config, next, total_bytes).await {
+        Ok(report) if report.batches_deleted + report.batches_rewritten > 0 => {
+            tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::debug!(%topic, partition, %error, "retention trim failed; the next one retries");
+        }
+    }
+}

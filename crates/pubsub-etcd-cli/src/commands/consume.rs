@@ -1,0 +1,599 @@
+//! `consume`: prints messages as a group member, committing each message
+//! only once it is written and flushed (at-least-once), or, without a
+//! group, from every partition or one, committing nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::{self, BufWriter, Stdout, Write};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use pubsub_etcd::{
+    AssignedReader, AutoCommit, Client, Consumer, Error, Event, Message, PartitionInfo, StartOffset,
+};
+use serde::Serialize;
+
+use crate::cli::{ConsumeArgs, ConsumeFormat};
+use crate::output;
+
+/// With `--exit-at-end`, how long without a message before checking
+/// whether anything is left to read below the end seen at start.
+const IDLE: Duration = Duration::from_millis(250);
+/// Most messages written between two flushes (and group commits).
+const MAX_BATCH: u64 = 1000;
+/// With `--exit-at-end` in a group: how long to wait for partitions before
+/// concluding that other members hold them all.
+const ASSIGNMENT_GRACE: Duration = Duration::from_secs(3);
+
+pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
+    // Installed first so that a signal from here on ends the run cleanly.
+    let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let description = client.describe_topic(&args.topic).await?;
+    let requested = requested_start(&args);
+    let (mut source, mut tracker) = match &args.group {
+        Some(group) => {
+            let start = requested.unwrap_or(StartOffset::Earliest);
+            let consumer = client
+                .consumer(&args.topic, group)
+                .auto_commit(AutoCommit::Disabled)
+                .start_offset(start)
+                .join()
+                .await?;
+            let tracker = EndTracker::new(&description.partitions, start);
+            (Source::Group(Box::new(consumer), group.clone()), tracker)
+        }
+        None => {
+            // Like kcat and kafka-console-consumer: only new messages unless
+            // told otherwise.
+            let start = requested.unwrap_or(StartOffset::Latest);
+            let partitions: Vec<PartitionInfo> = match args.partition {
+                Some(partition) => {
+                    let info = description
+                        .partitions
+                        .iter()
+                        .find(|p| p.partition == partition)
+                        .ok_or_else(|| Error::PartitionOutOfRange {
+                            topic: args.topic.clone(),
+                            partition,
+                            partitions: description.topic.partitions,
+                        })?;
+                    vec![*info]
+                }
+                None => description.partitions.clone(),
+            };
+            let mut tracker = EndTracker::new(&description.partitions, start);
+            let mut starts = Vec::with_capacity(partitions.len());
+            for info in &partitions {
+                // Resolved here, from the same snapshot as the end offsets,
+                // so that --exit-at-end knows where each partition starts.
+                let from = start_position(client, &args.topic, info, start).await?;
+                tracker.positions.insert(info.partition, from);
+                starts.push((info.partition, StartOffset::Offset(from)));
+            }
+            let reader = client.assign(&args.topic, starts).await?;
+            let held = partitions.iter().map(|p| p.partition).collect();
+            (Source::Assigned(reader, held), tracker)
+        }
+    };
+    let result = consume(client, &args, &mut source, &mut tracker, shutdown.as_mut()).await;
+    // Leaves the group (releasing its partitions at once) however the loop
+    // ended: done, signalled, failed, or its output closed.
+    let closed = source.close().await;
+    result?;
+    closed?;
+    Ok(())
+}
+
+async fn consume(
+    client: &Client,
+    args: &ConsumeArgs,
+    source: &mut Source,
+    tracker: &mut EndTracker,
+    shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    let mut commits = Commits::default();
+    let result = consume_batches(client, args, source, tracker, &mut commits, shutdown).await;
+    // What was handed on is committed however the loop ended, so that a
+    // retried or pending commit is not lost to a signal or an error.
+    let committed = match source {
+        Source::Group(consumer, _) => commits.commit(consumer).await,
+        Source::Assigned(..) => Ok(()),
+    };
+    result.and(committed)
+}
+
+async fn consume_batches(
+    client: &Client,
+    args: &ConsumeArgs,
+    source: &mut Source,
+    tracker: &mut EndTracker,
+    commits: &mut Commits,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    let mut out = MessageWriter::new(args.format);
+    let mut count = 0u64;
+    loop {
+        let room = args
+            .max_messages
+            .map_or(u64::MAX, |max| max - count.min(max));
+        if room == 0 {
+            return Ok(());
+        }
+        if args.exit_at_end && tracker.caught_up(&source.held()) {
+            return Ok(());
+        }
+        let first = tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(()),
+            item = source.next() => item,
+            () = tokio::time::sleep(IDLE), if args.exit_at_end => {
+                if tracker.settled(client, &args.topic, source.group(), &source.held()).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        // Whatever else is ready joins this batch, so that one flush and one
+        // commit cover it; a batch ends at anything but a message, so that
+        // a rebalance event is acknowledged only after the commit.
+        let mut batch = vec![first];
+        let mut messages = 1;
+        while messages < room.min(MAX_BATCH)
+            && matches!(batch.last(), Some(Some(Ok(Item::Message(_)))))
+        {
+            match tokio::time::timeout(Duration::ZERO, source.next()).await {
+                Ok(item) => {
+                    messages += 1;
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut written = BTreeMap::new();
+        let mut ended = false;
+        let mut reassigned = Vec::new();
+        let mut failure = None;
+        for item in batch {
+            match item {
+                None => ended = true,
+                Some(Err(error @ Error::TopicDeleted(_))) => failure = Some(error),
+                // Readers report a failure once and keep retrying; a tail
+                // should survive a passing etcd hiccup.
+                Some(Err(error)) => eprintln!("warning: {error}"),
+                Some(Ok(Item::Reassigned(partitions))) => reassigned = partitions,
+                Some(Ok(Item::Message(message))) => {
+                    out.write(&message)?;
+                    tracker.delivered(&message);
+                    written.insert(message.partition, message.offset + 1);
+                    count += 1;
+                }
+            }
+        }
+        // Committed only once flushed: at-least-once.
+        out.flush()?;
+        if let Source::Group(consumer, _) = source {
+            commits.add(written);
+            commits.commit(consumer).await?;
+        }
+        tracker.forget(&reassigned);
+        commits.forget(&reassigned);
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// A group's next offsets that were handed on but not yet committed.
+#[derive(Debug, Default)]
+struct Commits {
+    pending: BTreeMap<u32, u64>,
+}
+
+impl Commits {
+    fn add(&mut self, written: BTreeMap<u32, u64>) {
+        self.pending.extend(written);
+    }
+
+    /// A partition that changed hands restarts from the group's commit.
+    fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.pending.remove(p);
+        }
+    }
+
+    async fn commit(&mut self, consumer: &Consumer) -> anyhow::Result<()> {
+        while !self.pending.is_empty() {
+            match consumer.commit_offsets(&self.pending).await {
+                Ok(()) => self.pending.clear(),
+                // Another member has the partition now and reads it again
+                // from the last commit: duplicates, which at-least-once allows.
+                Err(error @ Error::NotOwner { partition, .. }) => {
+                    eprintln!("warning: {error}");
+                    if self.pending.remove(&partition).is_none() {
+                        self.pending.clear();
+                    }
+                }
+                // A later commit covers these offsets too, so a commit that
+                // may not have happened is tried again with the next batch.
+                Err(error) if error.is_outcome_unknown() => {
+                    eprintln!("warning: {error}; will retry");
+                    return Ok(());
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error).context("cannot commit offsets"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where to start when the options say so; `None` leaves the default.
+fn requested_start(args: &ConsumeArgs) -> Option<StartOffset> {
+    if args.from_beginning {
+        Some(StartOffset::Earliest)
+    } else if let Some(offset) = args.offset {
+        Some(StartOffset::Offset(offset))
+    } else {
+        args.from_time.map(StartOffset::Timestamp)
+    }
+}
+
+/// The offset a start policy means on one partition, as the library
+/// resolves it (its resolver is not public).
+async fn start_position(
+    client: &Client,
+    topic: &str,
+    info: &PartitionInfo,
+    start: StartOffset,
+) -> pubsub_etcd::Result<u64> {
+    Ok(match start {
+        StartOffset::Latest => info.next,
+        StartOffset::Offset(offset) => offset.clamp(info.earliest, info.next),
+        StartOffset::Timestamp(ms) => {
+            // No time index: the first message at or after the time wins,
+            // since producers' clocks need not be monotonic.
+            let mut from = info.earliest;
+            loop {
+                let page = client.fetch(topic, info.partition, from, 1000).await?;
+                if let Some(found) = page.messages.iter().find(|m| m.timestamp >= ms) {
+                    break found.offset;
+                }
+                if page.messages.is_empty() || page.next_offset >= info.next {
+                    break info.next;
+                }
+                from = page.next_offset;
+            }
+        }
+        _ => info.earliest,
+    })
+}
+
+/// What is read: a group member's partitions, or chosen ones.
+enum Source {
+    /// Boxed: a `Consumer` is several KiB (it holds a whole `Client`).
+    Group(Box<Consumer>, String),
+    Assigned(AssignedReader, Vec<u32>),
+}
+
+enum Item {
+    Message(Message),
+    /// These partitions changed hands; positions known for them are stale.
+    Reassigned(Vec<u32>),
+}
+
+impl Source {
+    /// Cancel-safe (both receivers are), so it can sit in a `select!`.
+    async fn next(&mut self) -> Option<pubsub_etcd::Result<Item>> {
+        match self {
+            Source::Group(consumer, _) => loop {
+                return Some(match consumer.next_event().await? {
+                    Ok(Event::Message(message)) => Ok(Item::Message(message)),
+                    Ok(Event::Assigned(partitions))
+                    | Ok(Event::Revoking(partitions))
+                    | Ok(Event::Lost(partitions)) => Ok(Item::Reassigned(partitions)),
+                    Ok(_) => continue,
+                    Err(error) => Err(error),
+                });
+            },
+            Source::Assigned(reader, _) => Some(reader.recv().await?.map(Item::Message)),
+        }
+    }
+
+    fn held(&self) -> Vec<u32> {
+        match self {
+            Source::Group(consumer, _) => consumer.assignment(),
+            Source::Assigned(_, partitions) => partitions.clone(),
+        }
+    }
+
+    fn group(&self) -> Option<&str> {
+        match self {
+            Source::Group(_, group) => Some(group),
+            Source::Assigned(..) => None,
+        }
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        match self {
+            Source::Group(consumer, group) => consumer
+                .close()
+                .await
+                .with_context(|| format!("cannot leave group {group:?} cleanly")),
+            Source::Assigned(reader, _) => {
+                reader.close().await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Decides when `--exit-at-end` may stop: every partition held has been
+/// read up to the next offset it had when the command started.
+///
+/// Reaching `last delivered + 1 >= end` is the quick test. It can fail to
+/// happen: the last messages below the end may be deleted or expired, and
+/// a partition may have nothing to deliver at all. So once idle, each
+/// partition still short of its end is checked by reading from its
+/// position: nothing stored below the end means nothing will come.
+struct EndTracker {
+    /// Next offset of each partition when the command started.
+    ends: HashMap<u32, u64>,
+    /// Next offset to deliver, where known: the resolved start, or one
+    /// past the last delivered message.
+    positions: HashMap<u32, u64>,
+    /// Where a group starts on a partition it never committed.
+    start: StartOffset,
+    since: Instant,
+}
+
+impl EndTracker {
+    fn new(partitions: &[PartitionInfo], start: StartOffset) -> Self {
+        EndTracker {
+            ends: partitions.iter().map(|p| (p.partition, p.next)).collect(),
+            positions: HashMap::new(),
+            start,
+            since: Instant::now(),
+        }
+    }
+
+    /// Partitions added after the start had nothing to read then.
+    fn end(&self, partition: u32) -> u64 {
+        self.ends.get(&partition).copied().unwrap_or(0)
+    }
+
+    fn delivered(&mut self, message: &Message) {
+        self.positions.insert(message.partition, message.offset + 1);
+    }
+
+    fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.positions.remove(p);
+        }
+    }
+
+    fn caught_up(&self, held: &[u32]) -> bool {
+        !held.is_empty()
+            && held.iter().all(|p| {
+                self.positions
+                    .get(p)
+                    .is_some_and(|position| *position >= self.end(*p))
+            })
+    }
+
+    /// The slow test, for when no message came for a while.
+    async fn settled(
+        &mut self,
+        client: &Client,
+        topic: &str,
+        group: Option<&str>,
+        held: &[u32],
+    ) -> pubsub_etcd::Result<bool> {
+        if held.is_empty() {
+            return Ok(group.is_none() || self.since.elapsed() >= ASSIGNMENT_GRACE);
+        }
+        let committed = match group {
+            Some(group) => client.committed_offsets(topic, group).await?,
+            None => BTreeMap::new(),
+        };
+        let mut partitions: Option<Vec<PartitionInfo>> = None;
+        for &p in held {
+            let end = self.end(p);
+            let position = match (self.positions.get(&p), committed.get(&p)) {
+                (Some(position), _) => *position,
+                (None, Some(committed)) => *committed,
+                (None, None) => {
+                    if partitions.is_none() {
+                        partitions = Some(client.describe_topic(topic).await?.partitions);
+                    }
+                    match partitions.iter().flatten().find(|i| i.partition == p) {
+                        Some(info) => start_position(client, topic, info, self.start).await?,
+                        None => continue,
+                    }
+                }
+            };
+            if position >= end {
+                continue;
+            }
+            let next = client.fetch(topic, p, position, 1).await?;
+            if next.messages.first().is_some_and(|m| m.offset < end) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Writes messages in the chosen format; the caller flushes before it
+/// commits, so that what a group commits has really been handed on.
+struct MessageWriter {
+    format: ConsumeFormat,
+    out: BufWriter<Stdout>,
+}
+
+impl MessageWriter {
+    fn new(format: ConsumeFormat) -> Self {
+        MessageWriter {
+            format,
+            out: output::stdout(),
+        }
+    }
+
+    fn write(&mut self, message: &Message) -> io::Result<()> {
+        match self.format {
+            ConsumeFormat::Raw => self.out.write_all(&message.value)?,
+            ConsumeFormat::Json => {
+                serde_json::to_writer(&mut self.out, &JsonMessage::new(message))?
+            }
+        }
+        self.out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// A message as one JSON object. Bytes that are not UTF-8 go in a
+/// `*_base64` field instead, so that no value is silently altered.
+#[derive(Serialize)]
+struct JsonMessage<'a> {
+    topic: &'a str,
+    partition: u32,
+    offset: u64,
+    timestamp: i64,
+    #[serde(flatten)]
+    key: KeyField<'a>,
+    #[serde(flatten)]
+    value: ValueField<'a>,
+    headers: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers_base64: BTreeMap<&'a str, String>,
+}
+
+#[derive(Serialize)]
+enum KeyField<'a> {
+    #[serde(rename = "key")]
+    Text(Option<&'a str>),
+    #[serde(rename = "key_base64")]
+    Base64(String),
+}
+
+#[derive(Serialize)]
+enum ValueField<'a> {
+    #[serde(rename = "value")]
+    Text(&'a str),
+    #[serde(rename = "value_base64")]
+    Base64(String),
+}
+
+fn base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+impl<'a> JsonMessage<'a> {
+    fn new(message: &'a Message) -> Self {
+        let key = match message.key.as_deref().map(std::str::from_utf8) {
+            None => KeyField::Text(None),
+            Some(Ok(text)) => KeyField::Text(Some(text)),
+            Some(Err(_)) => KeyField::Base64(base64(message.key.as_deref().unwrap_or_default())),
+        };
+        let value = match std::str::from_utf8(&message.value) {
+            Ok(text) => ValueField::Text(text),
+            Err(_) => ValueField::Base64(base64(&message.value)),
+        };
+        let mut headers = BTreeMap::new();
+        let mut headers_base64 = BTreeMap::new();
+        for (name, value) in &message.headers {
+            match std::str::from_utf8(value) {
+                Ok(text) => {
+                    headers.insert(name.as_str(), text);
+                }
+                Err(_) => {
+                    headers_base64.insert(name.as_str(), base64(value));
+                }
+            }
+        }
+        JsonMessage {
+            topic: &message.topic,
+            partition: message.partition,
+            offset: message.offset,
+            timestamp: message.timestamp,
+            key,
+            value,
+            headers,
+            headers_base64,
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are in place once this
+/// returns, so the default (killing the process) no longer applies.
+fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn message(key: Option<&'static [u8]>, value: &'static [u8]) -> Message {
+        Message {
+            topic: Arc::from("t"),
+            partition: 1,
+            offset: 7,
+            timestamp: 42,
+            key: key.map(pubsub_etcd::Bytes::from_static),
+            value: pubsub_etcd::Bytes::from_static(value),
+            headers: BTreeMap::from([
+                ("a".to_string(), pubsub_etcd::Bytes::from_static(b"x")),
+                ("b".to_string(), pubsub_etcd::Bytes::from_static(&[0xff])),
+            ]),
+        }
+    }
+
+    #[test]
+    fn json_messages() {
+        let json = serde_json::to_value(JsonMessage::new(&message(Some(b"k"), b"v"))).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "topic": "t", "partition": 1, "offset": 7, "timestamp": 42,
+                "key": "k", "value": "v", "headers": {"a": "x"},
+                "headers_base64": {"b": "/w=="},
+            })
+        );
+        let json = serde_json::to_value(JsonMessage::new(&message(None, &[0xc3, 0x28]))).unwrap();
+        assert_eq!(json["key"], serde_json::Value::Null);
+        assert_eq!(json["value_base64"], "wyg=");
+        assert!(json.get("value").is_none());
+        let json = serde_json::to_value(JsonMessage::new(&message(Some(&[0x80]), b""))).unwrap();
+        assert_eq!(json["key_base64"], "gA==");
+        assert!(json.get("key").is_none());
+        assert_eq!(json["value"], "");
+    }
+}

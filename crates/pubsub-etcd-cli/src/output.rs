@@ -1,0 +1,158 @@
+//! Writing results: JSON documents, aligned tables, and telling a closed
+//! stdout pipe apart from real failures.
+
+use std::io::{self, BufWriter, Stdout, Write};
+
+use serde::Serialize;
+
+/// Buffered stdout. Callers flush when a result must be visible now (e.g.
+/// before committing a consumed message).
+pub fn stdout() -> BufWriter<Stdout> {
+    BufWriter::with_capacity(64 * 1024, io::stdout())
+}
+
+/// Prints one JSON document on its own line.
+pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    let mut out = stdout();
+    serde_json::to_writer(&mut out, value)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Rows under a header line, columns padded to line up. Columns holding
+/// only numbers (or "-") are right-aligned so digits line up too.
+#[derive(Debug)]
+pub struct Table {
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: impl Into<Vec<&'static str>>) -> Self {
+        Table {
+            header: header.into(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: impl Into<Vec<String>>) {
+        self.rows.push(cells.into());
+    }
+
+    pub fn render(&self) -> String {
+        let columns = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        let mut numeric = vec![true; columns];
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                widths[i] = widths[i].max(cell.chars().count());
+                numeric[i] &= cell == "-" || cell.parse::<i128>().is_ok();
+            }
+        }
+        let mut text = String::new();
+        let header = self.header.iter().map(|h| h.to_string()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                let pad = widths[i] - cell.chars().count();
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                if numeric[i] && !self.rows.is_empty() {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if i + 1 < columns {
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            text.push_str(line.trim_end());
+            text.push('\n');
+        }
+        text
+    }
+
+    pub fn print(&self) -> anyhow::Result<()> {
+        print_text(&self.render())
+    }
+}
+
+/// Prints text as it is (include the trailing newline).
+pub fn print_text(text: &str) -> anyhow::Result<()> {
+    let mut out = stdout();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `-` for an absent value, as tables show it.
+pub fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// True when writing to stdout failed because its reader went away, which
+/// is how a pipeline like `consume ... | head` ends normally.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// An error and its causes on one line. Some errors repeat their cause in
+/// their own message; such a cause is left out rather than printed twice.
+pub fn render_error(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_text_left_and_numbers_right() {
+        let mut table = Table::new(["NAME", "PARTITIONS", "NOTE"]);
+        table.row(["a".to_string(), "12".to_string(), "-".to_string()]);
+        table.row(["long-name".to_string(), "3".to_string(), "x".to_string()]);
+        assert_eq!(
+            table.render(),
+            "NAME       PARTITIONS  NOTE\n\
+             a                  12  -\n\
+             long-name           3  x\n"
+        );
+    }
+
+    #[test]
+    fn repeated_causes_are_printed_once() {
+        #[derive(Debug)]
+        struct Outer(io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "etcd get failed: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = anyhow::Error::new(Outer(io::Error::other("refused"))).context("connecting");
+        assert_eq!(render_error(&error), "connecting: etcd get failed: refused");
+        let pipe = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert!(is_broken_pipe(&pipe.context("writing")));
+    }
+}

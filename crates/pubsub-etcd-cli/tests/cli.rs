@@ -1,0 +1,708 @@
+//! Runs the real `pubsub-etcd` binary against the etcd in
+//! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`), each test in a
+//! namespace of its own that is emptied again when the test ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
+/// No command of these tests should come near this; it only keeps a hung
+/// process from hanging the suite.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A fresh namespace; dropping it deletes the topics and groups in it
+/// through the CLI itself, also when the test panicked.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Namespace {
+            name: format!(
+                "cli-test-{}-{nanos:08x}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--namespace", &self.name, "--timeout", "5s"])
+            .args(args)
+            .env_remove("PUBSUB_ETCD_NAMESPACE");
+        command
+    }
+
+    /// Runs a command with `stdin` as its input.
+    fn run_with(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let mut input = child.stdin.take().unwrap();
+        let stdin = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&stdin);
+        });
+        let output = wait_with_deadline(child);
+        writer.join().unwrap();
+        output
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, b"")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        self.ok_with(args, b"")
+    }
+
+    fn ok_with(&self, args: &[&str], stdin: &[u8]) -> String {
+        let output = self.run_with(args, stdin);
+        assert!(
+            output.status.success(),
+            "{args:?} failed with {:?}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("stdout is UTF-8")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["--format", "json"]);
+        serde_json::from_str(&self.ok(&args)).expect("stdout is one JSON document")
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // Deleting a topic also deletes every group's state on it.
+        let output = self
+            .command(&["topic", "list", "--format", "json"])
+            .output();
+        let Ok(output) = output else { return };
+        let Ok(Value::Array(topics)) = serde_json::from_slice::<Value>(&output.stdout) else {
+            return;
+        };
+        for topic in topics {
+            if let Some(name) = topic["name"].as_str() {
+                let _ = self.command(&["topic", "delete", name]).output();
+            }
+        }
+    }
+}
+
+fn wait_with_deadline(mut child: Child) -> Output {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let status = wait_status(&mut child);
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn wait_status(child: &mut Child) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the command did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn produce_and_consume_round_trip() {
+    let ns = Namespace::new();
+    assert_eq!(
+        ns.ok(&["topic", "create", "orders", "--partitions", "2"]),
+        "created topic \"orders\" with 2 partitions\n"
+    );
+    let produced = ns.ok_with(
+        &[
+            "produce",
+            "orders",
+            "--key-separator",
+            "::",
+            "--header",
+            "source=test",
+            "--header",
+            "kind=a=b",
+            "--format",
+            "json",
+        ],
+        b"k1::v1\nk2::v2\nk1::v3::x\n",
+    );
+    let results = lines(&produced);
+    assert_eq!(results.len(), 3);
+    for result in &results {
+        let object = result.as_object().unwrap();
+        assert_eq!(object.len(), 2, "{result}");
+        assert!(result["partition"].as_u64().unwrap() < 2);
+        assert!(result["offset"].is_u64());
+    }
+    // One key, one partition, offsets in input order.
+    assert_eq!(results[0]["partition"], results[2]["partition"]);
+    assert_eq!(
+        results[2]["offset"].as_u64(),
+        Some(results[0]["offset"].as_u64().unwrap() + 1)
+    );
+
+    let consumed = ns.ok(&[
+        "consume",
+        "orders",
+        "--from-beginning",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]);
+    let mut messages = lines(&consumed);
+    assert_eq!(messages.len(), 3);
+    messages.sort_by_key(|m| m["value"].as_str().unwrap().to_string());
+    for (message, (key, value, result)) in messages.iter().zip([
+        ("k1", "v1", &results[0]),
+        ("k2", "v2", &results[1]),
+        ("k1", "v3::x", &results[2]),
+    ]) {
+        let object = message.as_object().unwrap();
+        let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "headers",
+                "key",
+                "offset",
+                "partition",
+                "timestamp",
+                "topic",
+                "value"
+            ]
+        );
+        assert_eq!(message["topic"], "orders");
+        assert_eq!(message["key"], key);
+        assert_eq!(message["value"], value);
+        assert_eq!(message["partition"], result["partition"]);
+        assert_eq!(message["offset"], result["offset"]);
+        assert!(message["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
+        assert_eq!(
+            message["headers"],
+            serde_json::json!({"source": "test", "kind": "a=b"})
+        );
+    }
+
+    // Raw output is the values, one per line; here of one partition.
+    let partition = results[0]["partition"].to_string();
+    let raw = ns.ok(&[
+        "consume",
+        "orders",
+        "--partition",
+        &partition,
+        "--offset",
+        "0",
+        "--exit-at-end",
+    ]);
+    assert_eq!(raw, "v1\nv3::x\n");
+
+    // Without a start option only new messages are read: none here.
+    assert_eq!(ns.ok(&["consume", "orders", "--exit-at-end"]), "");
+    // And --max-messages stops early.
+    let two = ns.ok(&[
+        "consume",
+        "orders",
+        "--from-beginning",
+        "--max-messages",
+        "2",
+    ]);
+    assert_eq!(two.lines().count(), 2);
+}
+
+#[test]
+fn topic_admin_json_shapes() {
+    let ns = Namespace::new();
+    ns.ok(&[
+        "topic",
+        "create",
+        "events",
+        "--partitions",
+        "2",
+        "--max-message-bytes",
+        "1000",
+    ]);
+    ns.ok_with(&["produce", "events", "--partition", "1"], b"a\nb\nc\n");
+
+    let list = ns.json(&["topic", "list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "events");
+    assert_eq!(list[0]["partitions"], 2);
+    assert_eq!(
+        list[0]["config"],
+        serde_json::json!({"max_message_bytes": 1000})
+    );
+    assert!(list[0]["created_ms"].is_i64());
+
+    let described = ns.json(&["topic", "describe", "events"]);
+    assert_eq!(
+        described,
+        serde_json::json!({
+            "name": "events",
+            "partitions": [
+                {"partition": 0, "earliest": 0, "next": 0},
+                {"partition": 1, "earliest": 0, "next": 3},
+            ],
+            "config": {"max_message_bytes": 1000},
+        })
+    );
+    let table = ns.ok(&["topic", "describe", "events"]);
+    assert!(table.contains("PARTITION"), "{table}");
+    assert!(table.contains("max_message_bytes=1000"), "{table}");
+
+    ns.ok(&["topic", "alter", "events", "--partitions", "3"]);
+    ns.ok(&["topic", "alter", "events", "--max-message-bytes", "2000"]);
+    let described = ns.json(&["topic", "describe", "events"]);
+    assert_eq!(described["partitions"].as_array().unwrap().len(), 3);
+    assert_eq!(described["config"]["max_message_bytes"], 2000);
+
+    let shrink = ns.run(&["topic", "alter", "events", "--partitions", "1"]);
+    assert_eq!(shrink.status.code(), Some(1));
+    assert!(
+        stderr(&shrink).starts_with("error: cannot decrease"),
+        "{}",
+        stderr(&shrink)
+    );
+
+    let again = ns.run(&["topic", "create", "events", "--partitions", "1"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(stderr(&again), "error: topic \"events\" already exists\n");
+
+    // A message over the topic's limit fails alone; the run exits 1.
+    let big = format!("small\n{}\n", "x".repeat(3000));
+    let output = ns.run_with(
+        &["produce", "events", "--partition", "0", "--format", "json"],
+        big.as_bytes(),
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let results = lines(&String::from_utf8(output.stdout.clone()).unwrap());
+    assert_eq!(results.len(), 2);
+    assert!(results[0]["offset"].is_u64());
+    let error = results[1]["error"].as_str().unwrap();
+    assert!(error.contains("exceeds the limit"), "{error}");
+    assert!(
+        stderr(&output).contains("sent 1, failed 1"),
+        "{}",
+        stderr(&output)
+    );
+
+    let truncated = ns.ok(&[
+        "topic",
+        "truncate",
+        "events",
+        "--partition",
+        "1",
+        "--before",
+        "2",
+    ]);
+    assert_eq!(
+        truncated,
+        "truncated partition 1 of topic \"events\": earliest 2, next 3\n"
+    );
+    let described = ns.json(&["topic", "describe", "events"]);
+    assert_eq!(
+        described["partitions"][1],
+        serde_json::json!({"partition": 1, "earliest": 2, "next": 3})
+    );
+    let rest = ns.ok(&[
+        "consume",
+        "events",
+        "--partition",
+        "1",
+        "--from-beginning",
+        "--exit-at-end",
+    ]);
+    assert_eq!(rest, "c\n");
+
+    ns.ok(&["topic", "delete", "events"]);
+    assert_eq!(ns.json(&["topic", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn group_describe_after_partial_consumption_and_reset() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "jobs", "--partitions", "1"]);
+    let input: String = (1..=10).map(|i| format!("job-{i}\n")).collect();
+    ns.ok_with(&["produce", "jobs"], input.as_bytes());
+
+    let first = ns.ok(&[
+        "consume",
+        "jobs",
+        "--group",
+        "workers",
+        "--max-messages",
+        "4",
+    ]);
+    assert_eq!(first, "job-1\njob-2\njob-3\njob-4\n");
+
+    let described = ns.json(&["group", "describe", "workers"]);
+    assert_eq!(
+        described,
+        serde_json::json!([{
+            "topic": "jobs", "partition": 0, "owner": null,
+            "committed": 4, "next": 10, "lag": 6,
+        }])
+    );
+    assert_eq!(
+        ns.json(&["group", "describe", "workers", "--topic", "jobs"]),
+        described
+    );
+    let table = ns.ok(&["group", "describe", "workers"]);
+    assert!(table.starts_with("TOPIC"), "{table}");
+    assert_eq!(
+        ns.json(&["group", "list"]),
+        serde_json::json!([{"group": "workers", "topics": ["jobs"]}])
+    );
+
+    // The group resumes where it committed.
+    let rest = ns.ok(&["consume", "jobs", "--group", "workers", "--exit-at-end"]);
+    assert_eq!(rest.lines().next(), Some("job-5"));
+    assert_eq!(rest.lines().count(), 6);
+
+    let reset = ns.json(&[
+        "group",
+        "reset-offsets",
+        "workers",
+        "--topic",
+        "jobs",
+        "--to-offset",
+        "7",
+    ]);
+    assert_eq!(
+        reset,
+        serde_json::json!([{"topic": "jobs", "partition": 0, "offset": 7}])
+    );
+    let lag = ns.json(&["group", "describe", "workers"]);
+    assert_eq!(lag[0]["committed"], 7);
+    assert_eq!(lag[0]["lag"], 3);
+    let rest = ns.ok(&["consume", "jobs", "--group", "workers", "--exit-at-end"]);
+    assert_eq!(rest, "job-8\njob-9\njob-10\n");
+
+    for (option, expected) in [("--to-earliest", 0), ("--to-latest", 10)] {
+        let reset = ns.json(&[
+            "group",
+            "reset-offsets",
+            "workers",
+            "--topic",
+            "jobs",
+            option,
+        ]);
+        assert_eq!(reset[0]["offset"], expected, "{option}");
+    }
+    let future = (SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let reset = ns.json(&[
+        "group",
+        "reset-offsets",
+        "workers",
+        "--topic",
+        "jobs",
+        "--to-time",
+        &future,
+    ]);
+    assert_eq!(reset[0]["offset"], 10);
+    let reset = ns.json(&[
+        "group",
+        "reset-offsets",
+        "workers",
+        "--topic",
+        "jobs",
+        "--to-time",
+        "2000-01-01T00:00:00Z",
+    ]);
+    assert_eq!(reset[0]["offset"], 0);
+
+    assert_eq!(
+        ns.ok(&["group", "delete", "workers"]),
+        "deleted group \"workers\"\n"
+    );
+    assert_eq!(ns.json(&["group", "list"]), serde_json::json!([]));
+    let missing = ns.run(&["group", "describe", "workers"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        stderr(&missing),
+        "error: consumer group \"workers\" does not exist\n"
+    );
+}
+
+#[test]
+fn non_utf8_bytes_are_base64() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "bin", "--partitions", "1"]);
+    ns.ok_with(
+        &["produce", "bin", "--key-separator", "|"],
+        b"\xff\xfe|\x80value\nkey|\xc3\x28\n",
+    );
+    let consumed = ns.ok(&[
+        "consume",
+        "bin",
+        "--from-beginning",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]);
+    let messages = lines(&consumed);
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["key_base64"], "//4=");
+    assert!(messages[0].get("key").is_none());
+    assert_eq!(messages[0]["value_base64"], "gHZhbHVl");
+    assert!(messages[0].get("value").is_none());
+    assert_eq!(messages[1]["key"], "key");
+    assert_eq!(messages[1]["value_base64"], "wyg=");
+
+    // Raw output hands the bytes on unchanged.
+    let output = ns.run(&["consume", "bin", "--offset", "1", "--exit-at-end"]);
+    assert!(output.status.success());
+    assert_eq!(output.stdout, b"\xc3\x28\n");
+}
+
+#[test]
+fn unknown_topic_is_a_clear_error() {
+    let ns = Namespace::new();
+    let expected = "error: topic \"nope\" does not exist\n";
+    for args in [
+        &["topic", "describe", "nope"][..],
+        &["topic", "delete", "nope"],
+        &["consume", "nope", "--exit-at-end"],
+        &["consume", "nope", "--group", "g"],
+        &["group", "describe", "g", "--topic", "nope"],
+    ] {
+        let output = ns.run(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&output), expected, "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    let output = ns.run_with(&["produce", "nope"], b"x\n");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stderr(&output), expected);
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let ns = Namespace::new();
+    for args in [
+        &["--no-such-flag", "topic", "list"][..],
+        &["topic", "create", "t"],
+        &["topic", "alter", "t"],
+        &["topic", "list", "--format", "xml"],
+        &["consume", "t", "--group", "g", "--partition", "0"],
+        &["consume", "t", "--from-beginning", "--offset", "3"],
+        &["consume", "t", "--from-time", "yesterday"],
+        &["produce", "t", "--header", "novalue"],
+        &["group", "reset-offsets", "g", "--topic", "t"],
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+            "--to-latest",
+        ],
+        &["--timeout", "soon", "topic", "list"],
+        &["completions", "powershell"],
+    ] {
+        let output = ns.run(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(stderr(&output).starts_with("error:"), "{args:?}");
+    }
+    let output = Command::new(BIN)
+        .args(["--user", "alice", "topic", "list"])
+        .env_remove("PUBSUB_ETCD_PASSWORD")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8(output.stdout).unwrap();
+        assert!(script.contains("pubsub-etcd"), "{shell}");
+        assert!(script.contains("reset-offsets"), "{shell}");
+    }
+}
+
+#[test]
+fn group_member_leaves_on_sigterm() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "live", "--partitions", "2"]);
+    let mut child = ns
+        .command(&["consume", "live", "--group", "tail"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    ns.ok_with(&["produce", "live", "--partition", "1"], b"hello\n");
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello\n");
+    // The commit follows the write; give it a moment.
+    let started = Instant::now();
+    let owned = loop {
+        let owned = ns.json(&["group", "describe", "tail"]);
+        if owned[1]["committed"] == 1 || started.elapsed() > Duration::from_secs(5) {
+            break owned;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(owned[1]["owner"].is_string(), "{owned}");
+    assert_eq!(owned[1]["committed"], 1, "{owned}");
+
+    // The shell's builtin, so that no procps package is needed.
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_status(&mut child);
+    assert_eq!(status.code(), Some(0));
+    // Left the group: no owners remain, commits do.
+    let after = ns.json(&["group", "describe", "tail"]);
+    assert_eq!(after[0]["owner"], Value::Null);
+    assert_eq!(after[1]["owner"], Value::Null);
+    assert_eq!(after[1]["committed"], 1);
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "big", "--partitions", "1"]);
+    // Well over a pipe's buffer, so the consumer must block on its output.
+    let value = "v".repeat(1000);
+    let input: String = (0..300).map(|_| format!("{value}\n")).collect();
+    ns.ok_with(&["produce", "big"], input.as_bytes());
+    let mut child = ns
+        .command(&["consume", "big", "--from-beginning", "--group", "reader"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.len(), 1001);
+    drop(stdout);
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let status = wait_status(&mut child);
+    let mut diagnostics = String::new();
+    stderr_pipe.read_to_string(&mut diagnostics).unwrap();
+    assert_eq!(status.code(), Some(0), "{diagnostics}");
+    assert_eq!(diagnostics, "");
+    // Only what was surely handed on may be committed: not all 300, and
+    // possibly nothing (then the group has no state at all).
+    let lag = ns.json(&["group", "describe", "reader", "--topic", "big"]);
+    let committed = lag[0]["committed"].as_u64().unwrap_or(0);
+    assert!(committed < 300, "{lag}");
+}
+
+#[test]
+fn exit_at_end_with_empty_partitions_and_from_time() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "sparse", "--partitions", "4"]);
+    // Nothing at all: exits at once, with or without a group.
+    assert_eq!(
+        ns.ok(&["consume", "sparse", "--from-beginning", "--exit-at-end"]),
+        ""
+    );
+    assert_eq!(
+        ns.ok(&["consume", "sparse", "--group", "g", "--exit-at-end"]),
+        ""
+    );
+    ns.ok_with(&["produce", "sparse", "--partition", "2"], b"old\n");
+    std::thread::sleep(Duration::from_millis(20));
+    let cut = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(20));
+    ns.ok_with(&["produce", "sparse", "--partition", "2"], b"new\n");
+    assert_eq!(
+        ns.ok(&["consume", "sparse", "--from-time", &cut, "--exit-at-end"]),
+        "new\n"
+    );
+    assert_eq!(
+        ns.ok(&[
+            "consume",
+            "sparse",
+            "--group",
+            "g2",
+            "--from-time",
+            &cut,
+            "--exit-at-end"
+        ]),
+        "new\n"
+    );
+    let out_of_range = ns.run(&["consume", "sparse", "--partition", "9", "--exit-at-end"]);
+    assert_eq!(out_of_range.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out_of_range),
+        "error: partition 9 does not exist: topic \"sparse\" has 4 partitions\n"
+    );
+}

@@ -239,7 +239,20 @@ impl Client {
         Ok(())
     }
 
-    /// The offset a [`StartOffset`] means on one partition now.
+    /// The offset a [`StartOffset`] means on one partition of `topic` now
+    /// (clamped to the stored range).
+    pub async fn resolve_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartOffset,
+    ) -> Result<u64> {
+        let info = self.topic(topic).await?;
+        check_partition(&info, partition)?;
+        self.resolve_start(&info, partition, start).await
+    }
+
+    /// [`Client::resolve_offset`] for a topic already read.
     pub(crate) async fn resolve_start(
         &self,
         topic: &TopicInfo,

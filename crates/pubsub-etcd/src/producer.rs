@@ -701,27 +701,15 @@ impl Worker {
         drop(permits);
     }
 
-    /// Starts a background trim of this partition to the topic's retention
-    /// limits, at most once per [`TRIM_INTERVAL`] and never two at once, so
-    /// the append path only pays for a clock read and an atomic load.
-    fn maybe_trim(&mut self) {
-        if self.trimming.load(Ordering::Acquire)
-            || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_INTERVAL)
-        {
-            return;
-        }
+    /// A trim of this partition to the topic's retention limits, when the
+    /// topic has limits and this worker knows the partition's head.
+    fn trim_job(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         let config = self.retention.lock().expect("retention lock").clone();
         if !retention::wants_trim(&config) {
-            return;
+            return None;
         }
-        let Some((next, total_bytes)) = self.appender.known_head() else {
-            return;
-        };
-        self.last_trim = Some(Instant::now());
-        self.appended_since_trim = false;
-        self.trimming.store(true, Ordering::Release);
-        let trimming = self.trimming.clone();
-        let trim = retention::producer_trim(
+        let (next, total_bytes) = self.appender.known_head()?;
+        Some(retention::producer_trim(
             self.client.clone(),
             self.topic.clone(),
             self.incarnation,
@@ -729,7 +717,25 @@ impl Worker {
             config,
             next,
             total_bytes,
-        );
+        ))
+    }
+
+    /// Starts a background trim at most once per [`TRIM_INTERVAL`] and never
+    /// two at once, so the append path only pays for a clock read and an
+    /// atomic load.
+    fn maybe_trim(&mut self) {
+        if self.trimming.load(Ordering::Acquire)
+            || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_INTERVAL)
+        {
+            return;
+        }
+        let Some(trim) = self.trim_job() else {
+            return;
+        };
+        self.last_trim = Some(Instant::now());
+        self.appended_since_trim = false;
+        self.trimming.store(true, Ordering::Release);
+        let trimming = self.trimming.clone();
         tokio::spawn(async move {
             trim.await;
             trimming.store(false, Ordering::Release);
@@ -742,23 +748,9 @@ impl Worker {
         if !self.appended_since_trim {
             return;
         }
-        let config = self.retention.lock().expect("retention lock").clone();
-        let Some((next, total_bytes)) = self.appender.known_head() else {
-            return;
-        };
-        if !retention::wants_trim(&config) {
-            return;
+        if let Some(trim) = self.trim_job() {
+            let _ = tokio::time::timeout(FINAL_TRIM_TIMEOUT, trim).await;
         }
-        let trim = retention::producer_trim(
-            self.client.clone(),
-            self.topic.clone(),
-            self.incarnation,
-            self.partition,
-            config,
-            next,
-            total_bytes,
-        );
-        let _ = tokio::time::timeout(FINAL_TRIM_TIMEOUT, trim).await;
     }
 }
 

@@ -311,16 +311,14 @@ async fn rebalance_events_reach_the_application_in_order() {
     assert_eq!(event, Event::Assigned(vec![0, 1]));
     let mut b = member(&client, "t", "g").await;
     // `a` is told before it loses a partition, and only then does `b` get it.
-    let revoked = loop {
-        match timeout(Duration::from_secs(10), a.next_event())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            Event::Revoking(ps) => break ps,
-            other => panic!("unexpected {other:?}"),
-        }
+    let revoked = match timeout(Duration::from_secs(10), a.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        Event::Revoking(ps) => ps,
+        other => panic!("expected Revoking, got {other:?}"),
     };
     assert_eq!(revoked.len(), 1);
     assert_eq!(

@@ -75,6 +75,12 @@ pub enum Command {
     /// Inspect, reposition and delete consumer groups
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Delete individual messages
+    #[command(subcommand)]
+    Message(MessageCommand),
+    /// etcd maintenance: history compaction, defragmentation, alarms
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
 }
@@ -104,9 +110,8 @@ pub enum TopicCommand {
         /// Number of partitions
         #[arg(long, value_name = "N")]
         partitions: u32,
-        /// Largest accepted message (value, key and headers, encoded), in bytes
-        #[arg(long, value_name = "N")]
-        max_message_bytes: Option<u32>,
+        #[command(flatten)]
+        config: TopicConfigArgs,
     },
     /// List topics
     List {
@@ -119,16 +124,21 @@ pub enum TopicCommand {
         #[command(flatten)]
         format: FormatArg,
     },
-    /// Add partitions or change settings
-    #[command(group(ArgGroup::new("change").required(true).multiple(true)))]
+    /// Add partitions or change settings; settings not given keep their value
+    #[command(group(
+        ArgGroup::new("change")
+            .required(true)
+            .multiple(true)
+            .args(["partitions", "max_message_bytes", "retention", "retention_messages",
+                   "retention_bytes", "cleanup_policy"])
+    ))]
     Alter {
         name: String,
         /// New partition count (partitions can only be added)
-        #[arg(long, value_name = "N", group = "change")]
+        #[arg(long, value_name = "N")]
         partitions: Option<u32>,
-        /// Largest accepted message, in bytes
-        #[arg(long, value_name = "N", group = "change")]
-        max_message_bytes: Option<u32>,
+        #[command(flatten)]
+        config: TopicConfigArgs,
     },
     /// Delete a topic, its messages and every group's offsets for it
     Delete { name: String },
@@ -140,6 +150,101 @@ pub enum TopicCommand {
         /// First offset to keep; offsets are never reused
         #[arg(long, value_name = "OFFSET")]
         before: u64,
+    },
+    /// Keep only the newest message of each key in every partition, now
+    Compact {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Apply the topic's retention limits (and key compaction) to every partition, now
+    EnforceRetention {
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+/// Topic settings of `topic create` and `topic alter`.
+#[derive(Debug, Args)]
+pub struct TopicConfigArgs {
+    /// Largest accepted message (value, key and headers, encoded), in bytes
+    #[arg(long, value_name = "N")]
+    pub max_message_bytes: Option<u32>,
+
+    /// Delete messages older than this, e.g. 7d or 12h; "none" for no age limit
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
+    pub retention: Option<Limit<Duration>>,
+
+    /// Keep at most this many messages (offsets) per partition; "none" for no limit
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub retention_messages: Option<Limit<u64>>,
+
+    /// Keep at most this many bytes of messages per partition; "none" for no limit
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub retention_bytes: Option<Limit<u64>>,
+
+    /// What the retention sweep does besides enforcing the limits
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub cleanup_policy: Option<CleanupPolicy>,
+}
+
+/// A retention limit: a value, or `None` for no limit (given as "none").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit<T>(pub Option<T>);
+
+/// `--cleanup-policy`, as the library's `CleanupPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CleanupPolicy {
+    /// Only the retention limits delete messages
+    Delete,
+    /// Also keep only the newest message of each key (an empty value deletes the key)
+    Compact,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MessageCommand {
+    /// Delete messages of a partition by offset; offsets are never reused
+    Delete {
+        topic: String,
+        /// Partition holding the messages
+        #[arg(long, value_name = "P")]
+        partition: u32,
+        /// Offset of a message to delete (repeatable, or comma-separated)
+        #[arg(
+            long = "offset",
+            value_name = "O",
+            required = true,
+            value_delimiter = ','
+        )]
+        offsets: Vec<u64>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Compact etcd's history so that deleted data stops taking space
+    ///
+    /// This affects the whole etcd cluster, every namespace. Space is reused
+    /// after compaction; --defrag also shrinks each member's database file.
+    Compact {
+        /// Defragment every member afterwards (blocks each member briefly)
+        #[arg(long)]
+        defrag: bool,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// List the alarms raised in the etcd cluster
+    Alarms {
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Disarm NOSPACE alarms so etcd accepts writes again (free space first)
+    Disarm {
+        #[command(flatten)]
+        format: FormatArg,
     },
 }
 
@@ -288,6 +393,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration for `--retention`, or "none".
+fn parse_retention(s: &str) -> Result<Limit<Duration>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    humantime::parse_duration(s)
+        .map(|d| Limit(Some(d)))
+        .map_err(|e| format!("{e} (give a duration like 7d, 12h or 30m, or none)"))
+}
+
+/// A count for `--retention-messages` and `--retention-bytes`, or "none".
+fn parse_limit(s: &str) -> Result<Limit<u64>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    s.parse::<u64>()
+        .map(|n| Limit(Some(n)))
+        .map_err(|e| format!("{e} (give a number, or none)"))
+}
+
 fn parse_separator(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("must not be empty".into());
@@ -365,6 +490,20 @@ mod tests {
         assert_eq!(parse_time("1970-01-01T00:00:00-01:30"), Ok(5_400_000));
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("1970-01-01T00:00:00+25:00").is_err());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(
+            parse_retention("7d"),
+            Ok(Limit(Some(Duration::from_secs(7 * 86_400))))
+        );
+        assert_eq!(parse_retention("None"), Ok(Limit(None)));
+        assert!(parse_retention("week").is_err());
+        assert_eq!(parse_limit("10"), Ok(Limit(Some(10))));
+        assert_eq!(parse_limit("0"), Ok(Limit(Some(0))));
+        assert_eq!(parse_limit("none"), Ok(Limit(None)));
+        assert!(parse_limit("-1").is_err());
     }
 
     #[test]

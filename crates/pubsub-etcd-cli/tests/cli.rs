@@ -520,6 +520,18 @@ fn unknown_topic_is_a_clear_error() {
         &["consume", "nope", "--exit-at-end"],
         &["consume", "nope", "--group", "g"],
         &["group", "describe", "g", "--topic", "nope"],
+        &["topic", "alter", "nope", "--retention", "1d"],
+        &["topic", "compact", "nope"],
+        &["topic", "enforce-retention", "nope"],
+        &[
+            "message",
+            "delete",
+            "nope",
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+        ],
     ] {
         let output = ns.run(args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");
@@ -555,6 +567,10 @@ fn bad_usage_exits_2() {
         ],
         &["--timeout", "soon", "topic", "list"],
         &["completions", "powershell"],
+        &["message", "delete", "t", "--partition", "0"],
+        &["message", "delete", "t", "--offset", "1"],
+        &["topic", "alter", "t", "--retention-bytes", "lots"],
+        &["admin", "compact", "--format", "xml"],
     ] {
         let output = ns.run(args);
         assert_eq!(
@@ -705,4 +721,326 @@ fn exit_at_end_with_empty_partitions_and_from_time() {
         stderr(&out_of_range),
         "error: partition 9 does not exist: topic \"sparse\" has 4 partitions\n"
     );
+}
+
+#[test]
+fn topic_retention_options() {
+    let ns = Namespace::new();
+    ns.ok(&[
+        "topic",
+        "create",
+        "logs",
+        "--partitions",
+        "1",
+        "--retention",
+        "7d",
+        "--retention-messages",
+        "1000",
+        "--retention-bytes",
+        "1048576",
+        "--cleanup-policy",
+        "compact",
+    ]);
+    let config = |ns: &Namespace| ns.json(&["topic", "describe", "logs"])["config"].clone();
+    assert_eq!(
+        config(&ns),
+        serde_json::json!({
+            "retention_ms": 604_800_000u64,
+            "retention_messages": 1000,
+            "retention_bytes": 1_048_576,
+            "cleanup_policy": "compact",
+        })
+    );
+    let table = ns.ok(&["topic", "describe", "logs"]);
+    assert!(table.contains("retention_ms=604800000"), "{table}");
+
+    // Alter changes only what it is given.
+    ns.ok(&["topic", "alter", "logs", "--retention-messages", "500"]);
+    assert_eq!(
+        config(&ns),
+        serde_json::json!({
+            "retention_ms": 604_800_000u64,
+            "retention_messages": 500,
+            "retention_bytes": 1_048_576,
+            "cleanup_policy": "compact",
+        })
+    );
+    ns.ok(&[
+        "topic",
+        "alter",
+        "logs",
+        "--retention",
+        "none",
+        "--cleanup-policy",
+        "delete",
+        "--max-message-bytes",
+        "2000",
+    ]);
+    assert_eq!(
+        config(&ns),
+        serde_json::json!({
+            "max_message_bytes": 2000,
+            "retention_messages": 500,
+            "retention_bytes": 1_048_576,
+        })
+    );
+    ns.ok(&["topic", "alter", "logs", "--partitions", "2"]);
+    let described = ns.json(&["topic", "describe", "logs"]);
+    assert_eq!(described["partitions"].as_array().unwrap().len(), 2);
+    assert_eq!(described["config"]["retention_messages"], 500);
+
+    // A limit of 0 is the library's to refuse: exit 1, nothing changed.
+    let zero = ns.run(&[
+        "topic",
+        "create",
+        "bad",
+        "--partitions",
+        "1",
+        "--retention-messages",
+        "0",
+    ]);
+    assert_eq!(zero.status.code(), Some(1));
+    assert!(
+        stderr(&zero).starts_with("error: invalid configuration: retention_messages is 0"),
+        "{}",
+        stderr(&zero)
+    );
+    assert_eq!(ns.json(&["topic", "list"]).as_array().unwrap().len(), 1);
+    let zero = ns.run(&["topic", "alter", "logs", "--retention", "0s"]);
+    assert_eq!(zero.status.code(), Some(1));
+    assert!(
+        stderr(&zero).contains("retention_ms is 0"),
+        "{}",
+        stderr(&zero)
+    );
+    assert_eq!(config(&ns)["retention_messages"], 500);
+
+    // Values that do not parse are usage errors naming the value.
+    for (option, value) in [
+        ("--cleanup-policy", "foo"),
+        ("--retention", "soon"),
+        ("--retention-messages", "many"),
+        ("--retention-bytes", "1.5"),
+    ] {
+        let output = ns.run(&["topic", "alter", "logs", option, value]);
+        assert_eq!(output.status.code(), Some(2), "{option} {value}");
+        let message = stderr(&output);
+        assert!(
+            message.starts_with(&format!("error: invalid value '{value}' for '{option}")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn message_delete_and_truncate() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "items", "--partitions", "2"]);
+    ns.ok_with(
+        &["produce", "items", "--partition", "0"],
+        b"m0\nm1\nm2\nm3\nm4\nm5\nm6\n",
+    );
+    assert_eq!(
+        ns.json(&[
+            "message",
+            "delete",
+            "items",
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+            "--offset",
+            "3,4",
+            "--offset",
+            "1",
+        ]),
+        serde_json::json!({"deleted": 3, "requested": 3})
+    );
+    // Already gone or never there: nothing to delete.
+    assert_eq!(
+        ns.json(&[
+            "message",
+            "delete",
+            "items",
+            "--partition",
+            "0",
+            "--offset",
+            "3",
+            "--offset",
+            "99",
+        ]),
+        serde_json::json!({"deleted": 0, "requested": 2})
+    );
+    // The last offset too, so --exit-at-end cannot wait to see it.
+    assert_eq!(
+        ns.ok(&[
+            "message",
+            "delete",
+            "items",
+            "--partition",
+            "0",
+            "--offset",
+            "6"
+        ]),
+        "deleted 1 of 1 messages from partition 0 of topic \"items\"\n"
+    );
+    let rest = ns.ok(&["consume", "items", "--from-beginning", "--exit-at-end"]);
+    assert_eq!(rest, "m0\nm2\nm5\n");
+    let described = ns.json(&["topic", "describe", "items"]);
+    assert_eq!(
+        described["partitions"][0],
+        serde_json::json!({"partition": 0, "earliest": 0, "next": 7})
+    );
+
+    let truncated = ns.ok(&[
+        "topic",
+        "truncate",
+        "items",
+        "--partition",
+        "0",
+        "--before",
+        "3",
+    ]);
+    assert_eq!(
+        truncated,
+        "truncated partition 0 of topic \"items\": earliest 5, next 7\n"
+    );
+    assert_eq!(
+        ns.ok(&[
+            "consume",
+            "items",
+            "--group",
+            "g",
+            "--from-beginning",
+            "--exit-at-end"
+        ]),
+        "m5\n"
+    );
+
+    let bad = ns.run(&[
+        "message",
+        "delete",
+        "items",
+        "--partition",
+        "2",
+        "--offset",
+        "0",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(
+        stderr(&bad),
+        "error: partition 2 does not exist: topic \"items\" has 2 partitions\n"
+    );
+    assert!(bad.stdout.is_empty());
+}
+
+#[test]
+fn retention_sweep_and_key_compaction() {
+    let ns = Namespace::new();
+    ns.ok(&[
+        "topic",
+        "create",
+        "capped",
+        "--partitions",
+        "1",
+        "--retention-messages",
+        "3",
+    ]);
+    let input: String = (0..10).map(|i| format!("v{i}\n")).collect();
+    ns.ok_with(&["produce", "capped"], input.as_bytes());
+    // Producers may have trimmed already; the sweep leaves the same result.
+    let report = ns.json(&["topic", "enforce-retention", "capped"]);
+    assert_eq!(report["topic"], "capped");
+    assert_eq!(
+        report["partitions"],
+        serde_json::json!([{"partition": 0, "earliest": 7, "next": 10}])
+    );
+    for field in ["batches_deleted", "batches_rewritten", "records_removed"] {
+        assert!(report[field].is_u64(), "{report}");
+    }
+    assert_eq!(
+        ns.ok(&["consume", "capped", "--from-beginning", "--exit-at-end"]),
+        "v7\nv8\nv9\n"
+    );
+    let table = ns.ok(&["topic", "enforce-retention", "capped"]);
+    assert!(
+        table.starts_with("enforced retention on topic \"capped\": 0 batches deleted"),
+        "{table}"
+    );
+
+    ns.ok(&["topic", "create", "table", "--partitions", "1"]);
+    ns.ok_with(
+        &["produce", "table", "--key-separator", "="],
+        b"a=1\nb=1\na=2\nc=1\nc=\n",
+    );
+    let table = ns.ok(&["topic", "compact", "table"]);
+    assert!(table.starts_with("compacted topic \"table\":"), "{table}");
+    assert!(table.contains("PARTITION"), "{table}");
+    let kept = lines(&ns.ok(&[
+        "consume",
+        "table",
+        "--from-beginning",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]));
+    let kept: Vec<(&str, &str)> = kept
+        .iter()
+        .map(|m| (m["key"].as_str().unwrap(), m["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kept, [("b", "1"), ("a", "2")]);
+    let again = ns.json(&["topic", "compact", "table"]);
+    assert_eq!(again["records_removed"], 0);
+    assert_eq!(
+        again["partitions"],
+        serde_json::json!([{"partition": 0, "earliest": 1, "next": 5}])
+    );
+}
+
+#[test]
+fn admin_compact_alarms_and_disarm() {
+    let ns = Namespace::new();
+    // Something deleted, so the compaction has history to drop.
+    ns.ok(&["topic", "create", "scratch", "--partitions", "1"]);
+    ns.ok_with(&["produce", "scratch"], b"x\ny\n");
+    ns.ok(&["topic", "delete", "scratch"]);
+
+    let report = ns.json(&["admin", "compact"]);
+    assert!(report["revision"].as_i64().unwrap() > 0, "{report}");
+    assert!(report["already_compacted"].is_boolean(), "{report}");
+    let members = report["members"].as_array().unwrap();
+    assert!(!members.is_empty(), "{report}");
+    for member in members {
+        let id = member["member_id"].as_str().unwrap();
+        assert!(u64::from_str_radix(id, 16).is_ok(), "{member}");
+        assert!(member["endpoint"].is_string(), "{member}");
+        assert!(member["db_size_before"].is_i64(), "{member}");
+        assert!(member["db_size_after"].is_i64(), "{member}");
+        assert_eq!(member["defragmented"], false, "{member}");
+        assert_eq!(member["error"], Value::Null, "{member}");
+    }
+
+    let table = ns.ok(&["admin", "compact", "--defrag"]);
+    let mut rows = table.lines();
+    let first = rows.next().unwrap();
+    assert!(
+        first.starts_with("compacted etcd history to revision")
+            || first.starts_with("etcd history was already compacted at revision"),
+        "{table}"
+    );
+    assert_eq!(rows.next(), Some(""), "{table}");
+    assert!(rows.next().unwrap().starts_with("MEMBER"), "{table}");
+    let rows: Vec<&str> = rows.collect();
+    assert_eq!(rows.len(), members.len(), "{table}");
+    for (row, member) in rows.iter().zip(members) {
+        assert!(
+            row.starts_with(member["member_id"].as_str().unwrap()),
+            "{table}"
+        );
+        assert!(row.contains(" yes "), "{table}");
+    }
+
+    assert!(ns.json(&["admin", "alarms"]).is_array());
+    assert!(ns.ok(&["admin", "alarms"]).starts_with("MEMBER"));
+    assert!(ns.json(&["admin", "disarm"])["disarmed"].is_array());
 }

@@ -245,8 +245,10 @@ fn requested_start(args: &ConsumeArgs) -> Option<StartOffset> {
     }
 }
 
-/// The offset a start policy means on one partition, as the library
-/// resolves it (its resolver is not public).
+/// The offset a start policy means on one partition. The simple policies
+/// are taken from `info`, so that they agree with the end offsets read in
+/// the same snapshot; a time needs a scan of the partition, which the
+/// library does.
 async fn start_position(
     client: &Client,
     topic: &str,
@@ -254,24 +256,10 @@ async fn start_position(
     start: StartOffset,
 ) -> pubsub_etcd::Result<u64> {
     Ok(match start {
+        StartOffset::Earliest => info.earliest,
         StartOffset::Latest => info.next,
         StartOffset::Offset(offset) => offset.clamp(info.earliest, info.next),
-        StartOffset::Timestamp(ms) => {
-            // No time index: the first message at or after the time wins,
-            // since producers' clocks need not be monotonic.
-            let mut from = info.earliest;
-            loop {
-                let page = client.fetch(topic, info.partition, from, 1000).await?;
-                if let Some(found) = page.messages.iter().find(|m| m.timestamp >= ms) {
-                    break found.offset;
-                }
-                if page.messages.is_empty() || page.next_offset >= info.next {
-                    break info.next;
-                }
-                from = page.next_offset;
-            }
-        }
-        _ => info.earliest,
+        _ => client.resolve_offset(topic, info.partition, start).await?,
     })
 }
 

@@ -1,8 +1,10 @@
 //! What each command does, one module per command group.
 
+mod admin;
 mod completions;
 mod consume;
 mod group;
+mod message;
 mod produce;
 mod topic;
 
@@ -26,6 +28,8 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         Command::Produce(args) => produce::run(&client, args).await,
         Command::Consume(args) => consume::run(&client, args).await,
         Command::Group(command) => group::run(&client, command).await,
+        Command::Message(command) => message::run(&client, command).await,
+        Command::Admin(command) => admin::run(&client, command).await,
         Command::Completions(_) => unreachable!("handled before connecting"),
     }
 }

@@ -1,9 +1,13 @@
-//! `topic create | list | describe | alter | delete | truncate`.
+//! `topic create | list | describe | alter | delete | truncate | compact |
+//! enforce-retention`.
 
-use pubsub_etcd::{Client, NewTopic, TopicDescription, TopicInfo, TopicUpdate};
+use pubsub_etcd::{
+    CleanupPolicy, Client, NewTopic, PartitionInfo, RetentionReport, TopicConfig, TopicDescription,
+    TopicInfo, TopicUpdate,
+};
 use serde_json::json;
 
-use crate::cli::{Format, TopicCommand};
+use crate::cli::{self, Format, TopicCommand, TopicConfigArgs};
 use crate::output::{self, Table};
 
 pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
@@ -11,12 +15,10 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
         TopicCommand::Create {
             name,
             partitions,
-            max_message_bytes,
+            config,
         } => {
             let mut topic = NewTopic::new(name, partitions);
-            if let Some(bytes) = max_message_bytes {
-                topic = topic.max_message_bytes(bytes);
-            }
+            apply(&config, &mut topic.config);
             let info = client.create_topic(topic).await?;
             output::print_text(&format!(
                 "created topic {:?} with {} partitions\n",
@@ -64,17 +66,16 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
         TopicCommand::Alter {
             name,
             partitions,
-            max_message_bytes,
+            config: changes,
         } => {
-            let config = match max_message_bytes {
-                Some(bytes) => {
-                    // An update replaces the whole config, so start from the
-                    // current one to keep settings this command does not set.
-                    let mut config = client.topic(&name).await?.config;
-                    config.max_message_bytes = Some(bytes);
-                    Some(config)
-                }
-                None => None,
+            let config = if changes.is_empty() {
+                None
+            } else {
+                // An update replaces the whole config, so start from the
+                // current one to keep settings this command does not set.
+                let mut config = client.topic(&name).await?.config;
+                apply(&changes, &mut config);
+                Some(config)
             };
             let info = client
                 .update_topic(&name, TopicUpdate { partitions, config })
@@ -96,7 +97,87 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 info.partition, info.earliest, info.next
             ))
         }
+        TopicCommand::Compact { name, format } => {
+            let report = client.compact_topic(&name).await?;
+            print_report("compacted", &name, &report, format.format)
+        }
+        TopicCommand::EnforceRetention { name, format } => {
+            let report = client.enforce_retention(&name).await?;
+            print_report("enforced retention on", &name, &report, format.format)
+        }
     }
+}
+
+impl TopicConfigArgs {
+    /// True when no setting is given.
+    fn is_empty(&self) -> bool {
+        self.max_message_bytes.is_none()
+            && self.retention.is_none()
+            && self.retention_messages.is_none()
+            && self.retention_bytes.is_none()
+            && self.cleanup_policy.is_none()
+    }
+}
+
+/// Sets the settings given on the command line; the others keep their
+/// value. The library validates the result (e.g. a limit of 0).
+fn apply(args: &TopicConfigArgs, config: &mut TopicConfig) {
+    if let Some(bytes) = args.max_message_bytes {
+        config.max_message_bytes = Some(bytes);
+    }
+    if let Some(cli::Limit(age)) = args.retention {
+        config.retention_ms = age.map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    }
+    if let Some(cli::Limit(messages)) = args.retention_messages {
+        config.retention_messages = messages;
+    }
+    if let Some(cli::Limit(bytes)) = args.retention_bytes {
+        config.retention_bytes = bytes;
+    }
+    if let Some(policy) = args.cleanup_policy {
+        config.cleanup_policy = match policy {
+            cli::CleanupPolicy::Delete => CleanupPolicy::Delete,
+            cli::CleanupPolicy::Compact => CleanupPolicy::Compact,
+        };
+    }
+}
+
+/// What a compaction or retention sweep did, and the offsets afterwards.
+fn print_report(
+    done: &str,
+    topic: &str,
+    report: &RetentionReport,
+    format: Format,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => output::print_json(&json!({
+            "topic": topic,
+            "batches_deleted": report.batches_deleted,
+            "batches_rewritten": report.batches_rewritten,
+            "records_removed": report.records_removed,
+            "partitions": report.partitions,
+        })),
+        Format::Table => {
+            let mut text = format!(
+                "{done} topic {topic:?}: {} batches deleted, {} rewritten, {} records removed\n\n",
+                report.batches_deleted, report.batches_rewritten, report.records_removed
+            );
+            text.push_str(&partitions_table(&report.partitions));
+            output::print_text(&text)
+        }
+    }
+}
+
+fn partitions_table(partitions: &[PartitionInfo]) -> String {
+    let mut table = Table::new(["PARTITION", "EARLIEST", "NEXT"]);
+    for p in partitions {
+        table.row([
+            p.partition.to_string(),
+            p.earliest.to_string(),
+            p.next.to_string(),
+        ]);
+    }
+    table.render()
 }
 
 fn describe_json(description: &TopicDescription) -> serde_json::Value {
@@ -116,15 +197,7 @@ fn describe_table(description: &TopicDescription) -> String {
         format_ms(topic.created_ms),
         config_summary(topic)
     );
-    let mut table = Table::new(["PARTITION", "EARLIEST", "NEXT"]);
-    for p in &description.partitions {
-        table.row([
-            p.partition.to_string(),
-            p.earliest.to_string(),
-            p.next.to_string(),
-        ]);
-    }
-    text.push_str(&table.render());
+    text.push_str(&partitions_table(&description.partitions));
     text
 }
 

@@ -116,6 +116,7 @@ impl PartitionAppender {
         for (delta, r) in records.iter_mut().enumerate() {
             r.offset_delta = delta as u32;
         }
+        let started = Instant::now();
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut uncertain: Vec<Uncertain> = Vec::new();
@@ -172,6 +173,14 @@ impl PartitionAppender {
                     // Lost a race: the else branch brought the current head.
                     match self.parse_state(&response, seq, &uncertain)? {
                         Landed::Yes(base) => return Ok(base),
+                        Landed::No if Instant::now() >= deadline => {
+                            // Never written: the records fail, none is stored.
+                            return Err(Error::Contended {
+                                topic: self.topic.to_string(),
+                                partition: self.partition,
+                                waited: started.elapsed(),
+                            });
+                        }
                         Landed::No => {
                             conflicts += 1;
                             if conflicts >= STARVED_AFTER {

@@ -62,6 +62,15 @@ pub enum Error {
     #[error("message of {size} bytes exceeds the limit of {limit} bytes per message")]
     MessageTooLarge { size: usize, limit: usize },
 
+    /// Other producers won every append to the partition until the
+    /// delivery timeout; the records were not stored.
+    #[error("records for partition {partition} of topic {topic:?} were not stored within {waited:?}: other producers won every append")]
+    Contended {
+        topic: String,
+        partition: u32,
+        waited: Duration,
+    },
+
     /// etcd did not answer within the request timeout.
     #[error("etcd did not answer {op} within {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },

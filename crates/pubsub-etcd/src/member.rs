@@ -157,20 +157,29 @@ impl Member {
         Ok(())
     }
 
+    fn group_prefix(&self) -> String {
+        self.client
+            .keys
+            .group_prefix(&self.name, &self.config.group)
+    }
+
+    fn members_prefix(&self) -> String {
+        self.client
+            .keys
+            .members_prefix(&self.name, &self.config.group)
+    }
+
+    fn owners_prefix(&self) -> String {
+        self.client
+            .keys
+            .owners_prefix(&self.name, &self.config.group)
+    }
+
     /// Reads the members and owners, then watches them from that revision.
     async fn relist(&mut self) -> Result<()> {
-        let prefix = self
-            .client
-            .keys
-            .group_prefix(&self.name, &self.config.group);
-        let members = self
-            .client
-            .keys
-            .members_prefix(&self.name, &self.config.group);
-        let owners = self
-            .client
-            .keys
-            .owners_prefix(&self.name, &self.config.group);
+        let prefix = self.group_prefix();
+        let members = self.members_prefix();
+        let owners = self.owners_prefix();
         let txn = Txn::new().and_then([
             TxnOp::get(
                 members.clone(),
@@ -342,14 +351,8 @@ impl Member {
     /// Applies watched changes to the member and owner views; an owner key
     /// of ours that disappeared means that partition was lost.
     fn apply(&mut self, response: &etcd_client::WatchResponse) {
-        let members = self
-            .client
-            .keys
-            .members_prefix(&self.name, &self.config.group);
-        let owners = self
-            .client
-            .keys
-            .owners_prefix(&self.name, &self.config.group);
+        let members = self.members_prefix();
+        let owners = self.owners_prefix();
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key());

@@ -37,7 +37,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::{prefix_end, Keys};
 use crate::record::{self, pb, MAX_RECORDS_PER_BATCH};
-use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig};
+use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
 
 /// Most batch keys one range delete removes.
 const DELETE_CHUNK: i64 = 1000;
@@ -118,7 +118,17 @@ pub(crate) struct PartitionRef<'a> {
     pub(crate) partition: u32,
 }
 
-impl PartitionRef<'_> {
+impl<'a> PartitionRef<'a> {
+    /// Every partition of a topic.
+    fn all(topic: &'a str, info: &TopicInfo) -> impl Iterator<Item = PartitionRef<'a>> {
+        let incarnation = info.incarnation;
+        (0..info.partitions).map(move |partition| PartitionRef {
+            topic,
+            incarnation,
+            partition,
+        })
+    }
+
     fn batch_key(&self, client: &Client, last_offset: u64) -> String {
         client
             .keys
@@ -217,12 +227,7 @@ impl Client {
     pub async fn enforce_retention(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for partition in 0..info.partitions {
-            let part = PartitionRef {
-                topic,
-                incarnation: info.incarnation,
-                partition,
-            };
+        for part in PartitionRef::all(topic, &info) {
             let (next, total_bytes) = self.head_state(part).await?;
             let r = trim_partition(self, part, &info.config, next, total_bytes).await?;
             report.add(&r);
@@ -242,12 +247,7 @@ impl Client {
     pub async fn compact_topic(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for partition in 0..info.partitions {
-            let part = PartitionRef {
-                topic,
-                incarnation: info.incarnation,
-                partition,
-            };
+        for part in PartitionRef::all(topic, &info) {
             report.add(&compact_partition(self, part).await?);
         }
         report.partitions = self.describe_topic(topic).await?.partitions;

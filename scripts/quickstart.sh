@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # First thing to run: installs missing system tools, starts a throwaway
-# etcd, runs the quickstart example against it, and stops that etcd again.
+# etcd, runs the Rust quickstart example and a command-line round trip
+# against it, and stops that etcd again.
 #
 #   ETCD_PORT  client port for the throwaway etcd (default 23791; when not
 #              set and 23791 is busy, 23891, 23991, ... are tried)
@@ -22,7 +23,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (rustup) 
 
 # Compile before starting etcd, so a slow first build does not keep an idle
 # etcd around and a build error needs no cleanup.
-cargo build --release -p pubsub-etcd --example quickstart
+cargo build --release -p pubsub-etcd --example quickstart -p pubsub-etcd-cli
 
 port="$(pick_port 23791 "${ETCD_PORT:-}")"
 state_dir="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-etcd-quickstart.XXXXXX")"
@@ -42,3 +43,16 @@ export PUBSUB_ETCD_ENDPOINTS="$endpoint"
 log "PUBSUB_ETCD_ENDPOINTS=$PUBSUB_ETCD_ENDPOINTS"
 
 cargo run --release -p pubsub-etcd --example quickstart
+
+# The same walk-through with the command-line tool.
+cli=target/release/pubsub-etcd
+export PUBSUB_ETCD_NAMESPACE="quickstart-cli-$$"
+log "command line: create a topic, produce three lines, consume them as group 'demo'"
+"$cli" topic create greetings --partitions 2
+printf 'k1:hello\nk2:darkness\nk1:my old friend\n' |
+    "$cli" produce greetings --key-separator : --format json
+"$cli" consume greetings --group demo --exit-at-end --format json
+"$cli" group describe demo
+"$cli" topic describe greetings
+"$cli" group delete demo
+"$cli" topic delete greetings

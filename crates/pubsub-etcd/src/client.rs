@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -11,6 +12,7 @@ use etcd_client::{
 };
 
 use crate::error::{Error, Result};
+use crate::health;
 use crate::keys::Keys;
 
 /// Environment variable with comma-separated etcd endpoints.
@@ -152,7 +154,8 @@ impl ClientBuilder {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_timeout(self.request_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_keep_alive_while_idle(true);
         let tls = self.ca_cert.is_some() || self.client_identity.is_some();
         if tls {
             let mut tls_options = TlsOptions::new();
@@ -183,7 +186,7 @@ impl ClientBuilder {
             .collect();
         let etcd = match tokio::time::timeout(
             self.connect_timeout,
-            etcd_client::Client::connect(&endpoints, Some(options)),
+            etcd_client::Client::connect(&endpoints, Some(options.clone())),
         )
         .await
         {
@@ -208,6 +211,7 @@ impl ClientBuilder {
             keys: Keys::new(&self.namespace),
             namespace: self.namespace,
             request_timeout: self.connect_timeout,
+            _alive: Arc::new(()),
         };
         // etcd-client connects lazily: one small read inside the namespace
         // (allowed to a user confined to it by RBAC) makes an unreachable or
@@ -222,8 +226,19 @@ impl ClientBuilder {
                     .get(client.keys.topics_prefix(), Some(probe)),
             )
             .await?;
+        let alive = Arc::new(());
+        if endpoints.len() > 1 {
+            health::spawn(
+                client.etcd.clone(),
+                endpoints,
+                options,
+                client.keys.topics_prefix(),
+                Arc::downgrade(&alive),
+            );
+        }
         Ok(Client {
             request_timeout: self.request_timeout,
+            _alive: alive,
             ..client
         })
     }
@@ -247,6 +262,8 @@ pub struct Client {
     pub(crate) keys: Keys,
     namespace: String,
     pub(crate) request_timeout: Duration,
+    /// Shared by every clone; the endpoint health task ends with the last.
+    _alive: Arc<()>,
 }
 
 impl fmt::Debug for Client {

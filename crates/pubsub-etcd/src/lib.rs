@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - `client`: connecting ([`ClientBuilder`], [`Client`]).
+//! - `health`: keeps etcd members that stop answering out of rotation.
 //! - `keys`: the etcd key layout, defined in this one place.
 //! - `record`: [`Record`] in, [`Message`] out, and the versioned batch format.
 //! - `topic`: topic naming, metadata and admin operations.
@@ -33,6 +34,7 @@ mod consumer;
 mod error;
 mod fetch;
 mod group;
+mod health;
 mod keys;
 mod maintenance;
 mod member;

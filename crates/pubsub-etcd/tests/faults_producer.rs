@@ -587,16 +587,14 @@ async fn leader_pause_keeps_offsets_exactly_once() {
         outcomes.count(TOPIC)
     );
     // The other two members elect a new leader and appends continue, while
-    // appends sent to the frozen member time out with an unknown outcome.
-    // (Slowly: a third of the requests go to the frozen member and wait out
-    // the request timeout. Total progress is what counts: one of two
-    // producers at full speed on one partition may starve the other, see
-    // core.rs `contending_producers_both_make_progress`.)
+    // appends sent to the frozen member time out with an unknown outcome
+    // until the client's health check takes it out of rotation (about a
+    // second), so a few unknown outcomes are expected, not many.
     let total = |senders: &[Senders]| senders.iter().map(Senders::acked).sum::<u64>();
     let before = total(&senders);
     wait_until(
-        "20 acknowledgements and 5 unknown outcomes while the old leader is paused",
-        || total(&senders) >= before + 20 && outcomes.count(TOPIC) >= 5,
+        "20 acknowledgements and an unknown outcome while the old leader is paused",
+        || total(&senders) >= before + 20 && outcomes.count(TOPIC) >= 1,
     )
     .await;
     eprintln!(

@@ -169,7 +169,11 @@ impl ClientBuilder {
             options = options.with_tls(tls_options);
         }
         if let Some((name, password)) = &self.user {
-            options = options.with_user(name.clone(), password.clone());
+            // etcd's auth tokens expire (simple tokens after 5 minutes);
+            // members and producers live much longer than that.
+            options = options
+                .with_user(name.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         let endpoints: Vec<String> = self
             .endpoints

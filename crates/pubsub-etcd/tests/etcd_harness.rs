@@ -109,6 +109,7 @@ fn single_member_with_quota_reports_space_exceeded() {
     let cluster = EtcdCluster::start_with(ClusterOptions {
         members: 1,
         quota_backend_bytes: Some(256 * 1024),
+        ..ClusterOptions::default()
     });
     let ep = cluster.endpoint(0);
     put(&ep, "harness/small", "x");

@@ -118,6 +118,7 @@ async fn nospace_quota_exceeded_and_recovery() {
     let cluster = EtcdCluster::start_with(ClusterOptions {
         members: 1,
         quota_backend_bytes: Some(1024 * 1024),
+        ..ClusterOptions::default()
     });
     let client = connect(cluster.endpoints()).await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();

@@ -34,6 +34,17 @@ pub struct ClusterOptions {
     pub members: usize,
     /// `--quota-backend-bytes`, to provoke "database space exceeded".
     pub quota_backend_bytes: Option<u64>,
+    /// Serve clients over TLS and require client certificates.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS cluster: the CA that signed `cert`, and a
+/// certificate (for 127.0.0.1, server and client use) with its key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +52,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             members: 1,
             quota_backend_bytes: None,
+            tls: None,
         }
     }
 }
@@ -227,7 +239,12 @@ impl EtcdCluster {
             .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
-        let client_url = format!("http://{}", m.endpoint());
+        let scheme = if self.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client_url = format!("{scheme}://{}", m.endpoint());
         let mut args = vec![
             format!("--name={}", m.name),
             format!("--data-dir={}", m.data_dir.display()),
@@ -247,6 +264,12 @@ impl EtcdCluster {
         ];
         if let Some(q) = self.opts.quota_backend_bytes {
             args.push(format!("--quota-backend-bytes={q}"));
+        }
+        if let Some(tls) = &self.opts.tls {
+            args.push(format!("--cert-file={}", tls.cert.display()));
+            args.push(format!("--key-file={}", tls.key.display()));
+            args.push(format!("--trusted-ca-file={}", tls.ca.display()));
+            args.push("--client-cert-auth".into());
         }
         if self.members.len() > 1 {
             // Fast failure detection and elections, so fault tests settle
@@ -303,7 +326,7 @@ impl EtcdCluster {
                     });
                 }
             }
-            pending.retain(|&i| !endpoint_healthy(&self.members[i].endpoint()));
+            pending.retain(|&i| !endpoint_healthy(&self.members[i].endpoint(), &self.opts.tls));
             if pending.is_empty() {
                 return Ok(());
             }
@@ -435,8 +458,13 @@ fn clean_env(cmd: &mut Command) {
     }
 }
 
-fn endpoint_healthy(endpoint: &str) -> bool {
+fn endpoint_healthy(endpoint: &str, tls: &Option<TlsFiles>) -> bool {
     let mut cmd = Command::new("etcdctl");
+    if let Some(tls) = tls {
+        cmd.arg(format!("--cacert={}", tls.ca.display()))
+            .arg(format!("--cert={}", tls.cert.display()))
+            .arg(format!("--key={}", tls.key.display()));
+    }
     cmd.args([
         &format!("--endpoints={endpoint}"),
         "--dial-timeout=1s",

@@ -215,6 +215,7 @@ impl ClientBuilder {
             keys: Keys::new(&self.namespace),
             namespace: self.namespace,
             request_timeout: self.connect_timeout,
+            connect_options: options.clone(),
             _alive: Arc::new(()),
         };
         // etcd-client connects lazily: one small read inside the namespace
@@ -266,6 +267,9 @@ pub struct Client {
     pub(crate) keys: Keys,
     namespace: String,
     pub(crate) request_timeout: Duration,
+    /// TLS, credentials and timeouts, for connections to single members
+    /// (maintenance). Holds the password: never printed.
+    pub(crate) connect_options: ConnectOptions,
     /// Shared by every clone; the endpoint health task ends with the last.
     _alive: Arc<()>,
 }

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions, ConnectOptions};
+use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -222,8 +222,9 @@ impl Client {
     }
 
     /// Every member with a client to reach it alone (`None` when that
-    /// failed). A single-member cluster is reached through this client's own
-    /// connection, so TLS and authentication apply.
+    /// failed), connected with this client's TLS settings and credentials.
+    /// A single-member cluster is reached through this client's own
+    /// connection.
     async fn maintenance_members(&self) -> Result<Vec<(MemberSpace, Option<etcd_client::Client>)>> {
         let list = self
             .timed("list members", self.etcd.clone().member_list())
@@ -248,7 +249,10 @@ impl Client {
                 space.error = Some("member has no client URL (not started?)".into());
                 None
             } else {
-                let options = ConnectOptions::new()
+                // The client's own options: the same TLS and credentials.
+                let options = self
+                    .connect_options
+                    .clone()
                     .with_connect_timeout(MEMBER_CONNECT_TIMEOUT)
                     .with_timeout(self.request_timeout.max(DEFRAG_TIMEOUT));
                 match tokio::time::timeout(

@@ -391,15 +391,31 @@ impl Client {
 
     /// Changes a topic's partition count (growing only) or settings.
     pub async fn update_topic(&self, name: &str, update: TopicUpdate) -> Result<TopicInfo> {
-        if let Some(count) = update.partitions {
+        let TopicUpdate { partitions, config } = update;
+        self.alter_topic(name, partitions, |current| {
+            if let Some(config) = &config {
+                *current = config.clone();
+            }
+        })
+        .await
+    }
+
+    /// Changes a topic's partition count (growing only) and edits its
+    /// current settings with `change`, which sees the stored settings and
+    /// may run more than once: the write is guarded by the metadata's mod
+    /// revision, so two concurrent edits of different settings both land.
+    pub async fn alter_topic(
+        &self,
+        name: &str,
+        partitions: Option<u32>,
+        change: impl Fn(&mut TopicConfig),
+    ) -> Result<TopicInfo> {
+        if let Some(count) = partitions {
             validate_partitions(count)?;
-        }
-        if let Some(config) = &update.config {
-            config.validate()?;
         }
         loop {
             let current = self.topic(name).await?;
-            let partitions = update.partitions.unwrap_or(current.partitions);
+            let partitions = partitions.unwrap_or(current.partitions);
             if partitions < current.partitions {
                 return Err(Error::PartitionDecrease {
                     topic: name.to_string(),
@@ -407,15 +423,16 @@ impl Client {
                     requested: partitions,
                 });
             }
+            let mut config = current.config.clone();
+            change(&mut config);
+            config.validate()?;
             let stored = StoredTopic {
                 partitions,
                 created_ms: current.created_ms,
-                config: update.config.clone().unwrap_or(current.config.clone()),
+                config,
             };
             let key = self.keys.topic(name);
             let value = serde_json::to_vec(&stored).expect("topic metadata serialises");
-            // Guarded by the metadata's mod revision: a concurrent update makes
-            // this one re-read and re-check rather than overwrite it.
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.clone(),

@@ -1283,3 +1283,33 @@ fn now_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_alters_of_different_settings_all_land() {
+    let (client, _ns) = ns::client().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    type Edit = fn(&mut pubsub_etcd::TopicConfig);
+    let edits: [Edit; 5] = [
+        |c| c.max_message_bytes = Some(1000),
+        |c| c.retention_ms = Some(60_000),
+        |c| c.retention_messages = Some(500),
+        |c| c.retention_bytes = Some(1 << 20),
+        |c| c.cleanup_policy = pubsub_etcd::CleanupPolicy::Compact,
+    ];
+    let mut tasks = Vec::new();
+    for edit in edits {
+        let client = ns::connect(client.namespace()).await;
+        tasks.push(tokio::spawn(async move {
+            client.alter_topic("t", None, edit).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let config = client.topic("t").await.unwrap().config;
+    assert_eq!(config.max_message_bytes, Some(1000));
+    assert_eq!(config.retention_ms, Some(60_000));
+    assert_eq!(config.retention_messages, Some(500));
+    assert_eq!(config.retention_bytes, Some(1 << 20));
+    assert_eq!(config.cleanup_policy, pubsub_etcd::CleanupPolicy::Compact);
+}

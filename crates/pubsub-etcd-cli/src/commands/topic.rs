@@ -3,7 +3,7 @@
 
 use pubsub_etcd::{
     CleanupPolicy, Client, NewTopic, PartitionInfo, RetentionReport, TopicConfig, TopicDescription,
-    TopicInfo, TopicUpdate,
+    TopicInfo,
 };
 use serde_json::json;
 
@@ -68,17 +68,11 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             partitions,
             config: changes,
         } => {
-            let config = if changes.is_empty() {
-                None
-            } else {
-                // An update replaces the whole config, so start from the
-                // current one to keep settings this command does not set.
-                let mut config = client.topic(&name).await?.config;
-                apply(&changes, &mut config);
-                Some(config)
-            };
+            // Only the settings given change, applied to the stored ones
+            // inside the library's guarded update, so concurrent alters of
+            // different settings do not undo each other.
             let info = client
-                .update_topic(&name, TopicUpdate { partitions, config })
+                .alter_topic(&name, partitions, |config| apply(&changes, config))
                 .await?;
             output::print_text(&format!("altered topic {}\n", summary(&info)))
         }
@@ -105,17 +99,6 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let report = client.enforce_retention(&name).await?;
             print_report("enforced retention on", &name, &report, format.format)
         }
-    }
-}
-
-impl TopicConfigArgs {
-    /// True when no setting is given.
-    fn is_empty(&self) -> bool {
-        self.max_message_bytes.is_none()
-            && self.retention.is_none()
-            && self.retention_messages.is_none()
-            && self.retention_bytes.is_none()
-            && self.cleanup_policy.is_none()
     }
 }
 

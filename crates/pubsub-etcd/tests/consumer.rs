@@ -77,6 +77,7 @@ async fn three_members_settle_at_four_each() {
     })
     .await;
     let handover = start.elapsed();
+    eprintln!("graceful handover of 4 partitions: {handover:?}");
     assert!(
         handover < Duration::from_secs(1),
         "handover took {handover:?}"

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, WatchClient,
+    Certificate, ConnectOptions, GetOptions, GetResponse, Identity, KvClient, TlsOptions, Txn,
+    TxnResponse, WatchClient,
 };
 
 use crate::error::{Error, Result};
@@ -215,6 +216,7 @@ impl ClientBuilder {
             keys: Keys::new(&self.namespace),
             namespace: self.namespace,
             request_timeout: self.connect_timeout,
+            endpoints: endpoints.len(),
             connect_options: options.clone(),
             _alive: Arc::new(()),
         };
@@ -267,6 +269,8 @@ pub struct Client {
     pub(crate) keys: Keys,
     namespace: String,
     pub(crate) request_timeout: Duration,
+    /// How many endpoints the client balances over.
+    endpoints: usize,
     /// TLS, credentials and timeouts, for connections to single members
     /// (maintenance). Holds the password: never printed.
     pub(crate) connect_options: ConnectOptions,
@@ -303,6 +307,40 @@ impl Client {
     /// The raw etcd client, for operations this library does not wrap.
     pub fn etcd(&self) -> &etcd_client::Client {
         &self.etcd
+    }
+
+    /// A range read under the request timeout, made once more when its
+    /// outcome was unknown and there is another endpoint to reach: a read is
+    /// safe to repeat, and the first attempt may have gone to a member that
+    /// froze in the second before the health check noticed.
+    pub(crate) async fn read(
+        &self,
+        op: &'static str,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse> {
+        let key = key.into();
+        let result = self
+            .timed(op, self.kv.clone().get(key.clone(), options.clone()))
+            .await;
+        match result {
+            Err(e) if e.is_outcome_unknown() && self.endpoints > 1 => {
+                tracing::debug!(op, error = %e, "read failed, retrying once");
+                self.timed(op, self.kv.clone().get(key, options)).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Client::read`] for a transaction of reads only.
+    pub(crate) async fn read_txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse> {
+        match self.timed(op, self.kv.clone().txn(txn.clone())).await {
+            Err(e) if e.is_outcome_unknown() && self.endpoints > 1 => {
+                tracing::debug!(op, error = %e, "read failed, retrying once");
+                self.timed(op, self.kv.clone().txn(txn)).await
+            }
+            other => other,
+        }
     }
 
     /// Runs one etcd request under the request timeout.

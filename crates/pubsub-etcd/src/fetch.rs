@@ -102,17 +102,13 @@ pub(crate) async fn fetch_partition(
     let bounded = GetOptions::new()
         .with_range(client.keys.batch(topic, incarnation, partition, window_end))
         .with_limit(limit);
-    let mut response = client
-        .timed("fetch", client.kv.clone().get(start.clone(), Some(bounded)))
-        .await?;
+    let mut response = client.read("fetch", start.clone(), Some(bounded)).await?;
     if response.kvs().is_empty() {
         let prefix = client.keys.batches_prefix(topic, incarnation, partition);
         let open = GetOptions::new()
             .with_range(prefix_end(&prefix))
             .with_limit(1);
-        response = client
-            .timed("fetch", client.kv.clone().get(start, Some(open)))
-            .await?;
+        response = client.read("fetch", start, Some(open)).await?;
     }
     let revision = response.header().map_or(0, |h| h.revision());
     let now = record::now_millis();

@@ -65,10 +65,7 @@ impl Client {
             .with_range(prefix_end(&root))
             .with_keys_only();
         let mut response = self
-            .timed(
-                "list groups",
-                self.kv.clone().get(root.clone(), Some(options)),
-            )
+            .read("list groups", root.clone(), Some(options))
             .await?;
         let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for kv in response.take_kvs() {
@@ -89,9 +86,7 @@ impl Client {
         validate_group_name(group)?;
         let prefix = self.keys.offsets_prefix(topic, group);
         let options = GetOptions::new().with_range(prefix_end(&prefix));
-        let mut response = self
-            .timed("read offsets", self.kv.clone().get(prefix, Some(options)))
-            .await?;
+        let mut response = self.read("read offsets", prefix, Some(options)).await?;
         let mut offsets = BTreeMap::new();
         for kv in response.take_kvs() {
             if let Some(partition) = Keys::trailing_number(kv.key()) {
@@ -133,9 +128,7 @@ impl Client {
     ) -> Result<BTreeMap<u32, String>> {
         let prefix = self.keys.owners_prefix(topic, group);
         let options = GetOptions::new().with_range(prefix_end(&prefix));
-        let mut response = self
-            .timed("read owners", self.kv.clone().get(prefix, Some(options)))
-            .await?;
+        let mut response = self.read("read owners", prefix, Some(options)).await?;
         Ok(response
             .take_kvs()
             .iter()

@@ -279,9 +279,7 @@ impl Client {
     pub async fn topic(&self, name: &str) -> Result<TopicInfo> {
         validate_topic_name(name)?;
         let key = self.keys.topic(name);
-        let mut response = self
-            .timed("get topic", self.kv.clone().get(key, None))
-            .await?;
+        let mut response = self.read("get topic", key, None).await?;
         match response.take_kvs().into_iter().next() {
             Some(kv) => parse_topic(name, &kv),
             None => Err(Error::TopicNotFound(name.to_string())),
@@ -293,10 +291,7 @@ impl Client {
         let prefix = self.keys.topics_prefix();
         let options = GetOptions::new().with_range(prefix_end(&prefix));
         let mut response = self
-            .timed(
-                "list topics",
-                self.kv.clone().get(prefix.clone(), Some(options)),
-            )
+            .read("list topics", prefix.clone(), Some(options))
             .await?;
         response
             .take_kvs()
@@ -349,10 +344,7 @@ impl Client {
                 ops.push(TxnOp::get(prefix, Some(options)));
             }
             let response = self
-                .timed(
-                    "describe partitions",
-                    self.kv.clone().txn(Txn::new().and_then(ops)),
-                )
+                .read_txn("describe partitions", Txn::new().and_then(ops))
                 .await?;
             let mut responses = response.op_responses().into_iter().map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().cloned(),

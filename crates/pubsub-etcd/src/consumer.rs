@@ -81,7 +81,24 @@ pub(crate) struct Claim {
     pub(crate) epoch: u64,
     /// Create revision of the owner key: fences commits to this claim.
     pub(crate) owner_revision: i64,
+    /// The offset reading started from under this claim (or the last
+    /// seek): a message below it was delivered under an earlier claim.
+    pub(crate) start: u64,
 }
+
+/// A rebalance event on its way to the application; `ack` (if any) is
+/// answered when the application comes back for the next event, i.e. has
+/// handled this one.
+#[derive(Debug)]
+pub(crate) struct Notice {
+    pub(crate) event: Event,
+    pub(crate) ack: Option<oneshot::Sender<()>>,
+}
+
+/// Upper bounds of the builder's sizes and durations: far above any sane
+/// setting, low enough that no arithmetic on them overflows.
+const MAX_BUFFER: usize = 1 << 20;
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// State shared by the consumer front and the member task. A std mutex:
 /// it is never held across an await.
@@ -156,15 +173,22 @@ impl ConsumerBuilder {
     /// Joins the group and starts consuming.
     pub async fn join(self) -> Result<Consumer> {
         validate_group_name(&self.group)?;
-        if self.session_ttl < Duration::from_secs(2) {
+        if self.session_ttl < Duration::from_secs(2) || self.session_ttl > MAX_DURATION {
             return Err(Error::InvalidConfig(format!(
-                "session_ttl is {:?}; it must be at least 2 s",
+                "session_ttl is {:?}; it must be between 2 s and 24 h",
                 self.session_ttl
             )));
         }
-        if self.page == 0 || self.buffer == 0 {
+        if let AutoCommit::Interval(every) = self.auto_commit {
+            if every.is_zero() || every > MAX_DURATION {
+                return Err(Error::InvalidConfig(format!(
+                    "the auto-commit interval is {every:?}; it must be between 1 ns and 24 h"
+                )));
+            }
+        }
+        if !(1..=MAX_BUFFER).contains(&self.page) || !(1..=MAX_BUFFER).contains(&self.buffer) {
             return Err(Error::InvalidConfig(format!(
-                "fetch_messages is {} and buffer is {}; both must be at least 1",
+                "fetch_messages is {} and buffer is {}; both must be between 1 and {MAX_BUFFER}",
                 self.page, self.buffer
             )));
         }
@@ -178,6 +202,7 @@ impl ConsumerBuilder {
         let topic = self.client.topic(&self.topic).await?;
         let member_id = self.member_id.clone().unwrap_or_else(default_member_id);
         let (queue_tx, queue_rx) = mpsc::channel(self.buffer);
+        let (events_tx, events_rx) = mpsc::channel(64);
         let (control_tx, control_rx) = mpsc::channel(16);
         let shared = Arc::new(Mutex::new(MemberState {
             owned: HashMap::new(),
@@ -191,6 +216,7 @@ impl ConsumerBuilder {
             member_id.clone(),
             shared.clone(),
             queue_tx,
+            events_tx,
             control_rx,
         )
         .await?;
@@ -202,6 +228,8 @@ impl ConsumerBuilder {
             member_id,
             auto_commit: self.auto_commit,
             queue: queue_rx,
+            events: events_rx,
+            events_open: true,
             shared,
             control: control_tx,
             task: Some(task),
@@ -254,13 +282,16 @@ pub struct Consumer {
     member_id: String,
     auto_commit: AutoCommit,
     queue: mpsc::Receiver<Envelope>,
+    /// Rebalance notices; read before messages.
+    events: mpsc::Receiver<Notice>,
+    events_open: bool,
     shared: Arc<Mutex<MemberState>>,
     control: mpsc::Sender<Control>,
     task: Option<JoinHandle<()>>,
     /// Answered when the application asks for the event after a Revoking.
     pending_ack: Option<oneshot::Sender<()>>,
-    /// Last delivered message, committed on the next call under
-    /// [`AutoCommit::EveryMessage`].
+    /// Partition and offset of the last delivered message, committed on
+    /// the next call under [`AutoCommit::EveryMessage`].
     uncommitted: Option<(u32, u64)>,
 }
 
@@ -285,21 +316,32 @@ impl Consumer {
             let _ = ack.send(());
         }
         if let Some((partition, offset)) = self.uncommitted.take() {
-            if let Err(e) = self
-                .commit_offsets(&BTreeMap::from([(partition, offset)]))
-                .await
-            {
+            if let Err(e) = self.commit_delivered_message(partition, offset).await {
                 return Some(Err(e));
             }
         }
         loop {
-            match self.queue.recv().await? {
+            let item = tokio::select! {
+                biased;
+                notice = self.events.recv(), if self.events_open => match notice {
+                    Some(Notice { event, ack }) => {
+                        self.pending_ack = ack;
+                        return Some(Ok(event));
+                    }
+                    None => {
+                        self.events_open = false;
+                        continue;
+                    }
+                },
+                item = self.queue.recv() => item?,
+            };
+            match item {
                 Envelope::Message { message, epoch } => {
                     if !self.deliverable(message.partition, epoch, Some(message.offset)) {
                         continue;
                     }
                     if self.auto_commit == AutoCommit::EveryMessage {
-                        self.uncommitted = Some((message.partition, message.offset + 1));
+                        self.uncommitted = Some((message.partition, message.offset));
                     }
                     return Some(Ok(Event::Message(message)));
                 }
@@ -314,10 +356,6 @@ impl Consumer {
                     if owned {
                         return Some(Err(error));
                     }
-                }
-                Envelope::Event { event, ack } => {
-                    self.pending_ack = ack;
-                    return Some(Ok(event));
                 }
             }
         }
@@ -370,10 +408,17 @@ impl Consumer {
         }
     }
 
-    /// Commits `message` as handled: the group resumes after it.
+    /// Commits `message` as handled: the group resumes after it. Refused
+    /// with [`Error::NotOwner`] when the message was not delivered under
+    /// this member's current claim of its partition (e.g. it was read before
+    /// the partition was lost and claimed again).
     pub async fn commit(&self, message: &Message) -> Result<()> {
-        self.commit_offsets(&BTreeMap::from([(message.partition, message.offset + 1)]))
+        self.commit_delivered_message(message.partition, message.offset)
             .await
+    }
+
+    async fn commit_delivered_message(&self, partition: u32, offset: u64) -> Result<()> {
+        self.committer().commit_at(partition, offset).await
     }
 
     /// Commits everything delivered so far on every owned partition.
@@ -406,8 +451,13 @@ impl Consumer {
     }
 
     /// Moves this member's reading position on an owned partition; the next
-    /// messages of that partition start at `offset`.
-    pub async fn seek(&self, partition: u32, offset: u64) -> Result<()> {
+    /// messages of that partition start at `offset`. Under
+    /// [`AutoCommit::EveryMessage`], the message taken last on that
+    /// partition is not committed: the application chose to read again.
+    pub async fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {
+        if self.uncommitted.is_some_and(|(p, _)| p == partition) {
+            self.uncommitted = None;
+        }
         let (done, wait) = oneshot::channel();
         self.control
             .send(Control::Seek {
@@ -438,9 +488,7 @@ impl Consumer {
         }
         let mut result = Ok(());
         if let Some((partition, offset)) = self.uncommitted.take() {
-            result = self
-                .commit_offsets(&BTreeMap::from([(partition, offset)]))
-                .await;
+            result = self.commit_delivered_message(partition, offset).await;
         }
         let Some(task) = self.task.take() else {
             return result;
@@ -458,11 +506,15 @@ impl Consumer {
                         break;
                     }
                     item = self.queue.recv() => if item.is_none() { break },
+                    Some(_) = self.events.recv(), if self.events_open => {}
                 }
             }
         }
         self.queue.close();
-        let _ = task.await;
+        if task.await.is_err() {
+            // It panicked; its Drop stopped the lease keep-alive and readers.
+            result = result.and(Err(Error::ConsumerClosed));
+        }
         result
     }
 }
@@ -487,7 +539,27 @@ pub(crate) struct Committer {
 
 impl Committer {
     pub(crate) async fn commit(&self, message: &Message) -> Result<()> {
-        let offsets = BTreeMap::from([(message.partition, message.offset + 1)]);
+        self.commit_at(message.partition, message.offset).await
+    }
+
+    /// Commits past the message at `offset`, which must have been delivered
+    /// under the current claim: between the claim's start and the position.
+    async fn commit_at(&self, partition: u32, offset: u64) -> Result<()> {
+        let delivered = {
+            let state = self.shared.lock().expect("member state lock");
+            let position = state.positions.get(&partition).copied().unwrap_or(0);
+            state
+                .owned
+                .get(&partition)
+                .is_some_and(|claim| claim.start <= offset && offset < position)
+        };
+        if !delivered {
+            return Err(Error::NotOwner {
+                topic: self.topic.to_string(),
+                partition,
+            });
+        }
+        let offsets = BTreeMap::from([(partition, offset + 1)]);
         commit_fenced(
             &self.client,
             &self.topic,
@@ -645,13 +717,9 @@ impl Client {
 impl AssignedReader {
     /// The next message of any assigned partition.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
-        loop {
-            match self.queue.recv().await? {
-                Envelope::Message { message, .. } => return Some(Ok(message)),
-                Envelope::Error { error, .. } => return Some(Err(error)),
-                // Readers send no events; only a member task does.
-                Envelope::Event { .. } => continue,
-            }
+        match self.queue.recv().await? {
+            Envelope::Message { message, .. } => Some(Ok(message)),
+            Envelope::Error { error, .. } => Some(Err(error)),
         }
     }
 

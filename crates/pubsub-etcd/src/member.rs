@@ -28,7 +28,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::client::Client;
-use crate::consumer::{commit_fenced, AutoCommit, Claim, ConsumerBuilder, Event, MemberState};
+use crate::consumer::{
+    commit_fenced, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
+};
 use crate::error::{Error, Result};
 use crate::group::parse_offset;
 use crate::keys::{prefix_end, Keys};
@@ -48,6 +50,23 @@ pub(crate) enum Control {
     },
 }
 
+/// An owner key as last seen: the lease it lives under tells whether it
+/// is this member's (a reused member id may belong to a dead process).
+#[derive(Debug, Clone)]
+struct Owner {
+    lease: i64,
+    revision: i64,
+}
+
+impl Owner {
+    fn of(kv: &etcd_client::KeyValue) -> Owner {
+        Owner {
+            lease: kv.lease(),
+            revision: kv.create_revision(),
+        }
+    }
+}
+
 /// The member task's state.
 pub(crate) struct Member {
     config: ConsumerBuilder,
@@ -57,15 +76,22 @@ pub(crate) struct Member {
     member_id: String,
     shared: Arc<Mutex<MemberState>>,
     queue: mpsc::Sender<Envelope>,
+    /// Rebalance notices, apart from the messages so they are never stuck
+    /// behind a full message queue.
+    events: mpsc::Sender<Notice>,
     control: mpsc::Receiver<Control>,
     lease: i64,
     keepalive: JoinHandle<()>,
-    /// Set by the keep-alive task when etcd says the lease is gone.
-    lease_lost: Arc<tokio::sync::Notify>,
+    /// Lease ids the keep-alive task found gone in etcd; a stale one (of a
+    /// lease already replaced) is ignored.
+    lease_lost: mpsc::Receiver<i64>,
+    lease_lost_tx: mpsc::Sender<i64>,
     readers: HashMap<u32, JoinHandle<()>>,
     /// Live members and partition owners, as last seen in etcd.
     members: BTreeSet<String>,
-    owners: BTreeMap<u32, String>,
+    owners: BTreeMap<u32, Owner>,
+    /// Owned partitions whose owner key vanished, to report as lost.
+    lost: Vec<u32>,
     watch: Option<WatchStream>,
     next_epoch: u64,
     /// Offset resets found while claiming, reported after the assignment.
@@ -81,10 +107,11 @@ impl Member {
         member_id: String,
         shared: Arc<Mutex<MemberState>>,
         queue: mpsc::Sender<Envelope>,
+        events: mpsc::Sender<Notice>,
         control: mpsc::Receiver<Control>,
     ) -> Result<Member> {
         let client = config.client.clone();
-        let lease_lost = Arc::new(tokio::sync::Notify::new());
+        let (lease_lost_tx, lease_lost) = mpsc::channel(4);
         let mut member = Member {
             name: topic_arc(&topic.name),
             client,
@@ -92,13 +119,16 @@ impl Member {
             member_id,
             shared,
             queue,
+            events,
             control,
             lease: 0,
             keepalive: tokio::spawn(async {}),
             lease_lost,
+            lease_lost_tx,
             readers: HashMap::new(),
             members: BTreeSet::new(),
             owners: BTreeMap::new(),
+            lost: Vec::new(),
             watch: None,
             next_epoch: 1,
             resets: Vec::new(),
@@ -151,7 +181,7 @@ impl Member {
             self.lease,
             ttl,
             self.shared.clone(),
-            self.lease_lost.clone(),
+            self.lease_lost_tx.clone(),
         ));
         tracing::debug!(member = %self.member_id, lease = self.lease, "joined group");
         Ok(())
@@ -207,8 +237,7 @@ impl Member {
         if let Some(TxnOpResponse::Get(get)) = gets.next() {
             for kv in get.kvs() {
                 if let Some(p) = Keys::trailing_number(kv.key()) {
-                    self.owners
-                        .insert(p as u32, String::from_utf8_lossy(kv.value()).into_owned());
+                    self.owners.insert(p as u32, Owner::of(kv));
                 }
             }
         }
@@ -289,7 +318,13 @@ impl Member {
                 message = watch_message => {
                     dirty = true;
                     match message {
-                        Ok(Some(response)) if !response.canceled() => self.apply(&response),
+                        Ok(Some(response)) if !response.canceled() => {
+                            self.apply(&response);
+                            if !self.lost.is_empty() {
+                                let lost = std::mem::take(&mut self.lost);
+                                self.notify(Event::Lost(lost), None).await;
+                            }
+                        }
                         _ => {
                             // Broken or compacted watch: read the state anew.
                             self.watch = None;
@@ -316,8 +351,8 @@ impl Member {
                         }
                     }
                 }
-                _ = self.lease_lost.notified() => {
-                    if self.joined {
+                Some(lease) = self.lease_lost.recv() => {
+                    if self.joined && lease == self.lease {
                         self.lose_everything().await;
                     }
                 }
@@ -369,8 +404,7 @@ impl Member {
                 };
                 let p = p as u32;
                 if put {
-                    self.owners
-                        .insert(p, String::from_utf8_lossy(kv.value()).into_owned());
+                    self.owners.insert(p, Owner::of(kv));
                 } else {
                     self.owners.remove(&p);
                     let claim = self
@@ -383,10 +417,7 @@ impl Member {
                     if let Some(claim) = claim {
                         if kv.mod_revision() > claim.owner_revision {
                             self.drop_partitions(&[p]);
-                            let _ = self.queue.try_send(Envelope::Event {
-                                event: Event::Lost(vec![p]),
-                                ack: None,
-                            });
+                            self.lost.push(p);
                         }
                     }
                 }
@@ -399,6 +430,7 @@ impl Member {
         let Some(index) = self.members.iter().position(|m| *m == self.member_id) else {
             return Ok(());
         };
+        self.remove_orphans().await;
         let n = self.members.len() as u32;
         let partitions = self.topic.partitions;
         let quota = (partitions / n + u32::from((index as u32) < partitions % n)) as usize;
@@ -425,30 +457,90 @@ impl Member {
                 .take(need)
                 .collect();
             let mut claimed = Vec::new();
+            let mut failed = None;
             for p in free {
-                if let Some(from) = self.claim(p).await? {
-                    claimed.push((p, from));
+                match self.claim(p).await {
+                    Ok(Some(from)) => claimed.push((p, from)),
+                    Ok(None) => {}
+                    Err(error) => {
+                        // Keep what was claimed: it gets its readers below.
+                        failed = Some(error);
+                        break;
+                    }
                 }
             }
             if !claimed.is_empty() {
                 let mut assigned: Vec<u32> = claimed.iter().map(|(p, _)| *p).collect();
                 assigned.sort_unstable();
-                let _ = self
-                    .queue
-                    .send(Envelope::Event {
-                        event: Event::Assigned(assigned),
-                        ack: None,
-                    })
-                    .await;
+                self.notify(Event::Assigned(assigned), None).await;
                 for event in std::mem::take(&mut self.resets) {
-                    let _ = self.queue.send(Envelope::Event { event, ack: None }).await;
+                    self.notify(event, None).await;
                 }
                 for (p, from) in claimed {
                     self.start_reader(p, from);
                 }
             }
+            if let Some(error) = failed {
+                return Err(error);
+            }
         }
         Ok(())
+    }
+
+    /// Deletes owner keys under this member's lease for partitions it does
+    /// not (or no longer) read: left by a claim that failed half-way or a
+    /// release whose delete failed. The lease would keep them forever.
+    async fn remove_orphans(&mut self) {
+        let orphans: Vec<(u32, i64)> = {
+            let state = self.shared.lock().expect("member state lock");
+            self.owners
+                .iter()
+                .filter(|(p, o)| o.lease == self.lease && !state.owned.contains_key(p))
+                .map(|(p, o)| (*p, o.revision))
+                .collect()
+        };
+        for (partition, revision) in orphans {
+            self.delete_owner(partition, revision).await;
+        }
+    }
+
+    /// Deletes this member's owner key of `partition`, guarded by the
+    /// create revision of its claim.
+    async fn delete_owner(&mut self, partition: u32, revision: i64) {
+        let owner = self
+            .client
+            .keys
+            .owner(&self.name, &self.config.group, partition);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                owner.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::delete(owner, None)]);
+        match self
+            .client
+            .timed("release partition", self.client.kv.clone().txn(txn))
+            .await
+        {
+            Ok(_) => {
+                self.owners.remove(&partition);
+            }
+            // Retried by `remove_orphans` on a later rebalance.
+            Err(error) => {
+                tracing::warn!(member = %self.member_id, partition, %error, "release failed")
+            }
+        }
+    }
+
+    /// Hands a rebalance notice to the application. Bounded by the TTL, so
+    /// an application that stopped polling cannot wedge the member.
+    async fn notify(&self, event: Event, ack: Option<oneshot::Sender<()>>) -> bool {
+        let notice = Notice { event, ack };
+        matches!(
+            tokio::time::timeout(self.config.session_ttl, self.events.send(notice)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Tries to create the owner key of `partition`; on success returns the
@@ -490,15 +582,66 @@ impl Member {
             return Ok(None);
         }
         let owner_revision = response.header().map_or(0, |h| h.revision());
+        // The owner key is ours from here on: if finding the start position
+        // fails, give it back rather than hold a partition nobody reads.
         let committed = match responses.nth(1) {
-            Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
-                Some(kv) => Some(parse_offset(kv.key(), kv.value())?),
-                None => None,
-            },
+            Some(TxnOpResponse::Get(get)) => get
+                .kvs()
+                .first()
+                .map(|kv| parse_offset(kv.key(), kv.value())),
             _ => None,
         };
+        let committed_ok = committed.as_ref().and_then(|c| c.as_ref().ok().copied());
+        let from = match self.start_position(partition, committed).await {
+            Ok(from) => from,
+            Err(error) => {
+                self.delete_owner(partition, owner_revision).await;
+                return Err(error);
+            }
+        };
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let mut state = self.shared.lock().expect("member state lock");
+        state.owned.insert(
+            partition,
+            Claim {
+                epoch,
+                owner_revision,
+                start: from,
+            },
+        );
+        state.positions.insert(partition, from);
+        if let Some(offset) = committed_ok {
+            state.committed.insert(partition, offset);
+        }
+        self.owners.insert(
+            partition,
+            Owner {
+                lease: self.lease,
+                revision: owner_revision,
+            },
+        );
+        tracing::debug!(member = %self.member_id, partition, from, "claimed partition");
+        Ok(Some(from))
+    }
+
+    /// Where reading a newly claimed partition starts: the group's commit,
+    /// or the start policy when there is none (or it is unreadable).
+    async fn start_position(
+        &mut self,
+        partition: u32,
+        committed: Option<Result<u64>>,
+    ) -> Result<u64> {
+        let committed = match committed {
+            Some(Ok(offset)) => Some(offset),
+            Some(Err(error)) => {
+                tracing::warn!(member = %self.member_id, partition, %error, "ignoring an unreadable committed offset");
+                None
+            }
+            None => None,
+        };
         let (earliest, _) = self.client.partition_bounds(&self.topic, partition).await?;
-        let from = match committed {
+        Ok(match committed {
             // Retention may have removed what the group had not read yet:
             // resume at the earliest stored message rather than stall, and
             // say so.
@@ -516,24 +659,7 @@ impl Member {
                     .resolve_start(&self.topic, partition, self.config.start)
                     .await?
             }
-        };
-        let epoch = self.next_epoch;
-        self.next_epoch += 1;
-        let mut state = self.shared.lock().expect("member state lock");
-        state.owned.insert(
-            partition,
-            Claim {
-                epoch,
-                owner_revision,
-            },
-        );
-        state.positions.insert(partition, from);
-        if let Some(offset) = committed {
-            state.committed.insert(partition, offset);
-        }
-        self.owners.insert(partition, self.member_id.clone());
-        tracing::debug!(member = %self.member_id, partition, from, "claimed partition");
-        Ok(Some(from))
+        })
     }
 
     fn start_reader(&mut self, partition: u32, from: u64) {
@@ -574,43 +700,18 @@ impl Member {
             }
         }
         let (ack, acked) = oneshot::channel();
-        let event = Envelope::Event {
-            event: Event::Revoking(partitions.to_vec()),
-            ack: Some(ack),
-        };
-        let wait = self.config.session_ttl;
-        if tokio::time::timeout(wait, self.queue.send(event))
+        if self
+            .notify(Event::Revoking(partitions.to_vec()), Some(ack))
             .await
-            .is_ok_and(|sent| sent.is_ok())
         {
-            let _ = tokio::time::timeout(wait, acked).await;
+            let _ = tokio::time::timeout(self.config.session_ttl, acked).await;
         }
         if let Err(error) = self.commit_delivered(Some(partitions)).await {
             tracing::warn!(member = %self.member_id, %error, "commit before release failed");
         }
         let claims = self.drop_partitions(partitions);
         for (p, claim) in claims {
-            let owner = self.client.keys.owner(&self.name, &self.config.group, p);
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    owner.clone(),
-                    CompareOp::Equal,
-                    claim.owner_revision,
-                )])
-                .and_then([TxnOp::delete(owner, None)]);
-            match self
-                .client
-                .timed("release partition", self.client.kv.clone().txn(txn))
-                .await
-            {
-                Ok(_) => {
-                    self.owners.remove(&p);
-                }
-                // The lease will delete the key at expiry anyway.
-                Err(error) => {
-                    tracing::warn!(member = %self.member_id, partition = p, %error, "release failed")
-                }
-            }
+            self.delete_owner(p, claim.owner_revision).await;
         }
     }
 
@@ -644,11 +745,7 @@ impl Member {
         tracing::warn!(member = %self.member_id, ?lost, "lease lost");
         self.drop_partitions(&lost);
         if !lost.is_empty() {
-            let event = Envelope::Event {
-                event: Event::Lost(lost),
-                ack: None,
-            };
-            let _ = tokio::time::timeout(self.config.session_ttl, self.queue.send(event)).await;
+            self.notify(Event::Lost(lost), None).await;
         }
         self.keepalive.abort();
         let old = self.lease;
@@ -681,6 +778,7 @@ impl Member {
                 });
             };
             claim.epoch = epoch;
+            claim.start = offset;
             state.positions.insert(partition, offset);
         }
         self.next_epoch += 1;
@@ -758,6 +856,17 @@ impl Member {
     }
 }
 
+impl Drop for Member {
+    // Also when the member task panics: a keep-alive left running would
+    // hold the lease, and so the member's partitions, for ever.
+    fn drop(&mut self) {
+        self.keepalive.abort();
+        for reader in self.readers.values() {
+            reader.abort();
+        }
+    }
+}
+
 /// Renews the lease every third of its TTL. Each renewal extends the
 /// member's known validity to (time the request was sent + TTL), so a member
 /// frozen past that instant stops delivering before anyone else can own its
@@ -767,7 +876,7 @@ async fn keep_alive(
     lease: i64,
     ttl: Duration,
     shared: Arc<Mutex<MemberState>>,
-    lost: Arc<tokio::sync::Notify>,
+    lost: mpsc::Sender<i64>,
 ) {
     let every = ttl / 3;
     loop {
@@ -796,7 +905,7 @@ async fn keep_alive(
                 }
                 Ok(Ok(Some(_))) => {
                     // TTL 0: etcd no longer has the lease.
-                    lost.notify_one();
+                    let _ = lost.try_send(lease);
                     return;
                 }
                 other => {

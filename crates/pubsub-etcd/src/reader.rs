@@ -29,12 +29,6 @@ pub(crate) enum Envelope {
     },
     /// A reader error that the application should see once.
     Error { error: Error, epoch: u64 },
-    /// A rebalance notice; `ack` (if any) is answered when the application
-    /// comes back for the next event, i.e. has handled this one.
-    Event {
-        event: crate::consumer::Event,
-        ack: Option<tokio::sync::oneshot::Sender<()>>,
-    },
 }
 
 /// Everything a reader needs to follow one partition.

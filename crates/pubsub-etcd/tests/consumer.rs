@@ -415,3 +415,127 @@ async fn auto_commit_policies_and_seek() {
     pump_until(&mut [&mut next], TTL, |cs| cs[0].assignment() == vec![0]).await;
     next.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_read_under_a_lost_claim_cannot_be_committed() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..100).map(|i| Record::new(format!("{i}"))))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut consumer = member(&client, "t", "g").await;
+    let mut held = None;
+    while held.is_none() {
+        if let Event::Message(m) = timeout(Duration::from_secs(10), consumer.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            held = Some(m);
+        }
+    }
+    let held = held.unwrap();
+    // Revoke the member's lease behind its back, as an expiry would.
+    let mut etcd = client.etcd().clone();
+    let members = etcd
+        .get(
+            format!("{}/groups/t/g/members/", ns.name()),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    etcd.lease_revoke(members.kvs()[0].lease()).await.unwrap();
+    // It reports the loss, then claims the partition again.
+    let mut saw_lost = false;
+    loop {
+        match timeout(Duration::from_secs(10), consumer.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Event::Lost(ps) => {
+                assert_eq!(ps, vec![0]);
+                saw_lost = true;
+            }
+            Event::Assigned(ps) if saw_lost => {
+                assert_eq!(ps, vec![0]);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let err = consumer.commit(&held).await.unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition: 0, .. }),
+        "{err}"
+    );
+    assert!(client.committed_offsets("t", "g").await.unwrap().is_empty());
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_committed_offset_does_not_stall_the_partition() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..20u32).map(|i| Record::new(format!("{i}")).partition(i % 2)))
+        .await
+    {
+        r.unwrap();
+    }
+    client
+        .etcd()
+        .clone()
+        .put(
+            format!("{}/groups/t/g/offsets/00001", ns.name()),
+            "garbage",
+            None,
+        )
+        .await
+        .unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let mut seen = 0;
+    while seen < 20 {
+        timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("a partition stalled")
+            .unwrap()
+            .unwrap();
+        seen += 1;
+    }
+    assert_eq!(consumer.assignment(), vec![0, 1]);
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn out_of_range_consumer_settings_are_refused() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let builders = [
+        client.consumer("t", "g").buffer(usize::MAX),
+        client.consumer("t", "g").fetch_messages(0),
+        client.consumer("t", "g").session_ttl(Duration::MAX),
+        client
+            .consumer("t", "g")
+            .session_ttl(Duration::from_secs(1)),
+        client
+            .consumer("t", "g")
+            .auto_commit(AutoCommit::Interval(Duration::MAX)),
+    ];
+    for builder in builders {
+        match builder.join().await {
+            Err(pubsub_etcd::Error::InvalidConfig(text)) => assert!(!text.is_empty()),
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+}

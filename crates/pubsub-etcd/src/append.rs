@@ -212,13 +212,23 @@ impl PartitionAppender {
                         count,
                     });
                     self.head = None;
-                    return match self.read_head(seq, &uncertain).await {
-                        Ok(Landed::Yes(base)) => Ok(base),
-                        _ => {
-                            self.head = None;
-                            Err(e)
+                    loop {
+                        match self.read_head(seq, &uncertain).await {
+                            Ok(Landed::Yes(base)) => return Ok(base),
+                            Ok(Landed::No) => {
+                                self.head = None;
+                                return Err(e);
+                            }
+                            // Not known whether the batch is stored: say
+                            // so, rather than a definite-looking refusal.
+                            Err(other)
+                                if !other.is_outcome_unknown() || Instant::now() >= deadline =>
+                            {
+                                return Err(other)
+                            }
+                            Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
                         }
-                    };
+                    }
                 }
                 Err(e) => {
                     self.head = None;
@@ -312,7 +322,11 @@ impl PartitionAppender {
             TxnOp::put(self.head_key(), head_value, None),
             TxnOp::get(
                 waiting.clone(),
-                Some(GetOptions::new().with_range(prefix_end(&waiting))),
+                Some(
+                    GetOptions::new()
+                        .with_range(prefix_end(&waiting))
+                        .with_limit(MAX_MARKERS_READ),
+                ),
             ),
         ];
         if self.marked_at.is_some() {
@@ -366,8 +380,16 @@ impl PartitionAppender {
             self.partition,
             self.producer_id,
         );
+        // Under a short lease, so a producer that stops while starved
+        // leaves nothing behind.
+        let mut lease_client = self.client.etcd.lease_client();
+        let grant = lease_client.grant(MARKER_LEASE_SECS, None);
+        let Ok(lease) = self.client.timed("mark waiting", grant).await else {
+            return;
+        };
         let mut kv = self.client.kv.clone();
-        let put = kv.put(key, record::now_millis().to_string(), None);
+        let options = PutOptions::new().with_lease(lease.id());
+        let put = kv.put(key, record::now_millis().to_string(), Some(options));
         if self.client.timed("mark waiting", put).await.is_ok() {
             self.marked_at = Some(Instant::now());
         }
@@ -473,6 +495,10 @@ enum Landed {
 const STARVED_AFTER: u32 = 2;
 /// Markers older than this are ignored (their producer stopped or won).
 const MARKER_FRESH_MS: i64 = 2000;
+/// TTL of a marker's lease: etcd removes a marker its producer abandoned.
+const MARKER_LEASE_SECS: i64 = 5;
+/// Markers an append reads at most; a few are enough to know to yield.
+const MAX_MARKERS_READ: i64 = 8;
 /// Longest pause a winning producer takes for a waiting one.
 const YIELD_MAX: Duration = Duration::from_millis(2);
 /// Pause before re-reading the head after a request with unknown outcome.

@@ -117,7 +117,13 @@ pub(crate) async fn fetch_partition(
     let mut batches = 0;
     for kv in response.take_kvs() {
         let (key, value) = kv.into_key_value();
-        let batch: pb::RecordBatch = record::decode(&key, Bytes::from(value))?;
+        let batch: pb::RecordBatch = match record::decode(&key, Bytes::from(value)) {
+            Ok(batch) => batch,
+            // Return what came before it; the next read starts at the bad
+            // batch and reports it alone, so a reader can skip just that.
+            Err(_) if batches > 0 => break,
+            Err(error) => return Err(error),
+        };
         let batch_end = batch.base_offset + u64::from(batch.offset_count);
         for message in record::batch_messages(topic, partition, batch, from, now) {
             if cut == Cut::Exact && messages.len() == max {

@@ -276,7 +276,9 @@ impl Client {
                     if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
                         break m.offset;
                     }
-                    if page.messages.is_empty() || page.next_offset >= bounds.1 {
+                    // Pages of only expired or deleted records still move
+                    // on; only a read that advances nothing is the end.
+                    if page.next_offset <= from || page.next_offset >= bounds.1 {
                         break bounds.1;
                     }
                     from = page.next_offset;

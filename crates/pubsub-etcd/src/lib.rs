@@ -57,7 +57,7 @@ pub use maintenance::{Alarm, AlarmKind, CompactReport, MemberSpace};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };
-pub use record::{Message, Record, MAX_RECORDS_PER_BATCH};
+pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{

@@ -246,29 +246,36 @@ impl LeaseCache {
     /// their own deadline; the lease only reclaims the space).
     async fn lease_for(&self, client: &Client, bucket: i64) -> Result<i64> {
         let now = record::now_millis();
-        let mut leases = self.leases.lock().await;
-        leases.retain(|_, (_, ends)| *ends > now);
-        if let Some(&(id, ends)) = leases.get(&bucket) {
-            if ends > now + LEASE_MARGIN_MS {
-                return Ok(id);
+        {
+            let mut leases = self.leases.lock().await;
+            leases.retain(|_, (_, ends)| *ends > now);
+            if let Some(&(id, ends)) = leases.get(&bucket) {
+                if ends > now.saturating_add(LEASE_MARGIN_MS) {
+                    return Ok(id);
+                }
             }
         }
-        let bucket_end = bucket * TTL_BUCKET_MS;
-        let ttl_secs = ((bucket_end - now).max(0) + 999) / 1000 + 3;
+        // Granted without holding the lock, so partitions are not queued
+        // behind one slow grant. Two workers may grant for one bucket at
+        // once: the first stored wins; the other lease expires unused.
+        let bucket_end = bucket.saturating_mul(TTL_BUCKET_MS);
+        let ttl_secs = bucket_end.saturating_sub(now).max(0) / 1000 + 4;
         let granted = client
             .timed(
                 "grant lease",
                 client.etcd.clone().lease_grant(ttl_secs, None),
             )
             .await?;
-        leases.insert(bucket, (granted.id(), now + granted.ttl() * 1000));
-        Ok(granted.id())
+        let ends = now.saturating_add(granted.ttl().saturating_mul(1000));
+        let mut leases = self.leases.lock().await;
+        Ok(leases.entry(bucket).or_insert((granted.id(), ends)).0)
     }
 }
 
 /// The deadline bucket of a record with a time to live.
 fn ttl_bucket(record: &pb::Record) -> Option<i64> {
-    (record.expires_at_ms != 0).then(|| (record.expires_at_ms + TTL_BUCKET_MS - 1) / TTL_BUCKET_MS)
+    (record.expires_at_ms != 0)
+        .then(|| record.expires_at_ms.saturating_add(TTL_BUCKET_MS - 1) / TTL_BUCKET_MS)
 }
 
 #[derive(Debug)]
@@ -477,7 +484,11 @@ impl Producer {
             workers.senders.resize(index + 1, None);
         }
         if let Some(sender) = &workers.senders[index] {
-            return Ok(sender.clone());
+            // A worker that ended (it only does on a panic while the
+            // producer is open) is replaced rather than failing every send.
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
         }
         let incarnation = shared
             .metadata
@@ -509,7 +520,7 @@ impl Producer {
             leases: shared.leases.clone(),
             last_trim: None,
             appended_since_trim: false,
-            trimming: Arc::new(AtomicBool::new(false)),
+            trim_task: None,
         };
         workers.tasks.push(tokio::spawn(worker.run()));
         workers.senders[index] = Some(sender.clone());
@@ -583,8 +594,9 @@ struct Worker {
     /// When the last retention trim started.
     last_trim: Option<Instant>,
     appended_since_trim: bool,
-    /// Set while a trim task runs.
-    trimming: Arc<AtomicBool>,
+    /// The background trim started last; awaited on close, so no trim
+    /// outlives the producer.
+    trim_task: Option<JoinHandle<()>>,
 }
 
 impl Worker {
@@ -721,10 +733,9 @@ impl Worker {
     }
 
     /// Starts a background trim at most once per [`TRIM_INTERVAL`] and never
-    /// two at once, so the append path only pays for a clock read and an
-    /// atomic load.
+    /// two at once, so the append path only pays for a clock read.
     fn maybe_trim(&mut self) {
-        if self.trimming.load(Ordering::Acquire)
+        if self.trim_task.as_ref().is_some_and(|t| !t.is_finished())
             || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_INTERVAL)
         {
             return;
@@ -734,22 +745,24 @@ impl Worker {
         };
         self.last_trim = Some(Instant::now());
         self.appended_since_trim = false;
-        self.trimming.store(true, Ordering::Release);
-        let trimming = self.trimming.clone();
-        tokio::spawn(async move {
-            trim.await;
-            trimming.store(false, Ordering::Release);
-        });
+        self.trim_task = Some(tokio::spawn(trim));
     }
 
-    /// On close: one last trim if anything was appended since the last, so
-    /// a closed producer leaves its partitions within the limits.
+    /// On close: waits for a running trim, then trims once more if anything
+    /// was appended since, so a closed producer leaves its partitions within
+    /// the limits and no trim runs on after it.
     async fn final_trim(&mut self) {
+        let deadline = Instant::now() + FINAL_TRIM_TIMEOUT;
+        if let Some(mut task) = self.trim_task.take() {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
         if !self.appended_since_trim {
             return;
         }
         if let Some(trim) = self.trim_job() {
-            let _ = tokio::time::timeout(FINAL_TRIM_TIMEOUT, trim).await;
+            let _ = tokio::time::timeout_at(deadline, trim).await;
         }
     }
 }

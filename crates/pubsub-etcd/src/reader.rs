@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::client::Client;
 use crate::error::Error;
 use crate::fetch::{fetch_partition, Cut};
-use crate::keys::prefix_end;
+use crate::keys::{prefix_end, Keys};
 use crate::record::{self, pb, Message};
 
 /// What readers pass to the consumer front.
@@ -53,10 +53,30 @@ impl ReaderSpec {
     pub(crate) async fn run(self, queue: mpsc::Sender<Envelope>) {
         let mut position = self.from;
         let mut reported = false;
+        let batches =
+            self.client
+                .keys
+                .batches_prefix(&self.topic, self.incarnation, self.partition);
         loop {
             let revision = match self.catch_up(&queue, &mut position).await {
                 Ok(Some(revision)) => revision,
                 Ok(None) => return,
+                Err(Error::Corrupt { key, reason }) if key.starts_with(&batches) => {
+                    // Reported, then skipped as in `follow`: one unreadable
+                    // batch must not halt the partition.
+                    if let Some(last) = Keys::trailing_number(key.as_bytes()) {
+                        position = position.max(last.saturating_add(1));
+                    }
+                    let error = Error::Corrupt { key, reason };
+                    let envelope = Envelope::Error {
+                        error,
+                        epoch: self.epoch,
+                    };
+                    if queue.send(envelope).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, %error, "partition read failed, retrying");
                     if !reported && !error.is_outcome_unknown() {

@@ -23,6 +23,10 @@ pub(crate) const FORMAT_VERSION: u8 = 1;
 /// it to bound the key range that can contain a given offset.
 pub const MAX_RECORDS_PER_BATCH: u64 = 10_000;
 
+/// The longest time to live a record can have: well within etcd's lease
+/// limit (about 285 years) and far from any arithmetic overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// A message to produce.
 ///
 /// ```
@@ -82,9 +86,10 @@ impl Record {
     }
 
     /// Sets a time to live: the record disappears at send time + `ttl`,
-    /// even when the topic's retention would keep it longer.
+    /// even when the topic's retention would keep it longer. Longer TTLs
+    /// than [`MAX_TTL`] (100 years) count as [`MAX_TTL`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+        self.ttl = Some(ttl.min(MAX_TTL));
         self
     }
 
@@ -94,7 +99,7 @@ impl Record {
         let expires_at_ms = match self.ttl {
             // At least 1 ms: 0 means "never expires".
             Some(ttl) => now
-                .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+                .saturating_add(i64::try_from(ttl.min(MAX_TTL).as_millis()).unwrap_or(i64::MAX))
                 .max(1),
             None => 0,
         };

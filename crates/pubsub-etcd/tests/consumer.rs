@@ -539,3 +539,51 @@ async fn out_of_range_consumer_settings_are_refused() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_batch_is_reported_and_skipped() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    let topic = client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for i in 0..3 {
+        // Three separate batches: offsets 0, 1, 2.
+        producer.send(Record::new(format!("{i}"))).await.unwrap();
+    }
+    // Damage the middle batch (offset 1) as a buggy writer might.
+    client
+        .etcd()
+        .clone()
+        .put(
+            format!(
+                "{}/data/t/{}/00000/b/{:020}",
+                ns.name(),
+                topic.incarnation,
+                1
+            ),
+            vec![0x01, 0xff, 0xff],
+            None,
+        )
+        .await
+        .unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let mut offsets = Vec::new();
+    let mut corrupt = 0;
+    while offsets.len() < 2 {
+        match timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("the partition stalled on the corrupt batch")
+            .unwrap()
+        {
+            Ok(m) => offsets.push(m.offset),
+            Err(pubsub_etcd::Error::Corrupt { key, .. }) => {
+                assert!(key.ends_with(&format!("{:020}", 1)), "{key}");
+                corrupt += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(offsets, vec![0, 2]);
+    assert_eq!(corrupt, 1);
+    consumer.close().await.unwrap();
+}

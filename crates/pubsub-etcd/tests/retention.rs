@@ -705,3 +705,20 @@ async fn group_below_earliest_resumes_at_earliest_and_reports_it() {
     consumer.close().await.unwrap();
     producer.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_ttl_is_capped_and_the_producer_keeps_working() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let (_, first) = producer
+        .send(Record::new("forever").ttl(Duration::MAX))
+        .await
+        .unwrap();
+    let (_, second) = producer.send(Record::new("plain")).await.unwrap();
+    assert_eq!((first, second), (0, 1));
+    let fetched = client.fetch("t", 0, 0, 10).await.unwrap();
+    assert_eq!(fetched.messages.len(), 2, "the capped TTL has not expired");
+    producer.close().await.unwrap();
+}

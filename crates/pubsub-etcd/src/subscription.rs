@@ -53,12 +53,12 @@ impl Subscription {
 
 impl Consumer {
     /// Turns this member into one subscription per owned partition, each
-    /// buffering at most `buffer` messages. A slow subscription holds back
+    /// buffering at most `buffer` messages (1 to 2^20). A slow subscription holds back
     /// the others once its buffer is full.
     pub fn into_partitioned(self, buffer: usize) -> PartitionedConsumer {
         let (subs_tx, subs_rx) = mpsc::channel(64);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let dispatcher = tokio::spawn(dispatch(self, buffer.max(1), subs_tx, stop_rx));
+        let dispatcher = tokio::spawn(dispatch(self, buffer.clamp(1, 1 << 20), subs_tx, stop_rx));
         PartitionedConsumer {
             subscriptions: subs_rx,
             stop: Some(stop_tx),

@@ -131,7 +131,7 @@ pub struct ConsumerBuilder {
 impl ConsumerBuilder {
     /// Lease TTL of the member: a member that stops renewing it (dies,
     /// freezes, is cut off) loses its partitions this long after its last
-    /// renewal. Default: 10 s; at least 2 s (etcd's minimum).
+    /// renewal. Default: 10 s; from 2 s (etcd's minimum) to 24 h.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = ttl;
         self
@@ -162,9 +162,9 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Messages (and events) buffered ahead of the application, across all
-    /// owned partitions; each partition reader also holds at most one page.
-    /// Default: 1,024.
+    /// Messages buffered ahead of the application, across all owned
+    /// partitions; each partition reader also holds at most one page.
+    /// Default: 1,024; at most 2^20 (as for `fetch_messages`).
     pub fn buffer(mut self, messages: usize) -> Self {
         self.buffer = messages;
         self

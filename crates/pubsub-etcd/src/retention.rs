@@ -149,6 +149,22 @@ impl Client {
         Ok(self.delete_messages(topic, partition, &[offset]).await? == 1)
     }
 
+    /// Reads the topic and checks that it has `partition`.
+    async fn existing_partition<'a>(
+        &self,
+        topic: &'a str,
+        partition: u32,
+    ) -> Result<(TopicInfo, PartitionRef<'a>)> {
+        let info = self.topic(topic).await?;
+        crate::group::check_partition(&info, partition)?;
+        let part = PartitionRef {
+            topic,
+            incarnation: info.incarnation,
+            partition,
+        };
+        Ok((info, part))
+    }
+
     /// Deletes the messages at these offsets of a partition (any order,
     /// duplicates ignored) and returns how many were there to delete.
     /// Each batch holding one of them is rewritten without them (or its key
@@ -161,13 +177,7 @@ impl Client {
         partition: u32,
         offsets: &[u64],
     ) -> Result<u64> {
-        let info = self.topic(topic).await?;
-        crate::group::check_partition(&info, partition)?;
-        let part = PartitionRef {
-            topic,
-            incarnation: info.incarnation,
-            partition,
-        };
+        let (_, part) = self.existing_partition(topic, partition).await?;
         let mut offsets = offsets.to_vec();
         offsets.sort_unstable();
         offsets.dedup();
@@ -206,13 +216,7 @@ impl Client {
         partition: u32,
         before: u64,
     ) -> Result<PartitionInfo> {
-        let info = self.topic(topic).await?;
-        crate::group::check_partition(&info, partition)?;
-        let part = PartitionRef {
-            topic,
-            incarnation: info.incarnation,
-            partition,
-        };
+        let (info, part) = self.existing_partition(topic, partition).await?;
         let (next, _) = self.head_state(part).await?;
         truncate_before(self, part, before.min(next)).await?;
         self.partition_info(&info, partition).await

@@ -13,34 +13,13 @@ source scripts/lib/etcd-common.sh
 
 scripts/install-deps.sh
 
-# rustup's installer puts cargo in ~/.cargo/bin, which a non-login shell
-# may not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-}/.cargo/env" ]]; then
-    # shellcheck source=/dev/null
-    source "$HOME/.cargo/env"
-fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (rustup) first"
+ensure_cargo
 
 # Compile before starting etcd, so a slow first build does not keep an idle
 # etcd around and a build error needs no cleanup.
 cargo build --release -p pubsub-etcd --example quickstart -p pubsub-etcd-cli
 
-port="$(pick_port 23791 "${ETCD_PORT:-}")"
-state_dir="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-etcd-quickstart.XXXXXX")"
-
-# Always stop our etcd, whether the example succeeded, failed or was
-# interrupted.
-cleanup() {
-    ETCD_PORT="$port" ETCD_STATE_DIR="$state_dir" scripts/etcd-down.sh || true
-    rm -rf -- "$state_dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-endpoint="$(ETCD_PORT="$port" ETCD_STATE_DIR="$state_dir" scripts/etcd-up.sh | tail -n 1)"
-export PUBSUB_ETCD_ENDPOINTS="$endpoint"
-log "PUBSUB_ETCD_ENDPOINTS=$PUBSUB_ETCD_ENDPOINTS"
+start_throwaway_etcd 23791 quickstart
 
 cargo run --release -p pubsub-etcd --example quickstart
 

@@ -14,30 +14,9 @@ source scripts/lib/etcd-common.sh
 
 scripts/install-deps.sh
 
-# rustup's installer puts cargo in ~/.cargo/bin, which a non-login shell
-# (e.g. CI) may not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-}/.cargo/env" ]]; then
-    # shellcheck source=/dev/null
-    source "$HOME/.cargo/env"
-fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (rustup) first"
+ensure_cargo
 
-port="$(pick_port 23790 "${ETCD_PORT:-}")"
-# A state dir unique to this run, so concurrent runs never share one.
-state_dir="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-etcd-test.XXXXXX")"
-
-# Always stop our etcd, whether cargo passed, failed or we were interrupted.
-cleanup() {
-    ETCD_PORT="$port" ETCD_STATE_DIR="$state_dir" scripts/etcd-down.sh || true
-    rm -rf -- "$state_dir"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-endpoint="$(ETCD_PORT="$port" ETCD_STATE_DIR="$state_dir" scripts/etcd-up.sh | tail -n 1)"
-export PUBSUB_ETCD_ENDPOINTS="$endpoint"
-log "PUBSUB_ETCD_ENDPOINTS=$PUBSUB_ETCD_ENDPOINTS"
+start_throwaway_etcd 23790 test
 
 # --all-targets does not include doc tests, hence the second run. set -e
 # makes the script exit with cargo's status as soon as one fails.

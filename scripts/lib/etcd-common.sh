@@ -132,3 +132,35 @@ pick_port() {
     done
     die "no free port pair found from $default"
 }
+
+# Puts cargo on PATH: rustup's installer puts it in ~/.cargo/bin, which a
+# non-login shell (e.g. CI) may not have.
+ensure_cargo() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-}/.cargo/env" ]]; then
+        # shellcheck source=/dev/null
+        source "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (rustup) first"
+}
+
+# Starts a throwaway etcd for this run on port $ETCD_PORT (or the first free
+# one from $1, stepping by 100), exports PUBSUB_ETCD_ENDPOINTS, and stops
+# exactly that etcd when the calling script exits, whether it passed,
+# failed or was interrupted. $2 names the run in its state dir.
+start_throwaway_etcd() {
+    throwaway_port="$(pick_port "$1" "${ETCD_PORT:-}")"
+    # A state dir unique to this run, so concurrent runs never share one.
+    throwaway_state="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-etcd-$2.XXXXXX")"
+    trap stop_throwaway_etcd EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    PUBSUB_ETCD_ENDPOINTS="$(ETCD_PORT="$throwaway_port" ETCD_STATE_DIR="$throwaway_state" \
+        scripts/etcd-up.sh | tail -n 1)"
+    export PUBSUB_ETCD_ENDPOINTS
+    log "PUBSUB_ETCD_ENDPOINTS=$PUBSUB_ETCD_ENDPOINTS"
+}
+
+stop_throwaway_etcd() {
+    ETCD_PORT="$throwaway_port" ETCD_STATE_DIR="$throwaway_state" scripts/etcd-down.sh || true
+    rm -rf -- "$throwaway_state"
+}

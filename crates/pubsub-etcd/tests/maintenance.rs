@@ -46,6 +46,18 @@ async fn compact_history_and_defrag_reclaim_space() {
     }
     let info = client.truncate_partition("t", 0, u64::MAX).await.unwrap();
     assert_eq!((info.earliest, info.next), (20, 20));
+    // etcd's backend commits writes to its file in the background (every
+    // 100 ms): wait until the reported size includes the 4 MB written, or
+    // the "before" of the report below could predate them.
+    let mut etcd = client.etcd().clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while etcd.status().await.unwrap().db_size() < 4 * 1024 * 1024 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "etcd never grew past 4 MB"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let report = client.compact_history(true).await.unwrap();
     assert!(report.revision > 0);

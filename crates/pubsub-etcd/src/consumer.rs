@@ -8,7 +8,7 @@
 //! [`MemberState`]: which partitions are owned under which epoch, how long
 //! the lease is known to be valid, and what has been delivered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,6 +112,10 @@ pub(crate) struct MemberState {
     pub(crate) positions: HashMap<u32, u64>,
     /// Per owned partition: the last offset committed by this member.
     pub(crate) committed: HashMap<u32, u64>,
+    /// Partitions whose revocation the application has acknowledged: still
+    /// owned until the member releases them, but nothing more of them is
+    /// delivered.
+    pub(crate) revoked: HashSet<u32>,
 }
 
 /// Configures a group [`Consumer`]; every setting has a documented default.
@@ -209,6 +213,7 @@ impl ConsumerBuilder {
             lease_valid_until: Instant::now(),
             positions: HashMap::new(),
             committed: HashMap::new(),
+            revoked: HashSet::new(),
         }));
         let member = Member::join(
             self.clone(),
@@ -288,8 +293,9 @@ pub struct Consumer {
     shared: Arc<Mutex<MemberState>>,
     control: mpsc::Sender<Control>,
     task: Option<JoinHandle<()>>,
-    /// Answered when the application asks for the event after a Revoking.
-    pending_ack: Option<oneshot::Sender<()>>,
+    /// The partitions of the last `Revoking` and its acknowledgement, sent
+    /// when the application asks for the next event.
+    pending_ack: Option<(Vec<u32>, oneshot::Sender<()>)>,
     /// Partition and offset of the last delivered message, committed on
     /// the next call under [`AutoCommit::EveryMessage`].
     uncommitted: Option<(u32, u64)>,
@@ -312,20 +318,24 @@ impl Consumer {
     /// The next message or rebalance event. `None` once the consumer is
     /// closed or its topic deleted.
     pub async fn next_event(&mut self) -> Option<Result<Event>> {
-        if let Some(ack) = self.pending_ack.take() {
-            let _ = ack.send(());
-        }
-        if let Some((partition, offset)) = self.uncommitted.take() {
-            if let Err(e) = self.commit_delivered_message(partition, offset).await {
-                return Some(Err(e));
-            }
+        // Commit the message taken last before acknowledging a revocation:
+        // after the acknowledgement its partition may be gone.
+        let committed = match self.uncommitted.take() {
+            Some((partition, offset)) => self.commit_delivered_message(partition, offset).await,
+            None => Ok(()),
+        };
+        self.acknowledge_revocation();
+        if let Err(e) = committed {
+            return Some(Err(e));
         }
         loop {
             let item = tokio::select! {
                 biased;
                 notice = self.events.recv(), if self.events_open => match notice {
                     Some(Notice { event, ack }) => {
-                        self.pending_ack = ack;
+                        if let (Event::Revoking(partitions), Some(ack)) = (&event, ack) {
+                            self.pending_ack = Some((partitions.clone(), ack));
+                        }
                         return Some(Ok(event));
                     }
                     None => {
@@ -361,6 +371,19 @@ impl Consumer {
         }
     }
 
+    /// Stops delivering the partitions of the last `Revoking`, then lets
+    /// the member release them.
+    fn acknowledge_revocation(&mut self) {
+        if let Some((partitions, ack)) = self.pending_ack.take() {
+            self.shared
+                .lock()
+                .expect("member state lock")
+                .revoked
+                .extend(partitions);
+            let _ = ack.send(());
+        }
+    }
+
     /// The next message, skipping rebalance events. `None` once closed.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         loop {
@@ -385,6 +408,7 @@ impl Consumer {
     fn deliverable(&self, partition: u32, epoch: u64, offset: Option<u64>) -> bool {
         let mut state = self.shared.lock().expect("member state lock");
         let valid = Instant::now() < state.lease_valid_until
+            && !state.revoked.contains(&partition)
             && state
                 .owned
                 .get(&partition)
@@ -483,9 +507,7 @@ impl Consumer {
     }
 
     async fn shutdown(&mut self) -> Result<()> {
-        if let Some(ack) = self.pending_ack.take() {
-            let _ = ack.send(());
-        }
+        self.acknowledge_revocation();
         let mut result = Ok(());
         if let Some((partition, offset)) = self.uncommitted.take() {
             result = self.commit_delivered_message(partition, offset).await;

@@ -729,6 +729,7 @@ impl Member {
             }
             state.positions.remove(p);
             state.committed.remove(p);
+            state.revoked.remove(p);
         }
         claims
     }

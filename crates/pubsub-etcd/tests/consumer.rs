@@ -587,3 +587,50 @@ async fn a_corrupt_batch_is_reported_and_skipped() {
     assert_eq!(corrupt, 1);
     consumer.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_a_revoked_partition_is_delivered_after_the_revocation() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for r in producer
+        .send_batch((0..400u32).map(|i| Record::new(format!("{i}")).partition(i % 2)))
+        .await
+    {
+        r.unwrap();
+    }
+    let mut a = member(&client, "t", "g").await;
+    let event = timeout(Duration::from_secs(10), a.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, Event::Assigned(vec![0, 1]));
+    // Let both partitions' messages queue up, then make `a` give one away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = member(&client, "t", "g").await;
+    let mut revoked: Vec<u32> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until && b.assignment().len() < 1 {
+        match timeout(Duration::from_millis(50), a.next_event()).await {
+            Ok(Some(Ok(Event::Message(m)))) => {
+                assert!(
+                    !revoked.contains(&m.partition),
+                    "offset {} of revoked partition {} delivered",
+                    m.offset,
+                    m.partition
+                );
+                // Every message handed out can be committed by its member.
+                a.commit(&m).await.unwrap();
+            }
+            Ok(Some(Ok(Event::Revoking(ps)))) => revoked = ps,
+            Ok(Some(Ok(_))) | Err(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let _ = timeout(Duration::from_millis(1), b.next_event()).await;
+    }
+    assert_eq!(revoked.len(), 1, "no revocation seen");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -612,7 +612,7 @@ async fn nothing_of_a_revoked_partition_is_delivered_after_the_revocation() {
     let mut b = member(&client, "t", "g").await;
     let mut revoked: Vec<u32> = Vec::new();
     let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until && b.assignment().len() < 1 {
+    while Instant::now() < until && b.assignment().is_empty() {
         match timeout(Duration::from_millis(50), a.next_event()).await {
             Ok(Some(Ok(Event::Message(m)))) => {
                 assert!(

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::etcd_proc::EtcdCluster;
+use common::group::send_all;
 use pubsub_etcd::{AutoCommit, Client, Error, NewTopic, Record};
 use tokio::time::timeout;
 
@@ -68,12 +69,7 @@ async fn a_user_confined_to_a_namespace_works_inside_and_is_refused_outside() {
         .await
         .unwrap();
     let producer = alice.producer("orders").build().await.unwrap();
-    for r in producer
-        .send_batch((0..10).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (0..10).map(|i| Record::new(format!("{i}")))).await;
     let mut consumer = alice
         .consumer("orders", "billing")
         .auto_commit(AutoCommit::Disabled)

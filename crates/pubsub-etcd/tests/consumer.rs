@@ -7,21 +7,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use common::group::{member, send_all, within, TTL};
 use common::ns::Namespace;
-use pubsub_etcd::{AutoCommit, Client, Consumer, Event, NewTopic, Record, StartOffset};
+use pubsub_etcd::{AutoCommit, Consumer, Event, NewTopic, Record, StartOffset};
 use tokio::time::{timeout, Instant};
-
-const TTL: Duration = Duration::from_secs(3);
-
-async fn member(client: &Client, topic: &str, group: &str) -> Consumer {
-    client
-        .consumer(topic, group)
-        .session_ttl(TTL)
-        .auto_commit(AutoCommit::Disabled)
-        .join()
-        .await
-        .unwrap()
-}
 
 /// Polls `consumer` (so rebalance events are acknowledged) until `done`
 /// holds or the deadline passes; returns the messages seen meanwhile.
@@ -96,9 +85,7 @@ async fn group_delivers_everything_in_order_and_resumes_after_commit() {
     let early: Vec<_> = (0..200)
         .map(|i| Record::new(format!("{i}")).key(format!("k{}", i % 10)))
         .collect();
-    for r in producer.send_batch(early).await {
-        r.unwrap();
-    }
+    send_all(&producer, early).await;
     let mut consumer = member(&client, "t", "g").await;
     let sender = {
         let producer = producer.clone();
@@ -115,11 +102,7 @@ async fn group_delivers_everything_in_order_and_resumes_after_commit() {
     let mut values = Vec::new();
     let mut last = None;
     while values.len() < 1000 {
-        let m = timeout(Duration::from_secs(20), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let m = within(Duration::from_secs(20), consumer.recv()).await;
         per_partition.entry(m.partition).or_default().push(m.offset);
         values.push(
             String::from_utf8(m.value.to_vec())
@@ -150,11 +133,7 @@ async fn group_delivers_everything_in_order_and_resumes_after_commit() {
         .await
         .unwrap();
     let mut again = member(&client, "t", "g").await;
-    let m = timeout(Duration::from_secs(10), again.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let m = within(Duration::from_secs(10), again.recv()).await;
     assert_eq!(
         m.value.as_ref(),
         b"after",
@@ -194,32 +173,23 @@ async fn start_offsets_and_manual_assignment() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..10).map(|i| Record::new(format!("{i}")).timestamp(1000 + i)))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(
+        &producer,
+        (0..10).map(|i| Record::new(format!("{i}")).timestamp(1000 + i)),
+    )
+    .await;
     let mut reader = client
         .assign("t", [(0, StartOffset::Offset(7))])
         .await
         .unwrap();
-    let m = timeout(Duration::from_secs(5), reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let m = within(Duration::from_secs(5), reader.recv()).await;
     assert_eq!(m.offset, 7);
     reader.close().await;
     let mut reader = client
         .assign("t", [(0, StartOffset::Timestamp(1004))])
         .await
         .unwrap();
-    let m = timeout(Duration::from_secs(5), reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let m = within(Duration::from_secs(5), reader.recv()).await;
     assert_eq!(m.offset, 4);
     reader.close().await;
     let mut latest = client
@@ -235,11 +205,7 @@ async fn start_offsets_and_manual_assignment() {
     })
     .await;
     producer.send(Record::new("new")).await.unwrap();
-    let m = timeout(Duration::from_secs(5), latest.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let m = within(Duration::from_secs(5), latest.recv()).await;
     assert_eq!((m.offset, m.value.as_ref()), (10, b"new".as_ref()));
     latest.close().await.unwrap();
     // Admin reset moves the group's committed offsets.
@@ -261,12 +227,11 @@ async fn one_subscription_per_partition() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 3)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..30u32).map(|i| Record::new(format!("{i}")).partition(i % 3)))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(
+        &producer,
+        (0..30u32).map(|i| Record::new(format!("{i}")).partition(i % 3)),
+    )
+    .await;
     let mut partitioned = member(&client, "t", "g").await.into_partitioned(4);
     let mut tasks = Vec::new();
     for _ in 0..3 {
@@ -304,20 +269,11 @@ async fn rebalance_events_reach_the_application_in_order() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 2)).await.unwrap();
     let mut a = member(&client, "t", "g").await;
-    let event = timeout(Duration::from_secs(10), a.next_event())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = within(Duration::from_secs(10), a.next_event()).await;
     assert_eq!(event, Event::Assigned(vec![0, 1]));
     let mut b = member(&client, "t", "g").await;
     // `a` is told before it loses a partition, and only then does `b` get it.
-    let revoked = match timeout(Duration::from_secs(10), a.next_event())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-    {
+    let revoked = match within(Duration::from_secs(10), a.next_event()).await {
         Event::Revoking(ps) => ps,
         other => panic!("expected Revoking, got {other:?}"),
     };
@@ -329,11 +285,7 @@ async fn rebalance_events_reach_the_application_in_order() {
     );
     // Coming back for the next event acknowledges the revocation.
     let _ = timeout(Duration::from_millis(300), a.next_event()).await;
-    let event = timeout(Duration::from_secs(10), b.next_event())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = within(Duration::from_secs(10), b.next_event()).await;
     assert_eq!(event, Event::Assigned(revoked.clone()));
     assert!(!a.assignment().contains(&revoked[0]));
     a.close().await.unwrap();
@@ -346,12 +298,7 @@ async fn auto_commit_policies_and_seek() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..10).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (0..10).map(|i| Record::new(format!("{i}")))).await;
     // EveryMessage: taking message n+1 commits message n.
     let mut every = client
         .consumer("t", "every")
@@ -361,11 +308,7 @@ async fn auto_commit_policies_and_seek() {
         .await
         .unwrap();
     for _ in 0..4 {
-        timeout(Duration::from_secs(5), every.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        within(Duration::from_secs(5), every.recv()).await;
     }
     assert_eq!(
         client.committed_offsets("t", "every").await.unwrap(),
@@ -373,11 +316,7 @@ async fn auto_commit_policies_and_seek() {
     );
     // Seek back: the next message is offset 1 again.
     every.seek(0, 1).await.unwrap();
-    let m = timeout(Duration::from_secs(5), every.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let m = within(Duration::from_secs(5), every.recv()).await;
     assert_eq!(m.offset, 1);
     every.close().await.unwrap();
     assert_eq!(
@@ -394,11 +333,7 @@ async fn auto_commit_policies_and_seek() {
         .await
         .unwrap();
     for _ in 0..10 {
-        timeout(Duration::from_secs(5), interval.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        within(Duration::from_secs(5), interval.recv()).await;
     }
     let until = Instant::now() + Duration::from_secs(5);
     while client.committed_offsets("t", "interval").await.unwrap() != BTreeMap::from([(0, 10)]) {
@@ -422,21 +357,11 @@ async fn a_message_read_under_a_lost_claim_cannot_be_committed() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..100).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (0..100).map(|i| Record::new(format!("{i}")))).await;
     let mut consumer = member(&client, "t", "g").await;
     let mut held = None;
     while held.is_none() {
-        if let Event::Message(m) = timeout(Duration::from_secs(10), consumer.next_event())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
+        if let Event::Message(m) = within(Duration::from_secs(10), consumer.next_event()).await {
             held = Some(m);
         }
     }
@@ -454,12 +379,7 @@ async fn a_message_read_under_a_lost_claim_cannot_be_committed() {
     // It reports the loss, then claims the partition again.
     let mut saw_lost = false;
     loop {
-        match timeout(Duration::from_secs(10), consumer.next_event())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
+        match within(Duration::from_secs(10), consumer.next_event()).await {
             Event::Lost(ps) => {
                 assert_eq!(ps, vec![0]);
                 saw_lost = true;
@@ -486,12 +406,11 @@ async fn an_unreadable_committed_offset_does_not_stall_the_partition() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 2)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..20u32).map(|i| Record::new(format!("{i}")).partition(i % 2)))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(
+        &producer,
+        (0..20u32).map(|i| Record::new(format!("{i}")).partition(i % 2)),
+    )
+    .await;
     client
         .etcd()
         .clone()
@@ -594,18 +513,13 @@ async fn nothing_of_a_revoked_partition_is_delivered_after_the_revocation() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 2)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..400u32).map(|i| Record::new(format!("{i}")).partition(i % 2)))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(
+        &producer,
+        (0..400u32).map(|i| Record::new(format!("{i}")).partition(i % 2)),
+    )
+    .await;
     let mut a = member(&client, "t", "g").await;
-    let event = timeout(Duration::from_secs(10), a.next_event())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = within(Duration::from_secs(10), a.next_event()).await;
     assert_eq!(event, Event::Assigned(vec![0, 1]));
     // Let both partitions' messages queue up, then make `a` give one away.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -11,11 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
+use common::group::{member, send_all, within, TTL};
 use common::ns::Namespace;
 use pubsub_etcd::{AutoCommit, Consumer, Event, NewTopic, Record};
 use tokio::time::{timeout, Instant};
 
-const TTL: Duration = Duration::from_secs(3);
 const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
 
 /// Not a test on its own: the body of a child member process. It prints
@@ -154,16 +154,6 @@ impl Drop for ChildMember {
     }
 }
 
-async fn local_member(client: &pubsub_etcd::Client, topic: &str, group: &str) -> Consumer {
-    client
-        .consumer(topic, group)
-        .session_ttl(TTL)
-        .auto_commit(AutoCommit::Disabled)
-        .join()
-        .await
-        .unwrap()
-}
-
 /// Polls the local member for a while, committing what it receives.
 async fn poll(consumer: &mut Consumer, seen: &mut Vec<(u32, u64)>, for_: Duration) {
     let until = Instant::now() + for_;
@@ -183,13 +173,8 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 6)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..600).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
-    let mut local = local_member(&client, "t", "g").await;
+    send_all(&producer, (0..600).map(|i| Record::new(format!("{i}")))).await;
+    let mut local = member(&client, "t", "g").await;
     let mut child = ChildMember::spawn(ns.name(), "t", "g");
     let mut seen = Vec::new();
     let until = Instant::now() + Duration::from_secs(20);
@@ -257,7 +242,7 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 2)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    let mut local = local_member(&client, "t", "g").await;
+    let mut local = member(&client, "t", "g").await;
     let mut child = ChildMember::spawn(ns.name(), "t", "g");
     let mut seen = Vec::new();
     let until = Instant::now() + Duration::from_secs(20);
@@ -295,12 +280,11 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
         );
     }
     // Produced while the child is frozen: only the local member may get them.
-    for r in producer
-        .send_batch((0..20).map(|i| Record::new(format!("{i}")).partition(theirs)))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(
+        &producer,
+        (0..20).map(|i| Record::new(format!("{i}")).partition(theirs)),
+    )
+    .await;
     poll(&mut local, &mut seen, Duration::from_millis(500)).await;
     child.drain();
     let before_resume = child.seen.len();
@@ -359,12 +343,7 @@ async fn compaction_during_catch_up_loses_nothing() {
         .build()
         .await
         .unwrap();
-    for r in producer
-        .send_batch((0..3000).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (0..3000).map(|i| Record::new(format!("{i}")))).await;
     let mut consumer = client
         .consumer("t", "g")
         .session_ttl(TTL)
@@ -376,11 +355,7 @@ async fn compaction_during_catch_up_loses_nothing() {
         .unwrap();
     let mut offsets = Vec::new();
     while offsets.len() < 1000 {
-        let m = timeout(Duration::from_secs(10), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let m = within(Duration::from_secs(10), consumer.recv()).await;
         offsets.push(m.offset);
     }
     let mut etcd = client.etcd().clone();
@@ -398,18 +373,9 @@ async fn compaction_during_catch_up_loses_nothing() {
             "compaction failed: {e}"
         );
     }
-    for r in producer
-        .send_batch((3000..4000).map(|i| Record::new(format!("{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (3000..4000).map(|i| Record::new(format!("{i}")))).await;
     while offsets.len() < 4000 {
-        let m = timeout(Duration::from_secs(10), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let m = within(Duration::from_secs(10), consumer.recv()).await;
         offsets.push(m.offset);
     }
     assert_eq!(offsets, (0..4000).collect::<Vec<u64>>());

@@ -6,6 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use common::group::send_all;
 use common::ns::Namespace;
 use pubsub_etcd::{
     AutoCommit, CleanupPolicy, Client, Event, Message, NewTopic, Producer, Record, StartOffset,
@@ -626,9 +627,7 @@ async fn key_compaction_concurrent_with_producer() {
             let records: Vec<_> = (0..10)
                 .map(|k| Record::new(format!("k{k}-v{version}")).key(format!("k{k}")))
                 .collect();
-            for r in prod.send_batch(records).await {
-                r.unwrap();
-            }
+            send_all(&prod, records).await;
             for k in 0..10 {
                 newest.insert(format!("k{k}"), format!("k{k}-v{version}"));
             }
@@ -665,12 +664,7 @@ async fn group_below_earliest_resumes_at_earliest_and_reports_it() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    for r in producer
-        .send_batch((0..100).map(|i| Record::new(format!("m{i}"))))
-        .await
-    {
-        r.unwrap();
-    }
+    send_all(&producer, (0..100).map(|i| Record::new(format!("m{i}")))).await;
     client
         .commit_offsets_unowned("t", "g", &BTreeMap::from([(0, 10)]))
         .await

@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub mod etcd_proc;
+pub mod group;
 pub mod ns;

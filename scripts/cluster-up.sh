@@ -79,6 +79,7 @@ for i in "${!members[@]}"; do
     data_dir="$(mktemp -d "${TMPDIR:-/tmp}/pubsub-etcd-data-$base-$m.XXXXXX")"
     printf '%s\n' "$data_dir" >"$state_dir/$m.datadir"
     : >"$state_dir/$m.log"
+    etcd_common_flags "$quota"
     args=(
         --name="$m"
         --data-dir="$data_dir"
@@ -89,16 +90,8 @@ for i in "${!members[@]}"; do
         --initial-cluster="$initial_cluster"
         --initial-cluster-state=new
         --initial-cluster-token="$token"
-        # Keep the revision history (and thus the db) bounded on long runs.
-        --auto-compaction-mode=periodic
-        --auto-compaction-retention=10m
-        --snapshot-count=10000
-        --logger=zap
-        --log-outputs=stderr
+        "${common_flags[@]}"
     )
-    if [[ -n "$quota" ]]; then
-        args+=(--quota-backend-bytes="$quota")
-    fi
     # Detached stdio, so `$(cluster-up.sh)` does not wait on etcd's pipes.
     "${CLEAN_ENV[@]}" etcd "${args[@]}" </dev/null >>"$state_dir/$m.log" 2>&1 &
     pids+=("$!")

@@ -48,6 +48,7 @@ log_file="$state_dir/log"
 printf '%s\n' "$data_dir" >"$state_dir/datadir"
 : >"$log_file"
 
+etcd_common_flags "$quota"
 args=(
     --name=default
     --data-dir="$data_dir"
@@ -58,16 +59,8 @@ args=(
     --initial-cluster="default=http://127.0.0.1:$peer_port"
     --initial-cluster-state=new
     --initial-cluster-token="$(unique_token "pubsub-etcd-$port")"
-    # Keep the revision history (and thus the db) bounded on long runs.
-    --auto-compaction-mode=periodic
-    --auto-compaction-retention=10m
-    --snapshot-count=10000
-    --logger=zap
-    --log-outputs=stderr
+    "${common_flags[@]}"
 )
-if [[ -n "$quota" ]]; then
-    args+=(--quota-backend-bytes="$quota")
-fi
 
 # stdin/stdout/stderr are detached from the caller so that `$(etcd-up.sh)`
 # returns as soon as this script exits instead of waiting on etcd's pipes.

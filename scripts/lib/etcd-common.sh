@@ -164,3 +164,20 @@ stop_throwaway_etcd() {
     ETCD_PORT="$throwaway_port" ETCD_STATE_DIR="$throwaway_state" scripts/etcd-down.sh || true
     rm -rf -- "$throwaway_state"
 }
+
+# Sets `common_flags` to the flags every etcd the scripts start gets, plus
+# --quota-backend-bytes when $1 is set. Periodic compaction keeps the
+# revision history (and thus the db) bounded on long runs; a small snapshot
+# count keeps the write-ahead log small.
+etcd_common_flags() {
+    common_flags=(
+        --auto-compaction-mode=periodic
+        --auto-compaction-retention=10m
+        --snapshot-count=10000
+        --logger=zap
+        --log-outputs=stderr
+    )
+    if [[ -n "${1:-}" ]]; then
+        common_flags+=(--quota-backend-bytes="$1")
+    fi
+}

@@ -92,7 +92,15 @@ impl ClientBuilder {
 
     /// The prefix under which every key of the library lives, so that
     /// applications can share an etcd and etcd's RBAC can confine a user to
-    /// one namespace. Default: `pubsub-etcd`.
+    /// one namespace (grant it the prefix `<namespace>/`). Default:
+    /// `pubsub-etcd`.
+    ///
+    /// A namespace is one name of 1 to 249 characters from
+    /// `[A-Za-z0-9._-]` (not `.` or `..`), optionally after a leading `/`
+    /// (`/my-app`); a trailing `/` is ignored. It cannot contain another `/`:
+    /// namespaces that nest (`x` and `x/data/foo`) would share keys, and one
+    /// could list or delete the other's. [`connect`](Self::connect) fails
+    /// with [`Error::InvalidNamespace`] otherwise.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
@@ -142,11 +150,7 @@ impl ClientBuilder {
         if self.endpoints.is_empty() {
             return Err(Error::InvalidConfig("no etcd endpoints given".into()));
         }
-        if self.namespace.trim_matches('/').is_empty() {
-            return Err(Error::InvalidConfig(
-                "the namespace must not be empty".into(),
-            ));
-        }
+        let keys = Keys::new(&self.namespace)?;
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(Error::InvalidConfig(
                 "timeouts must be greater than zero".into(),
@@ -213,8 +217,8 @@ impl ClientBuilder {
             etcd,
             kv,
             watch,
-            keys: Keys::new(&self.namespace),
-            namespace: self.namespace,
+            namespace: keys.namespace().to_string(),
+            keys,
             request_timeout: self.connect_timeout,
             endpoints: endpoints.len(),
             connect_options: options.clone(),

@@ -21,6 +21,14 @@ pub enum Error {
     #[error("invalid group name {name:?}: {reason}")]
     InvalidGroupName { name: String, reason: &'static str },
 
+    /// A namespace breaks the naming rules (one name, optionally after a
+    /// leading `/`; see [`ClientBuilder::namespace`](crate::ClientBuilder::namespace)).
+    #[error("invalid namespace {namespace:?}: {reason}")]
+    InvalidNamespace {
+        namespace: String,
+        reason: &'static str,
+    },
+
     /// A partition count outside `1..=MAX_PARTITIONS`.
     #[error("invalid partition count {count}: must be between 1 and {max}")]
     InvalidPartitionCount { count: u32, max: u32 },

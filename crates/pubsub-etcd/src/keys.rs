@@ -12,9 +12,15 @@
 //! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
 //! ```
 //!
+//! `<ns>` is a single name, optionally after a leading `/` ([`Keys::new`]),
+//! so no namespace's keys lie under another's prefix.
+//!
 //! Partitions and offsets are zero-padded decimals, so etcd's byte order is
 //! numeric order. Every prefix used in a range ends in `/`: names may contain
 //! `-` and `.`, which sort before `/`, so `topics/a` must never match `topics/a-b`.
+
+use crate::error::{Error, Result};
+use crate::topic::check_name;
 
 /// Width of a zero-padded offset: `u64::MAX` has 20 digits.
 const OFFSET_WIDTH: usize = 20;
@@ -29,10 +35,32 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    pub(crate) fn new(namespace: &str) -> Self {
-        Keys {
-            root: format!("{}/", namespace.trim_end_matches('/')),
+    /// Checks the namespace rule. A namespace is one name (the topic naming
+    /// rules), optionally after a leading `/`, so `<ns>/` of one namespace
+    /// is never a prefix of another's: every key and range of a namespace
+    /// lies under its own root, and no two roots nest.
+    pub(crate) fn new(namespace: &str) -> Result<Self> {
+        let trimmed = namespace.strip_suffix('/').unwrap_or(namespace);
+        let name = trimmed.strip_prefix('/').unwrap_or(trimmed);
+        let reason = if name.contains('/') {
+            Some("must be a single name without '/' (namespaces that nest would share keys)")
+        } else {
+            check_name(name).err()
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidNamespace {
+                namespace: namespace.to_string(),
+                reason,
+            }),
+            None => Ok(Keys {
+                root: format!("{trimmed}/"),
+            }),
         }
+    }
+
+    /// The namespace, without the trailing `/`.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.root[..self.root.len() - 1]
     }
 
     pub(crate) fn topics_prefix(&self) -> String {
@@ -164,7 +192,7 @@ mod tests {
 
     #[test]
     fn batch_keys_sort_in_offset_order() {
-        let keys = Keys::new("ns");
+        let keys = Keys::new("ns").unwrap();
         let a = keys.batch("t", 7, 3, 9);
         let b = keys.batch("t", 7, 3, 10);
         let c = keys.batch("t", 7, 3, u64::MAX);
@@ -175,11 +203,71 @@ mod tests {
 
     #[test]
     fn prefixes_do_not_match_longer_names() {
-        let keys = Keys::new("ns/");
+        let keys = Keys::new("ns/").unwrap();
         let a = keys.topic_data_prefix("a");
         let ab = keys.topic_data_prefix("a-b");
         assert!(!ab.starts_with(&a));
         assert!(ab.as_bytes() < prefix_end(&a).as_slice() && ab < a);
         assert_eq!(prefix_end("x/"), b"x0".to_vec());
+    }
+
+    /// Every key and range prefix the library can form in one namespace,
+    /// for names chosen to collide with the layout's own segments.
+    fn everything(keys: &Keys) -> Vec<String> {
+        let mut all = vec![keys.topics_prefix(), keys.groups_root()];
+        for topic in ["t", "data", "groups", "topics", "foo", "a-b"] {
+            all.push(keys.topic(topic));
+            all.push(keys.topic_data_prefix(topic));
+            all.push(keys.head(topic, 1, 0));
+            all.push(keys.batch(topic, 1, 0, u64::MAX));
+            all.push(keys.waiting(topic, 1, 0, 7));
+            all.push(keys.topic_groups_prefix(topic));
+            for group in ["g", "members", "offsets"] {
+                all.push(keys.member(topic, group, "m"));
+                all.push(keys.owner(topic, group, 0));
+                all.push(keys.offset(topic, group, 0));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn no_namespace_reaches_into_another() {
+        let names = [
+            "x", "x-", "x.", "x_", "xx", "data", "topics", "groups", "foo", "g", "t", "/x",
+            "/data", "x/", "pubsub-etcd", "..x",
+        ];
+        for a in names {
+            let ka = Keys::new(a).unwrap();
+            for b in names {
+                let kb = Keys::new(b).unwrap();
+                if ka.namespace() == kb.namespace() {
+                    continue;
+                }
+                // A range over a prefix covers exactly the keys starting with
+                // it, so "B can touch a key of A" is "A's key starts with B's root".
+                for key in everything(&ka) {
+                    assert!(
+                        !key.starts_with(&kb.root),
+                        "namespace {b:?} reaches {key:?} of namespace {a:?}"
+                    );
+                    assert!(key.as_bytes() >= ka.root.as_bytes());
+                    assert!(key.as_bytes() < prefix_end(&ka.root).as_slice());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_namespaces_are_refused() {
+        for bad in ["x/data/foo", "n/topics", "g/groups/t", "a//b", "", "/", "//", ".", "a b"] {
+            let err = Keys::new(bad).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidNamespace { namespace, .. } if namespace == bad),
+                "{bad:?}: {err}"
+            );
+        }
+        assert_eq!(Keys::new("/app/").unwrap().namespace(), "/app");
+        assert_eq!(Keys::new("app/").unwrap().namespace(), "app");
     }
 }

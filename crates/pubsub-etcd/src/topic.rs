@@ -20,7 +20,7 @@ pub const MAX_NAME_LEN: usize = 249;
 
 /// Checks a name against the rules shared by topics and groups:
 /// 1 to 249 characters from `[A-Za-z0-9._-]`, and not `.` or `..`.
-fn check_name(name: &str) -> std::result::Result<(), &'static str> {
+pub(crate) fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         return Err("must not be empty");
     }

@@ -33,6 +33,12 @@ impl Namespace {
         }
     }
 
+    /// A namespace of a chosen name (for tests about how names relate);
+    /// dropping it deletes its keys like any other.
+    pub fn named(name: impl Into<String>) -> Namespace {
+        Namespace { name: name.into() }
+    }
+
     /// The namespace, without the trailing `/`.
     pub fn name(&self) -> &str {
         &self.name

@@ -17,14 +17,17 @@ ensure_cargo
 
 # Compile before starting etcd, so a slow first build does not keep an idle
 # etcd around and a build error needs no cleanup.
-cargo build --release -p pubsub-etcd --example quickstart -p pubsub-etcd-cli
+# Two builds: with `--example`, cargo builds only example targets, so the
+# CLI's binary would be missing on a fresh clone.
+cargo build --release -p pubsub-etcd --example quickstart
+cargo build --release -p pubsub-etcd-cli
 
 start_throwaway_etcd 23791 quickstart
 
 cargo run --release -p pubsub-etcd --example quickstart
 
 # The same walk-through with the command-line tool.
-cli=target/release/pubsub-etcd
+cli="${CARGO_TARGET_DIR:-target}/release/pubsub-etcd"
 export PUBSUB_ETCD_NAMESPACE="quickstart-cli-$$"
 log "command line: create a topic, produce three lines, consume them as group 'demo'"
 "$cli" topic create greetings --partitions 2

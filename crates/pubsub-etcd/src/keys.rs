@@ -234,8 +234,22 @@ mod tests {
     #[test]
     fn no_namespace_reaches_into_another() {
         let names = [
-            "x", "x-", "x.", "x_", "xx", "data", "topics", "groups", "foo", "g", "t", "/x",
-            "/data", "x/", "pubsub-etcd", "..x",
+            "x",
+            "x-",
+            "x.",
+            "x_",
+            "xx",
+            "data",
+            "topics",
+            "groups",
+            "foo",
+            "g",
+            "t",
+            "/x",
+            "/data",
+            "x/",
+            "pubsub-etcd",
+            "..x",
         ];
         for a in names {
             let ka = Keys::new(a).unwrap();
@@ -260,7 +274,17 @@ mod tests {
 
     #[test]
     fn nesting_namespaces_are_refused() {
-        for bad in ["x/data/foo", "n/topics", "g/groups/t", "a//b", "", "/", "//", ".", "a b"] {
+        for bad in [
+            "x/data/foo",
+            "n/topics",
+            "g/groups/t",
+            "a//b",
+            "",
+            "/",
+            "//",
+            ".",
+            "a b",
+        ] {
             let err = Keys::new(bad).unwrap_err();
             assert!(
                 matches!(&err, Error::InvalidNamespace { namespace, .. } if namespace == bad),

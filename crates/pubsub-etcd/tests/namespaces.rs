@@ -72,13 +72,21 @@ async fn neighbouring_namespaces_are_isolated() {
                 .into_iter()
                 .map(|t| t.name)
                 .collect();
-            assert_eq!(names, ["data", "foo", "groups"], "namespace {j} after {i} deleted");
+            assert_eq!(
+                names,
+                ["data", "foo", "groups"],
+                "namespace {j} after {i} deleted"
+            );
             for topic in ["data", "foo", "groups"] {
                 let fetched = other.fetch(topic, 0, 0, 10).await.unwrap();
                 assert_eq!(fetched.messages.len(), 1, "{topic} of namespace {j}");
                 assert_eq!(fetched.messages[0].value, spaces[j].name().as_bytes());
                 let offsets = other.committed_offsets(topic, "g").await.unwrap();
-                assert_eq!(offsets, BTreeMap::from([(0, 1)]), "{topic} of namespace {j}");
+                assert_eq!(
+                    offsets,
+                    BTreeMap::from([(0, 1)]),
+                    "{topic} of namespace {j}"
+                );
             }
         }
         let names: Vec<String> = client

@@ -13,6 +13,9 @@ pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
 
+    #[command(flatten)]
+    pub log: LogArgs,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,6 +64,20 @@ pub struct ConnectionArgs {
     /// Longest any one etcd request may take, e.g. 5s or 500ms [default: 10s]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+}
+
+/// How much the library and the tool log on stderr.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// Log more: -v info, -vv debug, -vvv trace (warnings are always shown).
+    /// RUST_LOG, when set, replaces these levels (e.g. RUST_LOG=pubsub_etcd=debug)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Log less: -q errors only, -qq nothing
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +294,11 @@ pub struct ProduceArgs {
     /// Add a header to every message (repeatable)
     #[arg(long = "header", value_name = "K=V", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+
+    /// Give up on a message not stored after this long, retries included
+    /// [default: --timeout when given, else 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub delivery_timeout: Option<Duration>,
 
     /// Output format
     #[arg(long, value_enum, default_value_t)]

@@ -9,10 +9,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // Usage errors exit with clap's status 2 here, before any work.
     let cli = cli::Cli::parse();
+    init_logging(&cli.log);
     let credentials = commands::credentials(&cli.connection).unwrap_or_else(|e| e.exit());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -36,4 +38,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr, warnings included by default: they are how the
+/// library reports what it skipped or retried (an unreadable offset, an
+/// unreachable etcd), and a person must see them.
+fn init_logging(args: &cli::LogArgs) {
+    let level = match (args.quiet, args.verbose) {
+        (2.., _) => "off",
+        (1, _) => "error",
+        (0, 0) => "warn",
+        (0, 1) => "info",
+        (0, 2) => "debug",
+        (0, 3..) => "trace",
+    };
+    // RUST_LOG replaces the levels; a malformed RUST_LOG falls back to them
+    // rather than silencing everything.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(args.verbose > 0)
+        .without_time()
+        .init();
 }

@@ -238,15 +238,13 @@ impl ClientBuilder {
             )
             .await?;
         let alive = Arc::new(());
-        if endpoints.len() > 1 {
-            health::spawn(
-                client.etcd.clone(),
-                endpoints,
-                options,
-                client.keys.topics_prefix(),
-                Arc::downgrade(&alive),
-            );
-        }
+        health::spawn(
+            client.etcd.clone(),
+            endpoints,
+            options,
+            client.keys.topics_prefix(),
+            Arc::downgrade(&alive),
+        );
         Ok(Client {
             request_timeout: self.request_timeout,
             _alive: alive,
@@ -258,6 +256,24 @@ impl ClientBuilder {
 fn read_pem(path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| Error::InvalidConfig(format!("cannot read {}: {e}", path.display())))
+}
+
+/// An endpoint as it may be shown in logs and errors: credentials written
+/// into a URL (`http://user:secret@host:2379`) become `***`.
+pub fn redact_endpoint(endpoint: &str) -> String {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, endpoint),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let redacted = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => return endpoint.to_string(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{redacted}"),
+        None => redacted,
+    }
 }
 
 /// A connection to etcd, scoped to one namespace. Cheap to clone: clones
@@ -360,5 +376,21 @@ impl Client {
                 timeout: self.request_timeout,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_endpoint;
+
+    #[test]
+    fn credentials_in_endpoints_are_redacted() {
+        assert_eq!(redact_endpoint("http://u:pw@h:2379"), "http://***@h:2379");
+        assert_eq!(redact_endpoint("u:pw@h:2379"), "***@h:2379");
+        assert_eq!(
+            redact_endpoint("https://h:2379/p@th"),
+            "https://h:2379/p@th"
+        );
+        assert_eq!(redact_endpoint("127.0.0.1:2379"), "127.0.0.1:2379");
     }
 }

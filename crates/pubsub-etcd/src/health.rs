@@ -1,5 +1,5 @@
 //! Endpoint health: keeps members that do not answer out of the client's
-//! load balancer.
+//! load balancer, and tells a person when etcd as a whole is unreachable.
 //!
 //! etcd-client spreads requests over all endpoints and never drops one that
 //! still accepts TCP connections. A frozen or overloaded member does (the
@@ -11,20 +11,34 @@
 //! last answering endpoint, and stops when the last [`Client`] clone is
 //! dropped.
 //!
+//! When no endpoint answers, every request fails or waits out its timeout,
+//! and a process that only follows a topic would otherwise stay silent. So
+//! the outage is logged as a warning once it lasted [`OUTAGE_REPORT_AFTER`],
+//! again every [`OUTAGE_REPORT_EVERY`], and once more when etcd answers again.
+//!
 //! [`Client`]: crate::Client
 
 use std::collections::HashSet;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{ConnectOptions, GetOptions};
+
+use crate::client::redact_endpoint;
 
 /// How often every endpoint is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a probe may take before its endpoint counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
-/// Starts the checker for a client with more than one endpoint.
+/// How long nothing must answer before the outage is reported: long enough
+/// that one slow probe is not news, shorter than the default request timeout.
+const OUTAGE_REPORT_AFTER: Duration = Duration::from_secs(2);
+/// How often a continuing outage is reported again.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// Starts the checker. With a single endpoint it only reports outages: there
+/// is nothing to take out of rotation.
 pub(crate) fn spawn(
     balancer: etcd_client::Client,
     endpoints: Vec<String>,
@@ -35,6 +49,7 @@ pub(crate) fn spawn(
     tokio::spawn(async move {
         let mut probes: Vec<Option<etcd_client::Client>> = vec![None; endpoints.len()];
         let mut removed: HashSet<usize> = HashSet::new();
+        let mut outage = Outage::default();
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -47,27 +62,80 @@ pub(crate) fn spawn(
                 .zip(probes.iter_mut())
                 .map(|(endpoint, probe)| answers(endpoint, probe, &options, &probe_key));
             let healthy: Vec<bool> = futures::future::join_all(checks).await;
-            if !healthy.iter().any(|h| *h) {
+            let any_answers = healthy.iter().any(|h| *h);
+            outage.observe(any_answers, &endpoints);
+            if !any_answers || endpoints.len() == 1 {
                 // Nothing answers: removing endpoints would only make the
                 // client fail differently once etcd is back.
                 continue;
             }
             for (i, endpoint) in endpoints.iter().enumerate() {
                 let change = if !healthy[i] && removed.insert(i) {
-                    tracing::warn!(%endpoint, "etcd endpoint not answering, taking it out of rotation");
+                    let endpoint_shown = redact_endpoint(endpoint);
+                    tracing::warn!(endpoint = %endpoint_shown, "etcd endpoint not answering, taking it out of rotation");
                     balancer.remove_endpoint(endpoint).await
                 } else if healthy[i] && removed.remove(&i) {
-                    tracing::info!(%endpoint, "etcd endpoint answering again, back in rotation");
+                    let endpoint_shown = redact_endpoint(endpoint);
+                    tracing::info!(endpoint = %endpoint_shown, "etcd endpoint answering again, back in rotation");
                     balancer.add_endpoint(endpoint).await
                 } else {
                     Ok(())
                 };
                 if let Err(error) = change {
-                    tracing::warn!(%endpoint, %error, "could not change the endpoint rotation");
+                    tracing::warn!(endpoint = %redact_endpoint(endpoint), %error, "could not change the endpoint rotation");
                 }
             }
         }
     });
+}
+
+/// Tracks whether any endpoint answers, and reports outages.
+#[derive(Debug, Default)]
+struct Outage {
+    /// When the current outage began.
+    since: Option<Instant>,
+    /// When it was last reported, if it was.
+    reported: Option<Instant>,
+}
+
+impl Outage {
+    fn observe(&mut self, any_answers: bool, endpoints: &[String]) {
+        let now = Instant::now();
+        match (any_answers, self.since) {
+            (false, None) => self.since = Some(now),
+            (false, Some(since)) => {
+                let down = now - since;
+                let due = match self.reported {
+                    None => down >= OUTAGE_REPORT_AFTER,
+                    Some(at) => now - at >= OUTAGE_REPORT_EVERY,
+                };
+                if due {
+                    tracing::warn!(
+                        endpoints = %shown(endpoints),
+                        "etcd unreachable for {} s, retrying",
+                        down.as_secs()
+                    );
+                    self.reported = Some(now);
+                }
+            }
+            (true, Some(since)) => {
+                if self.reported.is_some() {
+                    tracing::warn!(
+                        endpoints = %shown(endpoints),
+                        "etcd reachable again after {} s",
+                        (now - since).as_secs()
+                    );
+                }
+                *self = Outage::default();
+            }
+            (true, None) => {}
+        }
+    }
+}
+
+fn shown(endpoints: &[String]) -> String {
+    let shown: Vec<String> = endpoints.iter().map(|e| redact_endpoint(e)).collect();
+    shown.join(",")
 }
 
 /// Probes one endpoint with a small read on a connection of its own,

@@ -152,7 +152,8 @@ mod topic;
 
 pub use bytes::Bytes;
 pub use client::{
-    endpoints_from_env, Client, ClientBuilder, DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV,
+    endpoints_from_env, redact_endpoint, Client, ClientBuilder, DEFAULT_ENDPOINT,
+    DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
 pub use error::{Error, Result};

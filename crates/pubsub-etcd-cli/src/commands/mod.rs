@@ -25,7 +25,7 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
     let client = connect(&cli.connection, credentials).await?;
     match cli.command {
         Command::Topic(command) => topic::run(&client, command).await,
-        Command::Produce(args) => produce::run(&client, args).await,
+        Command::Produce(args) => produce::run(&client, args, cli.connection.timeout).await,
         Command::Consume(args) => consume::run(&client, args).await,
         Command::Group(command) => group::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
@@ -49,7 +49,11 @@ async fn connect(
     if endpoints.is_empty() {
         endpoints.push(pubsub_etcd::DEFAULT_ENDPOINT.to_string());
     }
-    let shown = endpoints.join(",");
+    let shown: Vec<String> = endpoints
+        .iter()
+        .map(|e| pubsub_etcd::redact_endpoint(e))
+        .collect();
+    let shown = shown.join(",");
     let mut builder = Client::builder(endpoints).namespace(&args.namespace);
     if let Some(timeout) = args.timeout {
         builder = builder.request_timeout(timeout);

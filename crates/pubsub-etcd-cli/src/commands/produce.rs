@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pubsub_etcd::{Bytes, Client, Delivery, Record};
+use pubsub_etcd::{Bytes, Client, Delivery, Error, Record, DEFAULT_MAX_BATCH_BYTES};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -20,27 +20,74 @@ use crate::output;
 const MAX_IN_FLIGHT: usize = 50_000;
 /// Show progress only for inputs that take at least this long.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+/// Failed lines reported one by one on stderr; later failures are only
+/// counted, so a run against a full etcd does not print a line per message.
+const ERRORS_SHOWN: u64 = 10;
+/// Input handed from the reading thread in chunks of about this many bytes;
+/// with [`CHUNKS_QUEUED`] it bounds the input read ahead.
+const CHUNK_BYTES: usize = 256 * 1024;
+const CHUNK_LINES: usize = 1024;
+const CHUNKS_QUEUED: usize = 8;
+
+/// Why one input line was not sent.
+struct Failure {
+    message: String,
+    /// The topic is gone: every later line would fail the same way.
+    fatal: bool,
+}
+
+impl From<pubsub_etcd::Error> for Failure {
+    fn from(error: pubsub_etcd::Error) -> Self {
+        let fatal = matches!(error, Error::TopicDeleted(_) | Error::TopicNotFound(_));
+        Failure {
+            message: error.to_string(),
+            fatal,
+        }
+    }
+}
 
 /// One input line on its way: queued in the producer, or already failed.
 enum InFlight {
     Queued(Delivery),
-    Failed(String),
+    Failed(Failure),
 }
 
-pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
+/// One line of input as the reading thread saw it.
+enum Line {
+    Data(Vec<u8>),
+    /// Longer than any message may be; its bytes were skipped, not kept.
+    TooLong(u64),
+}
+
+pub async fn run(
+    client: &Client,
+    args: ProduceArgs,
+    request_timeout: Option<Duration>,
+) -> anyhow::Result<()> {
     let input: Box<dyn Read + Send> = match &args.file {
         Some(path) => {
             Box::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?)
         }
         None => Box::new(io::stdin()),
     };
-    let producer = client.producer(&args.topic).build().await?;
-    let mut lines = spawn_line_reader(input);
+    let mut builder = client.producer(&args.topic);
+    if let Some(timeout) = args.delivery_timeout.or(request_timeout) {
+        builder = builder.delivery_timeout(timeout);
+    }
+    let producer = builder.build().await?;
+    let topic = client.topic(&args.topic).await?;
+    let limit = topic
+        .config
+        .max_message_bytes
+        .map_or(DEFAULT_MAX_BATCH_BYTES, |bytes| bytes as usize)
+        + args.key_separator.as_ref().map_or(0, String::len);
+    let mut lines = spawn_line_reader(input, limit);
     let mut report = Report::new(args.format);
     let mut in_flight: VecDeque<(u64, InFlight)> = VecDeque::new();
     let mut line_number = 0u64;
     let mut input_done = false;
     let mut read_error = None;
+    let mut fatal = None;
     // A failure to write output (a closed pipe, say) stops reading input.
     let mut outcome: anyhow::Result<()> = Ok(());
     loop {
@@ -49,6 +96,13 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             biased;
             result = settle_front(&mut in_flight), if !in_flight.is_empty() => {
                 let (line, _) = in_flight.pop_front().expect("front was just settled");
+                let result = match result {
+                    Err(failure) if failure.fatal => {
+                        fatal = Some((line, failure.message));
+                        break;
+                    }
+                    other => other.map_err(|failure| failure.message),
+                };
                 // Flushing when caught up shows results at once to someone
                 // typing lines, while bulk input still writes in large blocks.
                 let written = report
@@ -59,17 +113,27 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
-            line = lines.recv(), if !input_done && in_flight.len() < MAX_IN_FLIGHT => match line {
-                Some(Ok(line)) => {
-                    line_number += 1;
-                    let entry = match to_record(line, &args) {
-                        Ok(record) => match producer.enqueue(record).await {
-                            Ok(delivery) => InFlight::Queued(delivery),
-                            Err(error) => InFlight::Failed(error.to_string()),
-                        },
-                        Err(reason) => InFlight::Failed(reason),
-                    };
-                    in_flight.push_back((line_number, entry));
+            chunk = lines.recv(), if !input_done && in_flight.len() < MAX_IN_FLIGHT => match chunk {
+                Some(Ok(chunk)) => {
+                    for line in chunk {
+                        line_number += 1;
+                        let entry = match line {
+                            Line::Data(line) => match to_record(line, &args) {
+                                Ok(record) => match producer.enqueue(record).await {
+                                    Ok(delivery) => InFlight::Queued(delivery),
+                                    Err(error) => InFlight::Failed(error.into()),
+                                },
+                                Err(message) => InFlight::Failed(Failure { message, fatal: false }),
+                            },
+                            Line::TooLong(bytes) => InFlight::Failed(Failure {
+                                message: format!(
+                                    "line of {bytes} bytes exceeds the limit of {limit} bytes"
+                                ),
+                                fatal: false,
+                            }),
+                        };
+                        in_flight.push_back((line_number, entry));
+                    }
                 }
                 Some(Err(error)) => {
                     read_error = Some(error);
@@ -80,8 +144,17 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
             else => break,
         }
     }
+    // Stops the reading thread at its next chunk.
+    drop(lines);
     // Lets every queued record finish even when output stopped early.
     producer.close().await?;
+    if let Some((line, message)) = fatal {
+        report.finish()?;
+        anyhow::bail!(
+            "line {line}: {message}; stopped reading input ({} later lines read were not sent)",
+            in_flight.len()
+        );
+    }
     outcome?;
     report.finish()?;
     if let Some(error) = read_error {
@@ -99,43 +172,107 @@ pub async fn run(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
 
 /// The outcome of the oldest line in flight, without removing it (so that
 /// the caller's `select!` can drop this future without losing a result).
-async fn settle_front(in_flight: &mut VecDeque<(u64, InFlight)>) -> Result<(u32, u64), String> {
+async fn settle_front(in_flight: &mut VecDeque<(u64, InFlight)>) -> Result<(u32, u64), Failure> {
     match in_flight.front_mut() {
-        Some((_, InFlight::Queued(delivery))) => delivery.await.map_err(|e| e.to_string()),
-        Some((_, InFlight::Failed(reason))) => Err(std::mem::take(reason)),
+        Some((_, InFlight::Queued(delivery))) => delivery.await.map_err(Failure::from),
+        Some((_, InFlight::Failed(failure))) => Err(Failure {
+            message: std::mem::take(&mut failure.message),
+            fatal: failure.fatal,
+        }),
         None => std::future::pending().await,
     }
 }
 
 /// Reads lines on a thread of its own: stdin and files block, and a thread
-/// blocked on a terminal must not hold up the runtime's shutdown.
-fn spawn_line_reader(input: Box<dyn Read + Send>) -> mpsc::Receiver<io::Result<Vec<u8>>> {
-    let (sender, receiver) = mpsc::channel(1024);
+/// blocked on a terminal must not hold up the runtime's shutdown. A line
+/// longer than `limit` is skipped as it is read, never held whole, so a
+/// huge line costs no more memory than a short one.
+fn spawn_line_reader(
+    input: Box<dyn Read + Send>,
+    limit: usize,
+) -> mpsc::Receiver<io::Result<Vec<Line>>> {
+    let (sender, receiver) = mpsc::channel(CHUNKS_QUEUED);
     std::thread::spawn(move || {
         let mut reader = BufReader::with_capacity(256 * 1024, input);
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0;
         loop {
-            let mut line = Vec::new();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) => return,
-                Ok(_) => {
-                    // Only the newline is taken off: values are bytes, and a
-                    // trailing '\r' may be part of one.
-                    if line.last() == Some(&b'\n') {
-                        line.pop();
-                    }
-                    if sender.blocking_send(Ok(line)).is_err() {
+            let line = match read_line(&mut reader, limit) {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(error) => {
+                    if !chunk.is_empty() && sender.blocking_send(Ok(chunk)).is_err() {
                         return;
                     }
-                }
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
                     let _ = sender.blocking_send(Err(error));
                     return;
                 }
+            };
+            chunk_bytes += match &line {
+                Line::Data(bytes) => bytes.len(),
+                Line::TooLong(_) => 0,
+            };
+            chunk.push(line);
+            // An empty read buffer means the next line needs another read,
+            // which may block (someone typing): hand over what is here.
+            if chunk_bytes >= CHUNK_BYTES
+                || chunk.len() >= CHUNK_LINES
+                || reader.buffer().is_empty()
+            {
+                if sender
+                    .blocking_send(Ok(std::mem::take(&mut chunk)))
+                    .is_err()
+                {
+                    return;
+                }
+                chunk_bytes = 0;
             }
+        }
+        if !chunk.is_empty() {
+            let _ = sender.blocking_send(Ok(chunk));
         }
     });
     receiver
+}
+
+/// The next line without its `\n` (values are bytes: a trailing `\r` may be
+/// part of one), or `None` at the end of the input.
+fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Line>> {
+    let mut line = Vec::new();
+    let mut too_long: Option<u64> = None;
+    loop {
+        let buffer = match reader.fill_buf() {
+            Ok(buffer) => buffer,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if buffer.is_empty() {
+            return Ok(match too_long {
+                Some(bytes) => Some(Line::TooLong(bytes)),
+                None if line.is_empty() => None,
+                None => Some(Line::Data(line)),
+            });
+        }
+        let (taken, end_of_line) = match memchr::memchr(b'\n', buffer) {
+            Some(at) => (at, true),
+            None => (buffer.len(), false),
+        };
+        match &mut too_long {
+            Some(bytes) => *bytes += taken as u64,
+            None if line.len() + taken > limit => {
+                too_long = Some((line.len() + taken) as u64);
+                line = Vec::new();
+            }
+            None => line.extend_from_slice(&buffer[..taken]),
+        }
+        reader.consume(taken + usize::from(end_of_line));
+        if end_of_line {
+            return Ok(Some(match too_long {
+                Some(bytes) => Line::TooLong(bytes),
+                None => Line::Data(line),
+            }));
+        }
+    }
 }
 
 fn to_record(line: Vec<u8>, args: &ProduceArgs) -> Result<Record, String> {
@@ -158,9 +295,7 @@ fn to_record(line: Vec<u8>, args: &ProduceArgs) -> Result<Record, String> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// Per-line output, progress and the closing summary.
@@ -202,15 +337,23 @@ impl Report {
                 self.out.write_all(b"\n")?;
             }
             (ProduceFormat::Json, Err(error)) => {
-                serde_json::to_writer(&mut self.out, &json!({ "error": error }))?;
+                serde_json::to_writer(&mut self.out, &json!({ "line": line, "error": error }))?;
                 self.out.write_all(b"\n")?;
             }
             (ProduceFormat::Text, Ok(_)) => {}
             (ProduceFormat::Text, Err(error)) => {
-                let message = format!("error: line {line}: {error}");
-                match &self.progress {
-                    Some(progress) => progress.suspend(|| eprintln!("{message}")),
-                    None => eprintln!("{message}"),
+                let message = match self.failed {
+                    ..ERRORS_SHOWN => Some(format!("error: line {line}: {error}")),
+                    ERRORS_SHOWN => Some(format!(
+                        "error: line {line}: {error}\n(further failed lines are counted, not shown)"
+                    )),
+                    _ => None,
+                };
+                if let Some(message) = message {
+                    match &self.progress {
+                        Some(progress) => progress.suspend(|| eprintln!("{message}")),
+                        None => eprintln!("{message}"),
+                    }
                 }
             }
         }
@@ -274,6 +417,27 @@ impl Drop for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines(input: &[u8], limit: usize) -> Vec<String> {
+        let mut reader = BufReader::with_capacity(4, input);
+        let mut out = Vec::new();
+        while let Some(line) = read_line(&mut reader, limit).unwrap() {
+            out.push(match line {
+                Line::Data(bytes) => String::from_utf8(bytes).unwrap(),
+                Line::TooLong(bytes) => format!("<{bytes}>"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn long_lines_are_skipped_not_kept() {
+        assert_eq!(lines(b"ab\n\ncdefghij\nxyz", 5), ["ab", "", "<8>", "xyz"]);
+        assert_eq!(lines(b"abcdefgh", 5), ["<8>"]);
+        assert_eq!(lines(b"abcde\n", 5), ["abcde"]);
+        assert_eq!(lines(b"", 5), Vec::<String>::new());
+        assert_eq!(lines(b"a\r\n", 5), ["a\r"]);
+    }
 
     #[test]
     fn finds_separators() {

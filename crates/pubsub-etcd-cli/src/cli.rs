@@ -123,12 +123,18 @@ pub struct FormatArg {
 pub enum TopicCommand {
     /// Create a topic
     Create {
+        /// Name of the new topic
         name: String,
         /// Number of partitions
         #[arg(long, value_name = "N")]
         partitions: u32,
+        /// Succeed without changing anything when the topic exists
+        #[arg(long)]
+        if_not_exists: bool,
         #[command(flatten)]
         config: TopicConfigArgs,
+        #[command(flatten)]
+        format: FormatArg,
     },
     /// List topics
     List {
@@ -137,6 +143,7 @@ pub enum TopicCommand {
     },
     /// Show a topic's settings and each partition's offsets
     Describe {
+        /// Topic to describe
         name: String,
         #[command(flatten)]
         format: FormatArg,
@@ -150,32 +157,49 @@ pub enum TopicCommand {
                    "retention_bytes", "cleanup_policy"])
     ))]
     Alter {
+        /// Topic to change
         name: String,
         /// New partition count (partitions can only be added)
         #[arg(long, value_name = "N")]
         partitions: Option<u32>,
         #[command(flatten)]
         config: TopicConfigArgs,
+        #[command(flatten)]
+        format: FormatArg,
     },
     /// Delete a topic, its messages and every group's offsets for it
-    Delete { name: String },
+    Delete {
+        /// Topic to delete
+        name: String,
+        /// Succeed without doing anything when the topic does not exist
+        #[arg(long)]
+        if_exists: bool,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Delete every message of a partition below an offset
     Truncate {
+        /// Topic to truncate
         name: String,
+        /// Partition to truncate
         #[arg(long, value_name = "P")]
         partition: u32,
         /// First offset to keep; offsets are never reused
         #[arg(long, value_name = "OFFSET")]
         before: u64,
+        #[command(flatten)]
+        format: FormatArg,
     },
     /// Keep only the newest message of each key in every partition, now
     Compact {
+        /// Topic to compact
         name: String,
         #[command(flatten)]
         format: FormatArg,
     },
     /// Apply the topic's retention limits (and key compaction) to every partition, now
     EnforceRetention {
+        /// Topic to sweep
         name: String,
         #[command(flatten)]
         format: FormatArg,
@@ -185,8 +209,8 @@ pub enum TopicCommand {
 /// Topic settings of `topic create` and `topic alter`.
 #[derive(Debug, Args)]
 pub struct TopicConfigArgs {
-    /// Largest accepted message (value, key and headers, encoded), in bytes
-    #[arg(long, value_name = "N")]
+    /// Largest accepted message (value, key and headers, encoded), e.g. 1000 or 64KiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_message_bytes)]
     pub max_message_bytes: Option<u32>,
 
     /// Delete messages older than this, e.g. 7d or 12h; "none" for no age limit
@@ -197,8 +221,8 @@ pub struct TopicConfigArgs {
     #[arg(long, value_name = "N", value_parser = parse_limit)]
     pub retention_messages: Option<Limit<u64>>,
 
-    /// Keep at most this many bytes of messages per partition; "none" for no limit
-    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    /// Keep at most this many bytes of messages per partition, e.g. 10MB or 1GiB; "none" for no limit
+    #[arg(long, value_name = "SIZE", value_parser = parse_byte_limit)]
     pub retention_bytes: Option<Limit<u64>>,
 
     /// What the retention sweep does besides enforcing the limits
@@ -295,6 +319,29 @@ pub struct ProduceArgs {
     #[arg(long = "header", value_name = "K=V", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
 
+    /// Each line starts with its own headers, NAME:VALUE pairs joined by ','
+    /// and ended by a tab (Kafka's console producer `parse.headers`)
+    #[arg(long)]
+    pub parse_headers: bool,
+
+    /// Messages end at this byte instead of a newline: one character, or
+    /// one of \n, \t, \r, \0
+    #[arg(short = 'D', long, value_name = "BYTE", value_parser = parse_delimiter, default_value = "\\n",
+          conflicts_with = "whole_file")]
+    pub delimiter: u8,
+
+    /// Send the whole input (stdin or --file) as one message
+    #[arg(long, conflicts_with_all = ["key_separator", "parse_headers"])]
+    pub whole_file: bool,
+
+    /// Messages expire after this long, e.g. 1h; readers skip them from then on
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+
+    /// Timestamp for every message [default: the time of sending]
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub timestamp: Option<i64>,
+
     /// Give up on a message not stored after this long, retries included
     /// [default: --timeout when given, else 60s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -332,7 +379,7 @@ pub struct ConsumeArgs {
     #[arg(long, value_name = "N", group = "start")]
     pub offset: Option<u64>,
 
-    /// Start at the first message at or after this time (RFC 3339 or ms since the epoch)
+    /// Start at the first message at or after this time (ms since the epoch, RFC 3339, a local date or time, or a duration ago like 1h)
     #[arg(long, value_name = "T", group = "start", value_parser = parse_time)]
     pub from_time: Option<i64>,
 
@@ -384,7 +431,7 @@ pub enum GroupCommand {
         /// To this offset (clamped to what is stored)
         #[arg(long, value_name = "N", group = "to")]
         to_offset: Option<u64>,
-        /// To the first message at or after this time (RFC 3339 or ms since the epoch)
+        /// To the first message at or after this time (ms since the epoch, RFC 3339, a local date or time, or a duration ago like 1h)
         #[arg(long, value_name = "T", group = "to", value_parser = parse_time)]
         to_time: Option<i64>,
         #[command(flatten)]
@@ -435,6 +482,26 @@ fn parse_limit(s: &str) -> Result<Limit<u64>, String> {
         .map_err(|e| format!("{e} (give a number, or none)"))
 }
 
+/// A size for `--retention-bytes`, or "none".
+fn parse_byte_limit(s: &str) -> Result<Limit<u64>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    parse_bytes(s).map(|n| Limit(Some(n)))
+}
+
+/// A message delimiter: one byte, written as itself or as an escape.
+fn parse_delimiter(s: &str) -> Result<u8, String> {
+    match s {
+        "\\n" => Ok(b'\n'),
+        "\\t" => Ok(b'\t'),
+        "\\r" => Ok(b'\r'),
+        "\\0" => Ok(0),
+        _ if s.len() == 1 => Ok(s.as_bytes()[0]),
+        _ => Err("give one character, or one of \\n, \\t, \\r, \\0".into()),
+    }
+}
+
 fn parse_separator(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("must not be empty".into());
@@ -449,48 +516,57 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Milliseconds since the Unix epoch, or an RFC 3339 time. humantime reads
-/// only UTC, so a numeric offset (`+02:00`) is taken off and applied here.
+/// What `--from-time` and `--to-time` accept, for their help and errors.
+const TIME_FORMS: &str =
+    "milliseconds since the epoch, an RFC 3339 time, a local date or time like 2026-12-01 or \
+     2026-12-01T08:30, or a duration ago like 1h or 2d";
+
+/// A point in time as milliseconds since the Unix epoch; see [`TIME_FORMS`].
 pub fn parse_time(s: &str) -> Result<i64, String> {
+    parse_time_at(s, jiff::Timestamp::now())
+}
+
+fn parse_time_at(s: &str, now: jiff::Timestamp) -> Result<i64, String> {
+    let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    let invalid = || format!("{s:?} is neither an RFC 3339 time nor milliseconds since the epoch");
-    let (local, offset_secs) = split_utc_offset(s).ok_or_else(invalid)?;
-    let time = humantime::parse_rfc3339_weak(local).map_err(|_| invalid())?;
-    let ms = match time.duration_since(std::time::UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_millis()).map_err(|_| invalid())?,
-        Err(before) => -i64::try_from(before.duration().as_millis()).map_err(|_| invalid())?,
-    };
-    Ok(ms - offset_secs * 1000)
+    if let Ok(time) = s.parse::<jiff::Timestamp>() {
+        return Ok(time.as_millisecond());
+    }
+    // jiff reads a civil time out of a string with any offset, even an
+    // invalid one, ignoring it: only strings without one are local times.
+    let has_offset = s
+        .get(10..)
+        .is_some_and(|time| time.contains(['+', '-', 'Z', 'z', '[']));
+    let local = s
+        .parse::<jiff::civil::DateTime>()
+        .ok()
+        .filter(|_| !has_offset);
+    if let Some(local) = local {
+        return local
+            .to_zoned_datetime(jiff::tz::TimeZone::system())
+            .map(|zoned| zoned.timestamp().as_millisecond())
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    if let Ok(ago) = humantime::parse_duration(s) {
+        let ago = i64::try_from(ago.as_millis()).map_err(|_| format!("{s:?} is too long ago"))?;
+        return Ok(now.as_millisecond().saturating_sub(ago));
+    }
+    Err(format!("{s:?} is not a time: give {TIME_FORMS}"))
 }
 
-/// Splits `2024-05-01T12:00:00+02:00` into the local time and the offset
-/// in seconds east of UTC; a time ending in `Z` (or nothing) has offset 0.
-fn split_utc_offset(s: &str) -> Option<(&str, i64)> {
-    if let Some(local) = s.strip_suffix(['Z', 'z']) {
-        return Some((local, 0));
-    }
-    // The offset is the last six characters when they read ±HH:MM.
-    if s.len() > 6 && s.is_char_boundary(s.len() - 6) {
-        let (local, offset) = s.split_at(s.len() - 6);
-        let bytes = offset.as_bytes();
-        let sign = match bytes[0] {
-            b'+' => 1,
-            b'-' => -1,
-            _ => return Some((s, 0)),
-        };
-        if bytes[3] != b':' {
-            return None;
-        }
-        let hours: i64 = offset[1..3].parse().ok()?;
-        let minutes: i64 = offset[4..6].parse().ok()?;
-        if hours > 23 || minutes > 59 {
-            return None;
-        }
-        return Some((local, sign * (hours * 3600 + minutes * 60)));
-    }
-    Some((s, 0))
+/// A size in bytes: a number, or with a unit (`10MB`, `1.5 GiB`, `512KiB`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("{e} (give a size like 1000, 10MB or 1GiB)"))
+}
+
+fn parse_message_bytes(s: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(s)?;
+    u32::try_from(bytes).map_err(|_| format!("{s:?} is over the largest message size of 4 GiB"))
 }
 
 #[cfg(test)]
@@ -505,13 +581,38 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(parse_time("1700000000000"), Ok(1_700_000_000_000));
-        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
-        assert_eq!(parse_time("1970-01-01T00:00:01.5Z"), Ok(1500));
-        assert_eq!(parse_time("1970-01-01T02:00:00+02:00"), Ok(0));
-        assert_eq!(parse_time("1970-01-01T00:00:00-01:30"), Ok(5_400_000));
-        assert!(parse_time("yesterday").is_err());
-        assert!(parse_time("1970-01-01T00:00:00+25:00").is_err());
+        let now: jiff::Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+        let at = |s| parse_time_at(s, now);
+        assert_eq!(at("1700000000000"), Ok(1_700_000_000_000));
+        assert_eq!(at("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(at("1970-01-01T00:00:01.5Z"), Ok(1500));
+        assert_eq!(at("1970-01-01T02:00:00+02:00"), Ok(0));
+        assert_eq!(at("1970-01-01T00:00:00-01:30"), Ok(5_400_000));
+        assert_eq!(at("1h"), Ok(now.as_millisecond() - 3_600_000));
+        assert_eq!(at("2d"), Ok(now.as_millisecond() - 2 * 86_400_000));
+        let local = |s: &str| {
+            s.parse::<jiff::civil::DateTime>()
+                .unwrap()
+                .to_zoned_datetime(jiff::tz::TimeZone::system())
+                .unwrap()
+                .timestamp()
+                .as_millisecond()
+        };
+        assert_eq!(at("2026-12-01"), Ok(local("2026-12-01T00:00")));
+        assert_eq!(at("2026-12-01T08:30"), Ok(local("2026-12-01T08:30")));
+        assert!(at("yesterday").unwrap_err().contains("a duration ago"));
+        assert!(at("1970-01-01T00:00:00+99:00").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("10MB"), Ok(10_000_000));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_byte_limit("none"), Ok(Limit(None)));
+        assert_eq!(parse_message_bytes("64KiB"), Ok(65_536));
+        assert!(parse_message_bytes("5GiB").is_err());
+        assert!(parse_bytes("ten").is_err());
     }
 
     #[test]
@@ -526,6 +627,14 @@ mod tests {
         assert_eq!(parse_limit("0"), Ok(Limit(Some(0))));
         assert_eq!(parse_limit("none"), Ok(Limit(None)));
         assert!(parse_limit("-1").is_err());
+    }
+
+    #[test]
+    fn delimiters() {
+        assert_eq!(parse_delimiter("\\n"), Ok(b'\n'));
+        assert_eq!(parse_delimiter("\\0"), Ok(0));
+        assert_eq!(parse_delimiter("|"), Ok(b'|'));
+        assert!(parse_delimiter("ab").is_err());
     }
 
     #[test]

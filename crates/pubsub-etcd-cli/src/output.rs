@@ -1,4 +1,4 @@
-//! Writing results: JSON documents, aligned tables, and telling a closed
+//! Writing results: JSON documents, aligned tables (comfy-table), and telling a closed
 //! stdout pipe apart from real failures.
 
 use std::io::{self, BufWriter, Stdout, Write};
@@ -41,34 +41,33 @@ impl Table {
     }
 
     pub fn render(&self) -> String {
+        use comfy_table::{presets, CellAlignment, ContentArrangement};
+
         let columns = self.header.len();
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        let mut numeric = vec![true; columns];
+        let mut table = comfy_table::Table::new();
+        table
+            .load_style(presets::NOTHING)
+            .set_content_arrangement(ContentArrangement::Disabled)
+            .set_header(self.header.clone());
         for row in &self.rows {
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                widths[i] = widths[i].max(cell.chars().count());
-                numeric[i] &= cell == "-" || cell.parse::<i128>().is_ok();
+            table.add_row(row.clone());
+        }
+        for i in 0..columns {
+            let numeric = !self.rows.is_empty()
+                && self.rows.iter().all(|row| {
+                    row.get(i)
+                        .is_none_or(|cell| cell == "-" || cell.parse::<i128>().is_ok())
+                });
+            if let Some(column) = table.column_mut(i) {
+                // Two spaces between columns, none around the table.
+                column.set_padding((0, if i + 1 < columns { 2 } else { 0 }));
+                if numeric {
+                    column.set_cell_alignment(CellAlignment::Right);
+                }
             }
         }
         let mut text = String::new();
-        let header = self.header.iter().map(|h| h.to_string()).collect();
-        for row in std::iter::once(&header).chain(&self.rows) {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate().take(columns) {
-                let pad = widths[i] - cell.chars().count();
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                if numeric[i] && !self.rows.is_empty() {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(cell);
-                } else {
-                    line.push_str(cell);
-                    if i + 1 < columns {
-                        line.push_str(&" ".repeat(pad));
-                    }
-                }
-            }
+        for line in table.lines() {
             text.push_str(line.trim_end());
             text.push('\n');
         }
@@ -104,17 +103,24 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 /// An error and its causes on one line. Some errors repeat their cause in
 /// their own message; such a cause is left out rather than printed twice.
+/// The library's etcd errors already carry etcd's own message: the gRPC
+/// and transport errors beneath them are debug output, not for people.
 pub fn render_error(error: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
         }
-        if !message.is_empty() {
-            message.push_str(": ");
+        if matches!(
+            cause.downcast_ref::<pubsub_etcd::Error>(),
+            Some(pubsub_etcd::Error::Etcd { .. })
+        ) {
+            break;
         }
-        message.push_str(&text);
     }
     message
 }

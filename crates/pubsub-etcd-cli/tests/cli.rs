@@ -285,7 +285,9 @@ fn topic_admin_json_shapes() {
     );
     assert!(list[0]["created_ms"].is_i64());
 
-    let described = ns.json(&["topic", "describe", "events"]);
+    let mut described = ns.json(&["topic", "describe", "events"]);
+    assert!(described["created_ms"].is_i64(), "{described}");
+    described.as_object_mut().unwrap().remove("created_ms");
     assert_eq!(
         described,
         serde_json::json!({
@@ -513,7 +515,11 @@ fn non_utf8_bytes_are_base64() {
 #[test]
 fn unknown_topic_is_a_clear_error() {
     let ns = Namespace::new();
-    let expected = "error: topic \"nope\" does not exist\n";
+    let expected = format!(
+        "error: topic \"nope\" does not exist in namespace {:?} \
+         (--namespace or PUBSUB_ETCD_NAMESPACE selects another)\n",
+        ns.name
+    );
     for args in [
         &["topic", "describe", "nope"][..],
         &["topic", "delete", "nope"],
@@ -752,7 +758,10 @@ fn topic_retention_options() {
         })
     );
     let table = ns.ok(&["topic", "describe", "logs"]);
-    assert!(table.contains("retention_ms=604800000"), "{table}");
+    assert!(
+        table.contains("retention_bytes=1MiB retention_messages=1000 retention=7days"),
+        "{table}"
+    );
 
     // Alter changes only what it is given.
     ns.ok(&["topic", "alter", "logs", "--retention-messages", "500"]);
@@ -854,22 +863,31 @@ fn message_delete_and_truncate() {
             "--offset",
             "1",
         ]),
-        serde_json::json!({"deleted": 3, "requested": 3})
+        serde_json::json!({"deleted": 3, "requested": 3, "not_found": []})
     );
-    // Already gone or never there: nothing to delete.
+    // Already gone or never there: named, and the run fails.
+    let gone = ns.run(&[
+        "message",
+        "delete",
+        "items",
+        "--partition",
+        "0",
+        "--offset",
+        "3",
+        "--offset",
+        "99",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(gone.status.code(), Some(1));
     assert_eq!(
-        ns.json(&[
-            "message",
-            "delete",
-            "items",
-            "--partition",
-            "0",
-            "--offset",
-            "3",
-            "--offset",
-            "99",
-        ]),
-        serde_json::json!({"deleted": 0, "requested": 2})
+        serde_json::from_slice::<Value>(&gone.stdout).unwrap(),
+        serde_json::json!({"deleted": 0, "requested": 2, "not_found": [3, 99]})
+    );
+    assert!(
+        stderr(&gone).contains("offset 3, 99 of partition 0"),
+        "{}",
+        stderr(&gone)
     );
     // The last offset too, so --exit-at-end cannot wait to see it.
     assert_eq!(
@@ -1043,4 +1061,134 @@ fn admin_compact_alarms_and_disarm() {
     assert!(ns.json(&["admin", "alarms"]).is_array());
     assert!(ns.ok(&["admin", "alarms"]).starts_with("MEMBER"));
     assert!(ns.json(&["admin", "disarm"])["disarmed"].is_array());
+}
+
+/// The options users of kcat and the Kafka tools reach for first: per-line
+/// headers, other delimiters, a whole input as one message, TTL, timestamps
+/// in any common form, byte units, idempotent create and delete, JSON from
+/// mutating commands, and errors that name what was wrong.
+#[test]
+fn kcat_and_kafka_tool_parity() {
+    let ns = Namespace::new();
+    let created = ns.json(&[
+        "topic",
+        "create",
+        "p",
+        "--partitions",
+        "1",
+        "--max-message-bytes",
+        "64KiB",
+        "--retention-bytes",
+        "10MB",
+    ]);
+    assert_eq!(created["created"], true);
+    assert_eq!(created["topic"]["config"]["max_message_bytes"], 65_536);
+    assert_eq!(created["topic"]["config"]["retention_bytes"], 10_000_000);
+    assert!(created["topic"]["created_ms"].is_i64());
+    let again = ns.json(&[
+        "topic",
+        "create",
+        "p",
+        "--partitions",
+        "1",
+        "--if-not-exists",
+    ]);
+    assert_eq!(again["created"], false);
+    let listed = ns.ok(&["topic", "list"]);
+    assert!(
+        listed.contains("max_message_bytes=64KiB retention_bytes=10MB"),
+        "{listed}"
+    );
+
+    ns.ok_with(
+        &[
+            "produce",
+            "p",
+            "--parse-headers",
+            "--key-separator",
+            "=",
+            "--timestamp",
+            "2026-01-02T03:04:05Z",
+        ],
+        b"trace:abc,n:1\tk1=v1\n\tk2=v2\n",
+    );
+    ns.ok_with(&["produce", "p", "-D", "|", "--ttl", "1h"], b"x|y|");
+    ns.ok_with(&["produce", "p", "--whole-file"], b"line one\nline two\n");
+    let bad = ns.run_with(
+        &["produce", "p", "--parse-headers", "--format", "json"],
+        b"novalue\n",
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    let results = lines(&String::from_utf8(bad.stdout.clone()).unwrap());
+    assert_eq!(results[0]["line"], 1, "{results:?}");
+    assert!(
+        results[0]["error"].as_str().unwrap().contains("no tab"),
+        "{results:?}"
+    );
+
+    let out = ns.ok(&[
+        "consume",
+        "p",
+        "--from-beginning",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]);
+    let messages = lines(&out);
+    let values: Vec<&str> = messages
+        .iter()
+        .map(|m| m["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["v1", "v2", "x", "y", "line one\nline two\n"]);
+    assert_eq!(messages[0]["key"], "k1");
+    assert_eq!(messages[0]["headers"]["trace"], "abc");
+    assert_eq!(messages[0]["headers"]["n"], "1");
+    assert_eq!(messages[0]["timestamp"], 1_767_323_045_000i64);
+    assert_eq!(messages[1]["headers"], serde_json::json!({}));
+
+    // A duration ago, and a date, as start times.
+    let since = |time: &str| {
+        let out = ns.ok(&[
+            "consume",
+            "p",
+            "--from-time",
+            time,
+            "--exit-at-end",
+            "--format",
+            "json",
+        ]);
+        lines(&out).len()
+    };
+    assert_eq!(since("1h"), 3);
+    assert_eq!(since("2026-01-01"), 5);
+
+    let missing = ns.run(&[
+        "message",
+        "delete",
+        "p",
+        "--partition",
+        "0",
+        "--offset",
+        "1,99",
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no message stored at offset 99"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let typo = ns.run(&["topic", "describe", "pp"]);
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(
+        stderr(&typo).contains("did you mean \"p\"?"),
+        "{}",
+        stderr(&typo)
+    );
+
+    let deleted = ns.json(&["topic", "delete", "p"]);
+    assert_eq!(deleted["deleted"], true);
+    let absent = ns.json(&["topic", "delete", "p", "--if-exists"]);
+    assert_eq!(absent["deleted"], false);
+    assert_eq!(ns.run(&["topic", "delete", "p"]).status.code(), Some(1));
 }

@@ -23,7 +23,7 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         return completions::run(args);
     }
     let client = connect(&cli.connection, credentials).await?;
-    match cli.command {
+    let result = match cli.command {
         Command::Topic(command) => topic::run(&client, command).await,
         Command::Produce(args) => produce::run(&client, args, cli.connection.timeout).await,
         Command::Consume(args) => consume::run(&client, args).await,
@@ -31,7 +31,48 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
         Command::Completions(_) => unreachable!("handled before connecting"),
+    };
+    match result {
+        Err(error) => Err(with_topic_hint(&client, error).await),
+        ok => ok,
     }
+}
+
+/// An unknown topic is most often a typo or the wrong namespace: say which
+/// namespace was searched and name the topics there that look alike.
+async fn with_topic_hint(client: &Client, error: anyhow::Error) -> anyhow::Error {
+    let Some(pubsub_etcd::Error::TopicNotFound(name)) = error.downcast_ref::<pubsub_etcd::Error>()
+    else {
+        return error;
+    };
+    let name = name.clone();
+    let namespace = client.namespace().to_string();
+    let Ok(topics) = client.list_topics().await else {
+        return error.context(format!("in namespace {namespace:?}"));
+    };
+    let mut similar: Vec<(f64, String)> = topics
+        .into_iter()
+        .map(|t| (strsim::jaro_winkler(&name, &t.name), t.name))
+        .filter(|(score, _)| *score >= 0.8)
+        .collect();
+    similar.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let hint = if similar.is_empty() {
+        format!(
+            "topic {name:?} does not exist in namespace {namespace:?} \
+             (--namespace or PUBSUB_ETCD_NAMESPACE selects another)"
+        )
+    } else {
+        let names: Vec<String> = similar
+            .iter()
+            .take(3)
+            .map(|(_, n)| format!("{n:?}"))
+            .collect();
+        format!(
+            "topic {name:?} does not exist in namespace {namespace:?}; did you mean {}?",
+            names.join(" or ")
+        )
+    };
+    anyhow::anyhow!(hint)
 }
 
 async fn connect(

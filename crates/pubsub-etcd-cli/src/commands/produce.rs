@@ -81,7 +81,7 @@ pub async fn run(
         .max_message_bytes
         .map_or(DEFAULT_MAX_BATCH_BYTES, |bytes| bytes as usize)
         + args.key_separator.as_ref().map_or(0, String::len);
-    let mut lines = spawn_line_reader(input, limit);
+    let mut lines = spawn_line_reader(input, limit, args.delimiter, args.whole_file);
     let mut report = Report::new(args.format);
     let mut in_flight: VecDeque<(u64, InFlight)> = VecDeque::new();
     let mut line_number = 0u64;
@@ -190,6 +190,8 @@ async fn settle_front(in_flight: &mut VecDeque<(u64, InFlight)>) -> Result<(u32,
 fn spawn_line_reader(
     input: Box<dyn Read + Send>,
     limit: usize,
+    delimiter: u8,
+    whole: bool,
 ) -> mpsc::Receiver<io::Result<Vec<Line>>> {
     let (sender, receiver) = mpsc::channel(CHUNKS_QUEUED);
     std::thread::spawn(move || {
@@ -197,7 +199,12 @@ fn spawn_line_reader(
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0;
         loop {
-            let line = match read_line(&mut reader, limit) {
+            let read = if whole {
+                read_whole(&mut reader, limit)
+            } else {
+                read_line(&mut reader, limit, delimiter)
+            };
+            let line = match read {
                 Ok(Some(line)) => line,
                 Ok(None) => break,
                 Err(error) => {
@@ -235,9 +242,25 @@ fn spawn_line_reader(
     receiver
 }
 
-/// The next line without its `\n` (values are bytes: a trailing `\r` may be
-/// part of one), or `None` at the end of the input.
-fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Line>> {
+/// The whole input as one message (at most `limit` bytes kept), then
+/// `None`.
+fn read_whole(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Line>> {
+    // An empty input sends nothing, as in line mode.
+    let mut content = Vec::new();
+    let kept = reader.take(limit as u64 + 1).read_to_end(&mut content)?;
+    if kept == 0 && reader.fill_buf()?.is_empty() {
+        return Ok(None);
+    }
+    if kept > limit {
+        let rest = io::copy(reader, &mut io::sink())?;
+        return Ok(Some(Line::TooLong(kept as u64 + rest)));
+    }
+    Ok(Some(Line::Data(content)))
+}
+
+/// The next line without its delimiter (values are bytes: before a `\n`, a
+/// `\r` may be part of one), or `None` at the end of the input.
+fn read_line(reader: &mut impl BufRead, limit: usize, delimiter: u8) -> io::Result<Option<Line>> {
     let mut line = Vec::new();
     let mut too_long: Option<u64> = None;
     loop {
@@ -253,7 +276,7 @@ fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Line>
                 None => Some(Line::Data(line)),
             });
         }
-        let (taken, end_of_line) = match memchr::memchr(b'\n', buffer) {
+        let (taken, end_of_line) = match memchr::memchr(delimiter, buffer) {
             Some(at) => (at, true),
             None => (buffer.len(), false),
         };
@@ -276,7 +299,13 @@ fn read_line(reader: &mut impl BufRead, limit: usize) -> io::Result<Option<Line>
 }
 
 fn to_record(line: Vec<u8>, args: &ProduceArgs) -> Result<Record, String> {
-    let line = Bytes::from(line);
+    let mut line = Bytes::from(line);
+    let mut line_headers = Vec::new();
+    if args.parse_headers {
+        let at = memchr::memchr(b'\t', &line).ok_or("no tab after the line's headers")?;
+        line_headers = parse_line_headers(&line[..at])?;
+        line = line.slice(at + 1..);
+    }
     let mut record = match &args.key_separator {
         Some(separator) => {
             let at = find(&line, separator.as_bytes())
@@ -288,10 +317,38 @@ fn to_record(line: Vec<u8>, args: &ProduceArgs) -> Result<Record, String> {
     for (name, value) in &args.headers {
         record = record.header(name.clone(), value.clone());
     }
+    for (name, value) in line_headers {
+        record = record.header(name, value);
+    }
     if let Some(partition) = args.partition {
         record = record.partition(partition);
     }
+    if let Some(ttl) = args.ttl {
+        record = record.ttl(ttl);
+    }
+    if let Some(timestamp) = args.timestamp {
+        record = record.timestamp(timestamp);
+    }
     Ok(record)
+}
+
+/// `name:value,name:value` (empty for none) at the start of a line.
+fn parse_line_headers(text: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(|b| *b == b',')
+        .map(|pair| {
+            let at = memchr::memchr(b':', pair)
+                .ok_or_else(|| format!("header {:?} has no ':'", String::from_utf8_lossy(pair)))?;
+            let name = std::str::from_utf8(&pair[..at])
+                .map_err(|_| "a header name is not UTF-8".to_string())?;
+            if name.is_empty() {
+                return Err("a header name is empty".to_string());
+            }
+            Ok((name.to_string(), pair[at + 1..].to_vec()))
+        })
+        .collect()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -421,7 +478,7 @@ mod tests {
     fn lines(input: &[u8], limit: usize) -> Vec<String> {
         let mut reader = BufReader::with_capacity(4, input);
         let mut out = Vec::new();
-        while let Some(line) = read_line(&mut reader, limit).unwrap() {
+        while let Some(line) = read_line(&mut reader, limit, b'\n').unwrap() {
             out.push(match line {
                 Line::Data(bytes) => String::from_utf8(bytes).unwrap(),
                 Line::TooLong(bytes) => format!("<{bytes}>"),
@@ -437,6 +494,38 @@ mod tests {
         assert_eq!(lines(b"abcde\n", 5), ["abcde"]);
         assert_eq!(lines(b"", 5), Vec::<String>::new());
         assert_eq!(lines(b"a\r\n", 5), ["a\r"]);
+    }
+
+    #[test]
+    fn whole_input_is_one_message() {
+        let whole = |input: &[u8]| {
+            let mut reader = BufReader::with_capacity(4, input);
+            let first = read_whole(&mut reader, 8).unwrap();
+            let again = read_whole(&mut reader, 8).unwrap();
+            assert!(again.is_none());
+            match first {
+                Some(Line::Data(bytes)) => String::from_utf8(bytes).unwrap(),
+                Some(Line::TooLong(bytes)) => format!("<{bytes}>"),
+                None => "none".to_string(),
+            }
+        };
+        assert_eq!(whole(b"a\nb\n"), "a\nb\n");
+        assert_eq!(whole(b"0123456789"), "<10>");
+        assert_eq!(whole(b""), "none");
+    }
+
+    #[test]
+    fn headers_at_the_start_of_a_line() {
+        assert_eq!(
+            parse_line_headers(b"a:1,b:x:y"),
+            Ok(vec![
+                ("a".to_string(), b"1".to_vec()),
+                ("b".to_string(), b"x:y".to_vec())
+            ])
+        );
+        assert_eq!(parse_line_headers(b""), Ok(vec![]));
+        assert!(parse_line_headers(b"a").is_err());
+        assert!(parse_line_headers(b":v").is_err());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! enforce-retention`.
 
 use pubsub_etcd::{
-    CleanupPolicy, Client, NewTopic, PartitionInfo, RetentionReport, TopicConfig, TopicDescription,
-    TopicInfo,
+    CleanupPolicy, Client, Error, NewTopic, PartitionInfo, RetentionReport, TopicConfig,
+    TopicDescription, TopicInfo,
 };
 use serde_json::json;
 
@@ -15,31 +15,39 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
         TopicCommand::Create {
             name,
             partitions,
+            if_not_exists,
             config,
+            format,
         } => {
-            let mut topic = NewTopic::new(name, partitions);
+            let mut topic = NewTopic::new(&name, partitions);
             apply(&config, &mut topic.config);
-            let info = client.create_topic(topic).await?;
-            output::print_text(&format!(
-                "created topic {:?} with {} partitions\n",
-                info.name, info.partitions
-            ))
+            let (info, created) = match client.create_topic(topic).await {
+                Ok(info) => (info, true),
+                Err(Error::TopicExists(_)) if if_not_exists => (client.topic(&name).await?, false),
+                Err(error) => return Err(error.into()),
+            };
+            match format.format {
+                Format::Json => output::print_json(&json!({
+                    "created": created,
+                    "topic": topic_json(&info),
+                })),
+                Format::Table if created => output::print_text(&format!(
+                    "created topic {:?} with {} partitions\n",
+                    info.name, info.partitions
+                )),
+                Format::Table => output::print_text(&format!(
+                    "topic {:?} exists already: {} partitions, {}\n",
+                    info.name,
+                    info.partitions,
+                    config_summary(&info)
+                )),
+            }
         }
         TopicCommand::List { format } => {
             let topics = client.list_topics().await?;
             match format.format {
                 Format::Json => {
-                    let list: Vec<_> = topics
-                        .iter()
-                        .map(|t| {
-                            json!({
-                                "name": t.name,
-                                "partitions": t.partitions,
-                                "config": t.config,
-                                "created_ms": t.created_ms,
-                            })
-                        })
-                        .collect();
+                    let list: Vec<_> = topics.iter().map(topic_json).collect();
                     output::print_json(&list)
                 }
                 Format::Table => {
@@ -67,6 +75,7 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             name,
             partitions,
             config: changes,
+            format,
         } => {
             // Only the settings given change, applied to the stored ones
             // inside the library's guarded update, so concurrent alters of
@@ -74,22 +83,50 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let info = client
                 .alter_topic(&name, partitions, |config| apply(&changes, config))
                 .await?;
-            output::print_text(&format!("altered topic {}\n", summary(&info)))
+            match format.format {
+                Format::Json => output::print_json(&topic_json(&info)),
+                Format::Table => output::print_text(&format!("altered topic {}\n", summary(&info))),
+            }
         }
-        TopicCommand::Delete { name } => {
-            client.delete_topic(&name).await?;
-            output::print_text(&format!("deleted topic {name:?}\n"))
+        TopicCommand::Delete {
+            name,
+            if_exists,
+            format,
+        } => {
+            let deleted = match client.delete_topic(&name).await {
+                Ok(()) => true,
+                Err(Error::TopicNotFound(_)) if if_exists => false,
+                Err(error) => return Err(error.into()),
+            };
+            match format.format {
+                Format::Json => output::print_json(&json!({ "topic": name, "deleted": deleted })),
+                Format::Table if deleted => {
+                    output::print_text(&format!("deleted topic {name:?}\n"))
+                }
+                Format::Table => {
+                    output::print_text(&format!("topic {name:?} does not exist; nothing deleted\n"))
+                }
+            }
         }
         TopicCommand::Truncate {
             name,
             partition,
             before,
+            format,
         } => {
             let info = client.truncate_partition(&name, partition, before).await?;
-            output::print_text(&format!(
-                "truncated partition {} of topic {name:?}: earliest {}, next {}\n",
-                info.partition, info.earliest, info.next
-            ))
+            match format.format {
+                Format::Json => output::print_json(&json!({
+                    "topic": name,
+                    "partition": info.partition,
+                    "earliest": info.earliest,
+                    "next": info.next,
+                })),
+                Format::Table => output::print_text(&format!(
+                    "truncated partition {} of topic {name:?}: earliest {}, next {}\n",
+                    info.partition, info.earliest, info.next
+                )),
+            }
         }
         TopicCommand::Compact { name, format } => {
             let report = client.compact_topic(&name).await?;
@@ -163,11 +200,22 @@ fn partitions_table(partitions: &[PartitionInfo]) -> String {
     table.render()
 }
 
+/// A topic as `topic list` shows it in JSON; other commands embed it.
+fn topic_json(topic: &TopicInfo) -> serde_json::Value {
+    json!({
+        "name": topic.name,
+        "partitions": topic.partitions,
+        "config": topic.config,
+        "created_ms": topic.created_ms,
+    })
+}
+
 fn describe_json(description: &TopicDescription) -> serde_json::Value {
     json!({
         "name": description.topic.name,
         "partitions": description.partitions,
         "config": description.topic.config,
+        "created_ms": description.topic.created_ms,
     })
 }
 
@@ -193,15 +241,27 @@ fn summary(topic: &TopicInfo) -> String {
     )
 }
 
-/// The settings that differ from the defaults, as `name=value` pairs;
-/// taken from the config's JSON form so new settings show up unasked.
+/// The settings that differ from the defaults, as `name=value` pairs with
+/// durations and sizes in units people read; taken from the config's JSON
+/// form so new settings show up unasked.
 fn config_summary(topic: &TopicInfo) -> String {
     let pairs: Vec<String> = match serde_json::to_value(&topic.config) {
         Ok(serde_json::Value::Object(fields)) => fields
             .iter()
-            .map(|(name, value)| match value {
-                serde_json::Value::String(text) => format!("{name}={text}"),
-                other => format!("{name}={other}"),
+            .map(|(name, value)| match (name.as_str(), value) {
+                (_, serde_json::Value::String(text)) => format!("{name}={text}"),
+                ("retention_ms", serde_json::Value::Number(ms)) => match ms.as_u64() {
+                    Some(ms) => format!(
+                        "retention={}",
+                        humantime::format_duration(std::time::Duration::from_millis(ms))
+                    ),
+                    None => format!("{name}={ms}"),
+                },
+                (_, serde_json::Value::Number(n)) if name.ends_with("_bytes") => match n.as_u64() {
+                    Some(bytes) => format!("{name}={}", exact_size(bytes)),
+                    None => format!("{name}={n}"),
+                },
+                (_, other) => format!("{name}={other}"),
             })
             .collect(),
         _ => Vec::new(),
@@ -213,6 +273,25 @@ fn config_summary(topic: &TopicInfo) -> String {
     }
 }
 
+/// A size in the largest unit that shows it exactly (`64KiB`, `10MB`), so
+/// what is shown can be given back to `--retention-bytes` unchanged.
+fn exact_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [
+        (1 << 30, "GiB"),
+        (1_000_000_000, "GB"),
+        (1 << 20, "MiB"),
+        (1_000_000, "MB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| bytes >= *unit && bytes % unit == 0)
+        .map_or_else(
+            || bytes.to_string(),
+            |(unit, name)| format!("{}{name}", bytes / unit),
+        )
+}
+
 /// Milliseconds since the epoch as an RFC 3339 UTC time.
 pub fn format_ms(ms: i64) -> String {
     match u64::try_from(ms) {
@@ -221,5 +300,19 @@ pub fn format_ms(ms: i64) -> String {
         )
         .to_string(),
         Err(_) => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_size;
+
+    #[test]
+    fn sizes_are_shown_exactly() {
+        assert_eq!(exact_size(65_536), "64KiB");
+        assert_eq!(exact_size(10_000_000), "10MB");
+        assert_eq!(exact_size(3 << 30), "3GiB");
+        assert_eq!(exact_size(1_500), "1500");
+        assert_eq!(exact_size(0), "0");
     }
 }

@@ -112,6 +112,15 @@ pub enum Format {
     Json,
 }
 
+/// `--metrics-addr` of long-running commands.
+#[derive(Debug, Args)]
+pub struct MetricsArg {
+    /// Serve the library's metrics in the Prometheus text format at
+    /// http://ADDR/metrics while the command runs, e.g. 127.0.0.1:9000
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, Args)]
 pub struct FormatArg {
     /// Output format
@@ -350,6 +359,9 @@ pub struct ProduceArgs {
     /// Output format
     #[arg(long, value_enum, default_value_t)]
     pub format: ProduceFormat,
+
+    #[command(flatten)]
+    pub metrics: MetricsArg,
 }
 
 /// How `consume` prints each message.
@@ -398,6 +410,9 @@ pub struct ConsumeArgs {
     /// Output format
     #[arg(long, value_enum, default_value_t)]
     pub format: ConsumeFormat,
+
+    #[command(flatten)]
+    pub metrics: MetricsArg,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1192,3 +1192,72 @@ fn kcat_and_kafka_tool_parity() {
     assert_eq!(absent["deleted"], false);
     assert_eq!(ns.run(&["topic", "delete", "p"]).status.code(), Some(1));
 }
+
+/// One HTTP GET of `/metrics` on `port`; the body.
+fn scrape(port: u16) -> String {
+    use std::net::TcpStream;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string())
+}
+
+/// The value of the series of `name` whose labels include `labels`.
+fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines()
+        .filter(|line| line.starts_with(name) && line.contains(labels))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn produce_serves_prometheus_metrics() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "m", "--partitions", "2"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = ns
+        .command(&["produce", "m", "--format", "json", "--metrics-addr", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"a\nb\nc\n").unwrap();
+    let mut results = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        results.next().unwrap().unwrap();
+    }
+    let body = scrape(port);
+    drop(stdin);
+    assert!(wait_status(&mut child).success());
+    let topic = "topic=\"m\"";
+    assert_eq!(
+        metric(&body, "pubsub_etcd_produced_messages_total", topic),
+        Some(3.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "pubsub_etcd_produced_bytes_total", topic) > Some(0.0),
+        "{body}"
+    );
+    assert!(body.contains("pubsub_etcd_append_seconds"), "{body}");
+    assert_eq!(
+        metric(&body, "pubsub_etcd_etcd_unreachable", ""),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("# HELP pubsub_etcd_produced_messages_total"),
+        "{body}"
+    );
+}

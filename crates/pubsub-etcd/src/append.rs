@@ -32,6 +32,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::prefix_end;
 use crate::record::{self, pb};
+use crate::telemetry;
 
 /// Entries kept in a head's idempotence table.
 const PRODUCER_TABLE_LEN: usize = 32;
@@ -161,6 +162,7 @@ impl PartitionAppender {
                 .await
             {
                 Ok(response) if response.succeeded() => {
+                    telemetry::appended(&self.topic, count, bytes, started.elapsed());
                     self.head = Some(Head {
                         mod_revision: response.header().map_or(0, |h| h.revision()),
                         ..new_head
@@ -182,6 +184,7 @@ impl PartitionAppender {
                             });
                         }
                         Landed::No => {
+                            telemetry::append_conflict(&self.topic);
                             conflicts += 1;
                             if conflicts >= STARVED_AFTER {
                                 self.mark_waiting().await;
@@ -199,6 +202,7 @@ impl PartitionAppender {
                     if Instant::now() >= deadline {
                         return Err(e);
                     }
+                    telemetry::append_retry(&self.topic);
                     tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "append outcome unknown, checking");
                 }
                 Err(e @ Error::QuotaExceeded { .. }) => {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{ConnectOptions, GetOptions};
 
 use crate::client::redact_endpoint;
+use crate::telemetry;
 
 /// How often every endpoint is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -50,6 +51,7 @@ pub(crate) fn spawn(
         let mut probes: Vec<Option<etcd_client::Client>> = vec![None; endpoints.len()];
         let mut removed: HashSet<usize> = HashSet::new();
         let mut outage = Outage::default();
+        telemetry::etcd_unreachable(false);
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -102,7 +104,10 @@ impl Outage {
     fn observe(&mut self, any_answers: bool, endpoints: &[String]) {
         let now = Instant::now();
         match (any_answers, self.since) {
-            (false, None) => self.since = Some(now),
+            (false, None) => {
+                self.since = Some(now);
+                telemetry::etcd_unreachable(true);
+            }
             (false, Some(since)) => {
                 let down = now - since;
                 let due = match self.reported {
@@ -126,6 +131,7 @@ impl Outage {
                         (now - since).as_secs()
                     );
                 }
+                telemetry::etcd_unreachable(false);
                 *self = Outage::default();
             }
             (true, None) => {}

@@ -126,6 +126,11 @@
 //! once its quota is exceeded: producers then get [`Error::QuotaExceeded`]
 //! while readers keep reading.
 //!
+//! # Metrics
+//! The library records rates, latencies, lag and connection state through
+//! the `metrics` facade; [`telemetry`] lists every metric and shows how an
+//! application exports them.
+//!
 //! # Errors
 //! Every fallible call returns [`Error`], one `thiserror` enum whose
 //! variants name what was wrong: the bad name, count, size, partition or
@@ -148,6 +153,7 @@ mod reader;
 mod record;
 mod retention;
 mod subscription;
+pub mod telemetry;
 mod topic;
 
 pub use bytes::Bytes;

@@ -22,6 +22,14 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
     if let Command::Completions(args) = &cli.command {
         return completions::run(args);
     }
+    let metrics = match &cli.command {
+        Command::Produce(args) => args.metrics.metrics_addr,
+        Command::Consume(args) => args.metrics.metrics_addr,
+        _ => None,
+    };
+    if let Some(addr) = metrics {
+        serve_metrics(addr)?;
+    }
     let client = connect(&cli.connection, credentials).await?;
     let result = match cli.command {
         Command::Topic(command) => topic::run(&client, command).await,
@@ -36,6 +44,17 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         Err(error) => Err(with_topic_hint(&client, error).await),
         ok => ok,
     }
+}
+
+/// Installs the Prometheus exporter as the process's metrics recorder, with
+/// its HTTP listener on `addr` (every path answers with the metrics).
+fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    pubsub_etcd::telemetry::describe_metrics();
+    Ok(())
 }
 
 /// An unknown topic is most often a typo or the wrong namespace: say which

@@ -411,6 +411,13 @@ pub struct ConsumeArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: ConsumeFormat,
 
+    /// Print each message with this kcat-style format instead, e.g.
+    /// '%t %p %o %k %s\n': %t topic, %p partition, %o offset, %k key,
+    /// %K key length, %s value, %S value length, %T timestamp (ms),
+    /// %h headers, %% percent; \n \t \r \0 \\ escapes
+    #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_template, conflicts_with = "format")]
+    pub format_string: Option<crate::template::Template>,
+
     #[command(flatten)]
     pub metrics: MetricsArg,
 }
@@ -515,6 +522,10 @@ fn parse_delimiter(s: &str) -> Result<u8, String> {
         _ if s.len() == 1 => Ok(s.as_bytes()[0]),
         _ => Err("give one character, or one of \\n, \\t, \\r, \\0".into()),
     }
+}
+
+fn parse_template(s: &str) -> Result<crate::template::Template, String> {
+    crate::template::Template::parse(s)
 }
 
 fn parse_separator(s: &str) -> Result<String, String> {

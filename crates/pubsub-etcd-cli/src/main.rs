@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod output;
+mod template;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1146,6 +1146,18 @@ fn kcat_and_kafka_tool_parity() {
     assert_eq!(messages[0]["timestamp"], 1_767_323_045_000i64);
     assert_eq!(messages[1]["headers"], serde_json::json!({}));
 
+    let formatted = ns.ok(&[
+        "consume",
+        "p",
+        "--from-beginning",
+        "--exit-at-end",
+        "--max-messages",
+        "2",
+        "-f",
+        "%t/%p/%o %k=%s [%h]\\n",
+    ]);
+    assert_eq!(formatted, "p/0/0 k1=v1 [n=1,trace=abc]\np/0/1 k2=v2 []\n");
+
     // A duration ago, and a date, as start times.
     let since = |time: &str| {
         let out = ns.ok(&[

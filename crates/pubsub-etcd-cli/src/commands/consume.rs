@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::cli::{ConsumeArgs, ConsumeFormat};
 use crate::output;
+use crate::template::Template;
 
 /// With `--exit-at-end`, how long without a message before checking
 /// whether anything is left to read below the end seen at start.
@@ -113,7 +114,7 @@ async fn consume_batches(
     commits: &mut Commits,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let mut out = MessageWriter::new(args.format);
+    let mut out = MessageWriter::new(args.format, args.format_string.clone());
     let mut count = 0u64;
     loop {
         let room = args
@@ -422,18 +423,25 @@ impl EndTracker {
 /// commits, so that what a group commits has really been handed on.
 struct MessageWriter {
     format: ConsumeFormat,
+    /// `--format-string`, which replaces `format`.
+    template: Option<Template>,
     out: BufWriter<Stdout>,
 }
 
 impl MessageWriter {
-    fn new(format: ConsumeFormat) -> Self {
+    fn new(format: ConsumeFormat, template: Option<Template>) -> Self {
         MessageWriter {
             format,
+            template,
             out: output::stdout(),
         }
     }
 
     fn write(&mut self, message: &Message) -> io::Result<()> {
+        if let Some(template) = &self.template {
+            // The format string says where lines end.
+            return template.write(&mut self.out, message);
+        }
         match self.format {
             ConsumeFormat::Raw => self.out.write_all(&message.value)?,
             ConsumeFormat::Json => {

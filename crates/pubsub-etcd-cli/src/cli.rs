@@ -61,6 +61,12 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, value_name = "NAME[:PASSWORD]")]
     pub user: Option<String>,
 
+    /// Connection settings saved under this name in the config file
+    /// ($PUBSUB_ETCD_CONFIG or ~/.config/pubsub-etcd/config.toml); options
+    /// and environment variables given win over it
+    #[arg(long, global = true, env = "PUBSUB_ETCD_CONTEXT", value_name = "NAME")]
+    pub context: Option<String>,
+
     /// Longest any one etcd request may take, e.g. 5s or 500ms [default: 10s]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
@@ -98,8 +104,25 @@ pub enum Command {
     /// etcd maintenance: history compaction, defragmentation, alarms
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// List the saved connection contexts, or show the settings in effect
+    #[command(subcommand)]
+    Context(ContextCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCommand {
+    /// List the contexts of the config file; the one in effect is marked
+    List {
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Show the connection settings in effect (context, options, environment)
+    Show {
+        #[command(flatten)]
+        format: FormatArg,
+    },
 }
 
 /// Output of listings and descriptions.

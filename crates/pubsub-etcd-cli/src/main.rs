@@ -3,19 +3,28 @@
 
 mod cli;
 mod commands;
+mod context;
 mod output;
 mod template;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // Usage errors exit with clap's status 2 here, before any work.
-    let cli = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let mut cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(&cli.log);
+    let config = match load_context(&matches, &mut cli) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let credentials = commands::credentials(&cli.connection).unwrap_or_else(|e| e.exit());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -27,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(commands::run(cli, credentials));
+    let result = runtime.block_on(commands::run(cli, credentials, config));
     // Every command awaits its own cleanup; whatever is left (e.g. a thread
     // blocked reading stdin) must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_millis(100));
@@ -63,4 +72,28 @@ fn init_logging(args: &cli::LogArgs) {
         .with_target(args.verbose > 0)
         .without_time()
         .init();
+}
+
+/// Reads the config file and fills the connection settings not given
+/// otherwise from the selected context.
+fn load_context(
+    matches: &clap::ArgMatches,
+    cli: &mut cli::Cli,
+) -> Result<commands::Config, String> {
+    let path = context::path();
+    let file = match &path {
+        Some(path) => context::load(path)?,
+        None => context::ConfigFile::default(),
+    };
+    let selected = file
+        .selected(cli.connection.context.as_deref())?
+        .map(|(name, context)| (name.to_string(), context.clone()));
+    if let Some((_, context)) = &selected {
+        context::apply(context, matches, &mut cli.connection)?;
+    }
+    Ok(commands::Config {
+        path,
+        file,
+        selected: selected.map(|(name, _)| name),
+    })
 }

@@ -1273,3 +1273,69 @@ fn produce_serves_prometheus_metrics() {
         "{body}"
     );
 }
+
+/// Named contexts in a config file stand in for --endpoints, --namespace
+/// and friends; options and environment variables still win.
+#[test]
+fn contexts_from_the_config_file() {
+    let ns = Namespace::new();
+    let endpoints = std::env::var("PUBSUB_ETCD_ENDPOINTS").unwrap_or("127.0.0.1:2379".into());
+    let dir = std::env::temp_dir().join(format!("{}-config", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "context = \"here\"\n\
+             [contexts.here]\nendpoints = [{endpoints:?}]\nnamespace = {:?}\ntimeout = \"5s\"\n\
+             [contexts.nowhere]\nendpoints = [\"127.0.0.1:1\"]\n",
+            ns.name
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("PUBSUB_ETCD_CONFIG", &config)
+            .env_remove("PUBSUB_ETCD_ENDPOINTS")
+            .env_remove("PUBSUB_ETCD_NAMESPACE")
+            .env_remove("PUBSUB_ETCD_CONTEXT")
+            .output()
+            .unwrap()
+    };
+    // The file's default context.
+    let created = run(&["topic", "create", "ctx", "--partitions", "1"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    assert!(ns.ok(&["topic", "list"]).contains("ctx"));
+    // Another context, overridden by options.
+    let failed = run(&["--context", "nowhere", "--timeout", "1s", "topic", "list"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let listed = run(&[
+        "--context",
+        "nowhere",
+        "--endpoints",
+        &endpoints,
+        "--namespace",
+        &ns.name,
+        "topic",
+        "list",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("ctx"),
+        "{}",
+        stderr(&listed)
+    );
+    let unknown = run(&["--context", "elsewhere", "topic", "list"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        stderr(&unknown).contains("no context \"elsewhere\""),
+        "{}",
+        stderr(&unknown)
+    );
+    let shown: Value =
+        serde_json::from_slice(&run(&["context", "show", "--format", "json"]).stdout).unwrap();
+    assert_eq!(shown["context"], "here");
+    assert_eq!(shown["namespace"], ns.name.as_str());
+    assert_eq!(shown["timeout"], "5s");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,6 +3,7 @@
 mod admin;
 mod completions;
 mod consume;
+mod context;
 mod group;
 mod message;
 mod produce;
@@ -17,10 +18,24 @@ use crate::cli::{Cli, Command, ConnectionArgs};
 /// Environment variable with the password of `--user NAME`.
 const PASSWORD_ENV: &str = "PUBSUB_ETCD_PASSWORD";
 
+/// The config file as read, and the context in effect.
+#[derive(Debug)]
+pub struct Config {
+    pub path: Option<std::path::PathBuf>,
+    pub file: crate::context::ConfigFile,
+    pub selected: Option<String>,
+}
+
 /// Runs the parsed command; `credentials` come from [`credentials`].
-pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Result<()> {
-    if let Command::Completions(args) = &cli.command {
-        return completions::run(args);
+pub async fn run(
+    cli: Cli,
+    credentials: Option<(String, String)>,
+    config: Config,
+) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Completions(args) => return completions::run(args),
+        Command::Context(command) => return context::run(command, &config, &cli.connection),
+        _ => {}
     }
     let metrics = match &cli.command {
         Command::Produce(args) => args.metrics.metrics_addr,
@@ -38,7 +53,9 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         Command::Group(command) => group::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
-        Command::Completions(_) => unreachable!("handled before connecting"),
+        Command::Completions(_) | Command::Context(_) => {
+            unreachable!("handled before connecting")
+        }
     };
     match result {
         Err(error) => Err(with_topic_hint(&client, error).await),

@@ -447,7 +447,7 @@ pub struct ConsumeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List consumer groups and the topics they have state on
+    /// List consumer groups with their state, members and total lag
     List {
         #[command(flatten)]
         format: FormatArg,
@@ -461,12 +461,19 @@ pub enum GroupCommand {
         #[command(flatten)]
         format: FormatArg,
     },
-    /// Move a stopped group's committed offsets on every partition of a topic
+    /// Move a stopped group's committed offsets: shows the plan, and applies
+    /// it with --execute (as kafka-consumer-groups --reset-offsets)
     #[command(group(ArgGroup::new("to").required(true).multiple(false)))]
+    #[command(group(ArgGroup::new("which").required(true).multiple(false)))]
     ResetOffsets {
+        /// Group whose offsets move
         group: String,
-        #[arg(long, value_name = "T")]
-        topic: String,
+        /// Topic, optionally with some partitions: orders or orders:0,1,5 (repeatable)
+        #[arg(long = "topic", value_name = "T[:P,..]", value_parser = parse_topic_partitions, group = "which")]
+        topics: Vec<TopicPartitions>,
+        /// Every topic the group has state on
+        #[arg(long, group = "which")]
+        all_topics: bool,
         /// To the oldest stored message
         #[arg(long, group = "to")]
         to_earliest: bool,
@@ -476,9 +483,24 @@ pub enum GroupCommand {
         /// To this offset (clamped to what is stored)
         #[arg(long, value_name = "N", group = "to")]
         to_offset: Option<u64>,
+        /// By N from the committed offset (or the earliest without one); negative moves back
+        #[arg(long, value_name = "N", group = "to", allow_negative_numbers = true)]
+        shift_by: Option<i64>,
+        /// To the first message at or after this long ago, e.g. 1h or 2d
+        #[arg(long, value_name = "DURATION", group = "to", value_parser = parse_duration)]
+        by_duration: Option<Duration>,
         /// To the first message at or after this time (ms since the epoch, RFC 3339, a local date or time, or a duration ago like 1h)
-        #[arg(long, value_name = "T", group = "to", value_parser = parse_time)]
-        to_time: Option<i64>,
+        #[arg(long, alias = "to-time", value_name = "T", group = "to", value_parser = parse_time)]
+        to_datetime: Option<i64>,
+        /// Apply the plan; without it the plan is only shown
+        #[arg(long, conflicts_with = "dry_run")]
+        execute: bool,
+        /// Only show the plan (the default)
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow --execute to create offsets for a group that has no state yet
+        #[arg(long)]
+        new_group: bool,
         #[command(flatten)]
         format: FormatArg,
     },
@@ -549,6 +571,35 @@ fn parse_delimiter(s: &str) -> Result<u8, String> {
 
 fn parse_template(s: &str) -> Result<crate::template::Template, String> {
     crate::template::Template::parse(s)
+}
+
+/// A topic and, after `:`, some of its partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPartitions {
+    pub topic: String,
+    /// `None` for every partition.
+    pub partitions: Option<Vec<u32>>,
+}
+
+fn parse_topic_partitions(s: &str) -> Result<TopicPartitions, String> {
+    let Some((topic, list)) = s.split_once(':') else {
+        return Ok(TopicPartitions {
+            topic: s.to_string(),
+            partitions: None,
+        });
+    };
+    let partitions = list
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{p:?} is not a partition number"))
+        })
+        .collect::<Result<Vec<u32>, String>>()?;
+    Ok(TopicPartitions {
+        topic: topic.to_string(),
+        partitions: Some(partitions),
+    })
 }
 
 fn parse_separator(s: &str) -> Result<String, String> {
@@ -676,6 +727,19 @@ mod tests {
         assert_eq!(parse_limit("0"), Ok(Limit(Some(0))));
         assert_eq!(parse_limit("none"), Ok(Limit(None)));
         assert!(parse_limit("-1").is_err());
+    }
+
+    #[test]
+    fn topic_partitions() {
+        assert_eq!(
+            parse_topic_partitions("t:0,3"),
+            Ok(TopicPartitions {
+                topic: "t".into(),
+                partitions: Some(vec![0, 3])
+            })
+        );
+        assert_eq!(parse_topic_partitions("t").unwrap().partitions, None);
+        assert!(parse_topic_partitions("t:x").is_err());
     }
 
     #[test]

@@ -404,7 +404,9 @@ fn group_describe_after_partial_consumption_and_reset() {
     assert!(table.starts_with("TOPIC"), "{table}");
     assert_eq!(
         ns.json(&["group", "list"]),
-        serde_json::json!([{"group": "workers", "topics": ["jobs"]}])
+        serde_json::json!([{
+            "group": "workers", "topics": ["jobs"], "state": "empty", "members": 0, "lag": 6,
+        }])
     );
 
     // The group resumes where it committed.
@@ -412,7 +414,8 @@ fn group_describe_after_partial_consumption_and_reset() {
     assert_eq!(rest.lines().next(), Some("job-5"));
     assert_eq!(rest.lines().count(), 6);
 
-    let reset = ns.json(&[
+    // Without --execute, a reset is a plan only.
+    let plan = ns.json(&[
         "group",
         "reset-offsets",
         "workers",
@@ -422,51 +425,83 @@ fn group_describe_after_partial_consumption_and_reset() {
         "7",
     ]);
     assert_eq!(
-        reset,
-        serde_json::json!([{"topic": "jobs", "partition": 0, "offset": 7}])
+        plan,
+        serde_json::json!({"executed": false, "offsets": [
+            {"topic": "jobs", "partition": 0, "current": 10, "offset": 7},
+        ]})
     );
+    assert_eq!(
+        ns.json(&["group", "describe", "workers"])[0]["committed"],
+        10
+    );
+    let table = ns.ok(&[
+        "group",
+        "reset-offsets",
+        "workers",
+        "--topic",
+        "jobs",
+        "--to-offset",
+        "7",
+    ]);
+    assert!(table.contains("dry run"), "{table}");
+    let reset = |args: &[&str]| {
+        let mut all = vec!["group", "reset-offsets", "workers", "--execute"];
+        all.extend(args);
+        let done = ns.json(&all);
+        assert_eq!(done["executed"], true, "{done}");
+        done["offsets"][0]["offset"].clone()
+    };
+    assert_eq!(reset(&["--topic", "jobs", "--to-offset", "7"]), 7);
     let lag = ns.json(&["group", "describe", "workers"]);
     assert_eq!(lag[0]["committed"], 7);
     assert_eq!(lag[0]["lag"], 3);
     let rest = ns.ok(&["consume", "jobs", "--group", "workers", "--exit-at-end"]);
     assert_eq!(rest, "job-8\njob-9\njob-10\n");
 
-    for (option, expected) in [("--to-earliest", 0), ("--to-latest", 10)] {
-        let reset = ns.json(&[
-            "group",
-            "reset-offsets",
-            "workers",
-            "--topic",
-            "jobs",
-            option,
-        ]);
-        assert_eq!(reset[0]["offset"], expected, "{option}");
-    }
+    assert_eq!(reset(&["--topic", "jobs", "--to-earliest"]), 0);
+    assert_eq!(reset(&["--all-topics", "--to-latest"]), 10);
+    assert_eq!(reset(&["--topic", "jobs:0", "--shift-by", "-4"]), 6);
+    assert_eq!(reset(&["--topic", "jobs", "--shift-by", "100"]), 10);
+    assert_eq!(reset(&["--topic", "jobs", "--by-duration", "1h"]), 0);
     let future = (SystemTime::now() + Duration::from_secs(3600))
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis()
         .to_string();
-    let reset = ns.json(&[
+    assert_eq!(reset(&["--topic", "jobs", "--to-datetime", &future]), 10);
+    assert_eq!(
+        reset(&["--topic", "jobs", "--to-time", "2000-01-01T00:00:00Z"]),
+        0
+    );
+
+    // A misspelt group is not created silently.
+    let typo = ns.run(&[
         "group",
         "reset-offsets",
-        "workers",
+        "worker",
         "--topic",
         "jobs",
-        "--to-time",
-        &future,
+        "--to-earliest",
+        "--execute",
     ]);
-    assert_eq!(reset[0]["offset"], 10);
-    let reset = ns.json(&[
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(
+        stderr(&typo).contains("did you mean \"workers\"?"),
+        "{}",
+        stderr(&typo)
+    );
+    let fresh = ns.json(&[
         "group",
         "reset-offsets",
-        "workers",
+        "fresh",
         "--topic",
         "jobs",
-        "--to-time",
-        "2000-01-01T00:00:00Z",
+        "--to-latest",
+        "--execute",
+        "--new-group",
     ]);
-    assert_eq!(reset[0]["offset"], 0);
+    assert_eq!(fresh["offsets"][0]["offset"], 10);
+    ns.ok(&["group", "delete", "fresh"]);
 
     assert_eq!(
         ns.ok(&["group", "delete", "workers"]),

@@ -1,28 +1,61 @@
 //! `group list | describe | reset-offsets | delete`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use pubsub_etcd::{Client, Error, PartitionLag, StartOffset};
 use serde_json::json;
 
-use crate::cli::{Format, GroupCommand};
+use crate::cli::{Format, GroupCommand, TopicPartitions};
 use crate::output::{self, Table};
 
 pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
     match command {
         GroupCommand::List { format } => {
             let groups = client.list_groups().await?;
+            let mut rows = Vec::with_capacity(groups.len());
+            for (group, topics) in &groups {
+                let mut lag = 0u64;
+                let mut members = BTreeSet::new();
+                for topic in topics {
+                    for partition in client.group_lag(topic, group).await? {
+                        lag += partition.lag;
+                        members.extend(partition.owner);
+                    }
+                }
+                let state = if members.is_empty() {
+                    "empty"
+                } else {
+                    "active"
+                };
+                rows.push((group, topics, state, members.len(), lag));
+            }
             match format.format {
                 Format::Json => {
-                    let list: Vec<_> = groups
+                    let list: Vec<_> = rows
                         .iter()
-                        .map(|(group, topics)| json!({ "group": group, "topics": topics }))
+                        .map(|(group, topics, state, members, lag)| {
+                            json!({
+                                "group": group,
+                                "topics": topics,
+                                "state": state,
+                                "members": members,
+                                "lag": lag,
+                            })
+                        })
                         .collect();
                     output::print_json(&list)
                 }
                 Format::Table => {
-                    let mut table = Table::new(["GROUP", "TOPICS"]);
-                    for (group, topics) in &groups {
+                    let mut table = Table::new(["GROUP", "TOPICS", "STATE", "MEMBERS", "LAG"]);
+                    for (group, topics, state, members, lag) in rows {
                         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                        table.row([group.clone(), topics.join(",")]);
+                        table.row([
+                            group.clone(),
+                            topics.join(","),
+                            state.to_string(),
+                            members.to_string(),
+                            lag.to_string(),
+                        ]);
                     }
                     table.print()
                 }
@@ -68,37 +101,95 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::ResetOffsets {
             group,
-            topic,
+            topics,
+            all_topics,
             to_earliest: _,
             to_latest,
             to_offset,
-            to_time,
+            shift_by,
+            by_duration,
+            to_datetime,
+            execute,
+            dry_run: _,
+            new_group,
             format,
         } => {
             // clap makes exactly one target present; earliest is what is left.
-            let to = match (to_latest, to_offset, to_time) {
-                (true, _, _) => StartOffset::Latest,
-                (_, Some(offset), _) => StartOffset::Offset(offset),
-                (_, _, Some(ms)) => StartOffset::Timestamp(ms),
-                _ => StartOffset::Earliest,
+            let target = match (to_latest, to_offset, shift_by, by_duration, to_datetime) {
+                (true, ..) => Target::To(StartOffset::Latest),
+                (_, Some(offset), ..) => Target::To(StartOffset::Offset(offset)),
+                (_, _, Some(shift), ..) => Target::Shift(shift),
+                (_, _, _, Some(ago), _) => Target::To(StartOffset::Timestamp(
+                    now_ms().saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)),
+                )),
+                (_, _, _, _, Some(ms)) => Target::To(StartOffset::Timestamp(ms)),
+                _ => Target::To(StartOffset::Earliest),
             };
-            let offsets = client.reset_offsets(&topic, &group, to).await?;
+            let groups = client.list_groups().await?;
+            let known = groups.get(&group);
+            let topics = if all_topics {
+                let known = known.ok_or_else(|| Error::GroupNotFound(group.clone()))?;
+                known
+                    .iter()
+                    .map(|topic| TopicPartitions {
+                        topic: topic.clone(),
+                        partitions: None,
+                    })
+                    .collect()
+            } else {
+                topics
+            };
+            if execute && known.is_none() && !new_group {
+                anyhow::bail!(
+                    "consumer group {group:?} has no state in this namespace{}; \
+                     pass --new-group to create it",
+                    similar_groups(&group, groups.keys())
+                );
+            }
+            let plan = plan_reset(client, &group, &topics, target).await?;
+            if execute {
+                for (topic, moves) in &plan {
+                    let offsets: BTreeMap<u32, u64> =
+                        moves.iter().map(|m| (m.partition, m.new)).collect();
+                    client
+                        .commit_offsets_unowned(topic, &group, &offsets)
+                        .await?;
+                }
+            }
             match format.format {
                 Format::Json => {
-                    let list: Vec<_> = offsets
+                    let offsets: Vec<_> = plan
                         .iter()
-                        .map(|(partition, offset)| {
-                            json!({ "topic": topic, "partition": partition, "offset": offset })
+                        .flat_map(|(topic, moves)| {
+                            moves.iter().map(move |m| {
+                                json!({
+                                    "topic": topic,
+                                    "partition": m.partition,
+                                    "current": m.current,
+                                    "offset": m.new,
+                                })
+                            })
                         })
                         .collect();
-                    output::print_json(&list)
+                    output::print_json(&json!({ "executed": execute, "offsets": offsets }))
                 }
                 Format::Table => {
-                    let mut table = Table::new(["TOPIC", "PARTITION", "OFFSET"]);
-                    for (partition, offset) in &offsets {
-                        table.row([topic.clone(), partition.to_string(), offset.to_string()]);
+                    let mut table = Table::new(["TOPIC", "PARTITION", "CURRENT", "NEW"]);
+                    for (topic, moves) in &plan {
+                        for m in moves {
+                            table.row([
+                                topic.clone(),
+                                m.partition.to_string(),
+                                output::or_dash(m.current),
+                                m.new.to_string(),
+                            ]);
+                        }
                     }
-                    table.print()
+                    let mut text = table.render();
+                    if !execute {
+                        text.push_str("dry run: nothing changed; add --execute to apply\n");
+                    }
+                    output::print_text(&text)
                 }
             }
         }
@@ -107,4 +198,84 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
             output::print_text(&format!("deleted group {group:?}\n"))
         }
     }
+}
+
+/// Where `reset-offsets` moves each partition.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    To(StartOffset),
+    /// By this many offsets from the committed one.
+    Shift(i64),
+}
+
+/// One partition's move in a reset plan.
+struct Move {
+    partition: u32,
+    current: Option<u64>,
+    new: u64,
+}
+
+/// The new offset of every chosen partition, by topic, clamped to what is
+/// stored; nothing is written.
+async fn plan_reset(
+    client: &Client,
+    group: &str,
+    topics: &[TopicPartitions],
+    target: Target,
+) -> anyhow::Result<Vec<(String, Vec<Move>)>> {
+    let mut plan = Vec::with_capacity(topics.len());
+    for chosen in topics {
+        let info = client.topic(&chosen.topic).await?;
+        let committed = client.committed_offsets(&chosen.topic, group).await?;
+        let partitions = match &chosen.partitions {
+            Some(list) => list.clone(),
+            None => (0..info.partitions).collect(),
+        };
+        let mut moves = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            let current = committed.get(&partition).copied();
+            let start = match target {
+                Target::To(start) => start,
+                Target::Shift(by) => {
+                    let from = match current {
+                        Some(offset) => offset,
+                        None => {
+                            client
+                                .resolve_offset(&chosen.topic, partition, StartOffset::Earliest)
+                                .await?
+                        }
+                    };
+                    StartOffset::Offset(from.saturating_add_signed(by))
+                }
+            };
+            let new = client
+                .resolve_offset(&chosen.topic, partition, start)
+                .await?;
+            moves.push(Move {
+                partition,
+                current,
+                new,
+            });
+        }
+        plan.push((chosen.topic.clone(), moves));
+    }
+    Ok(plan)
+}
+
+/// ` (did you mean "a" or "b"?)` for group names like `name`, or nothing.
+fn similar_groups<'a>(name: &str, groups: impl Iterator<Item = &'a String>) -> String {
+    let similar: Vec<String> = groups
+        .filter(|g| strsim::jaro_winkler(name, g) >= 0.8)
+        .map(|g| format!("{g:?}"))
+        .take(3)
+        .collect();
+    if similar.is_empty() {
+        String::new()
+    } else {
+        format!(" (did you mean {}?)", similar.join(" or "))
+    }
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
 }

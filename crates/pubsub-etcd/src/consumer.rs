@@ -84,6 +84,10 @@ pub(crate) struct Claim {
     /// The offset reading started from under this claim (or the last
     /// seek): a message below it was delivered under an earlier claim.
     pub(crate) start: u64,
+    /// The group's committed offset when this claim was made (0 without
+    /// one): written by an earlier claim, so no commit under this one may
+    /// go below it.
+    pub(crate) floor: u64,
 }
 
 /// A rebalance event on its way to the application; `ack` (if any) is
@@ -460,8 +464,12 @@ impl Consumer {
     }
 
     /// Commits explicit next-offsets per partition. Fenced: refused with
-    /// [`Error::NotOwner`] for a partition this member does not own now,
-    /// including one it lost while paused or cut off.
+    /// [`Error::NotOwner`] for a partition this member does not own now
+    /// (including one it lost while paused or cut off), and for an offset
+    /// this claim did not deliver (below where it started reading, or past
+    /// the last message delivered); refused with [`Error::CommitBehind`]
+    /// below the offset the previous owner committed, so that a committed
+    /// offset never moves backwards past another owner's commit.
     pub async fn commit_offsets(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
         commit_fenced(
             &self.client,
@@ -609,17 +617,37 @@ pub(crate) async fn commit_fenced(
         let state = shared.lock().expect("member state lock");
         let mut claims = Vec::with_capacity(offsets.len());
         for (&partition, &offset) in offsets {
-            match state.owned.get(&partition) {
-                Some(claim) if Instant::now() < state.lease_valid_until => {
-                    claims.push((partition, offset, *claim))
-                }
-                _ => {
-                    return Err(Error::NotOwner {
-                        topic: topic.to_string(),
-                        partition,
-                    })
-                }
+            let not_owner = || Error::NotOwner {
+                topic: topic.to_string(),
+                partition,
+            };
+            let Some(claim) = state.owned.get(&partition) else {
+                return Err(not_owner());
+            };
+            if Instant::now() >= state.lease_valid_until {
+                return Err(not_owner());
             }
+            // Only what this claim delivered: an offset outside
+            // start..=position comes from messages read under an earlier
+            // claim (or not delivered at all).
+            let position = state
+                .positions
+                .get(&partition)
+                .copied()
+                .unwrap_or(claim.start);
+            if offset < claim.start || offset > position {
+                return Err(not_owner());
+            }
+            // Below the floor only after a seek back past it.
+            if offset < claim.floor {
+                return Err(Error::CommitBehind {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    committed: claim.floor,
+                });
+            }
+            claims.push((partition, offset, *claim));
         }
         claims
     };

@@ -608,6 +608,8 @@ impl Member {
                 epoch,
                 owner_revision,
                 start: from,
+                // A commit beyond the end was clamped to `from`.
+                floor: committed_ok.map_or(0, |c| c.min(from)),
             },
         );
         state.positions.insert(partition, from);

@@ -21,7 +21,10 @@ const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
 /// Not a test on its own: the body of a child member process. It prints
 /// one line per event (`owned 0,1`, `msg P O`, `lost 0,1`, `commit-refused P`)
 /// and, every 100 ms, re-commits the last message it got, so a commit made
-/// after a freeze is observable.
+/// after a freeze is observable. In `stale` mode it instead keeps the first
+/// message it got, and once it owns partitions again after losing them,
+/// commits that message's offset with `commit_offsets` (as the CLI does)
+/// and prints `stale-commit ok` or `stale-commit refused <error>`.
 #[test]
 fn child_member() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
@@ -35,6 +38,7 @@ fn child_member() {
         parts.next().unwrap(),
         parts.next().unwrap(),
     );
+    let stale = parts.next() == Some("stale");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = pubsub_etcd::Client::builder(common::ns::endpoints())
@@ -51,6 +55,7 @@ fn child_member() {
             .unwrap();
         let mut last: Option<pubsub_etcd::Message> = None;
         let mut owned = Vec::new();
+        let mut lost = false;
         loop {
             if let Ok(Some(event)) =
                 timeout(Duration::from_millis(100), consumer.next_event()).await
@@ -58,14 +63,31 @@ fn child_member() {
                 match event {
                     Ok(Event::Message(m)) => {
                         println!("msg {} {}", m.partition, m.offset);
-                        last = Some(m);
+                        if !stale || last.is_none() {
+                            last = Some(m);
+                        }
                     }
-                    Ok(Event::Lost(ps)) => println!("lost {}", join(&ps)),
+                    Ok(Event::Lost(ps)) => {
+                        println!("lost {}", join(&ps));
+                        lost = true;
+                    }
                     Ok(_) => {}
                     Err(e) => println!("error {e}"),
                 }
             }
-            if let Some(m) = &last {
+            if stale {
+                if let Some(m) = last
+                    .as_ref()
+                    .filter(|_| lost && !consumer.assignment().is_empty())
+                {
+                    let offsets = std::collections::BTreeMap::from([(m.partition, m.offset + 1)]);
+                    match consumer.commit_offsets(&offsets).await {
+                        Ok(()) => println!("stale-commit ok"),
+                        Err(e) => println!("stale-commit refused {e}"),
+                    }
+                    last = None;
+                }
+            } else if let Some(m) = &last {
                 match consumer.commit(m).await {
                     Ok(()) => {}
                     Err(pubsub_etcd::Error::NotOwner { partition, .. }) => {
@@ -96,9 +118,14 @@ struct ChildMember {
 
 impl ChildMember {
     fn spawn(ns: &str, topic: &str, group: &str) -> ChildMember {
+        Self::spawn_with(ns, topic, group, "")
+    }
+
+    /// A child member in a `mode` (see `child_member`).
+    fn spawn_with(ns: &str, topic: &str, group: &str, mode: &str) -> ChildMember {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_member", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, format!("{ns},{topic},{group}"))
+            .env(CHILD_ENV, format!("{ns},{topic},{group},{mode}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -329,6 +356,68 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
         "local member missed messages: {got:?}"
     );
     local.close().await.unwrap();
+}
+
+/// Issue 8, item 1: a member frozen past its lease loses its partition to
+/// another member, which reads on and commits, then leaves; the frozen one
+/// wakes up, claims the partition again and commits the offset of a message
+/// it read under its old claim. That commit must be refused: the group's
+/// offset stays where the other member left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_commit_after_claiming_again_never_moves_the_offset_back() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..100).map(|i| Record::new(format!("{i}")))).await;
+    let mut child = ChildMember::spawn_with(ns.name(), "t", "g", "stale");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !child.seen.iter().any(|l| l.starts_with("msg ")) {
+        assert!(
+            Instant::now() < until,
+            "child got no message: {:?}",
+            child.seen
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        child.drain();
+    }
+    child.signal("-STOP");
+    let mut local = member(&client, "t", "g").await;
+    let mut last = None;
+    let until = Instant::now() + TTL + Duration::from_secs(10);
+    while last
+        .as_ref()
+        .is_none_or(|m: &pubsub_etcd::Message| m.offset < 99)
+    {
+        assert!(Instant::now() < until, "no takeover from the frozen member");
+        if let Ok(Some(Ok(Event::Message(m)))) =
+            timeout(Duration::from_millis(50), local.next_event()).await
+        {
+            last = Some(m);
+        }
+    }
+    local.commit(last.as_ref().unwrap()).await.unwrap();
+    local.close().await.unwrap();
+    child.signal("-CONT");
+    let until = Instant::now() + Duration::from_secs(20);
+    let outcome = loop {
+        child.drain();
+        if let Some(line) = child.seen.iter().find(|l| l.starts_with("stale-commit")) {
+            break line.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "the child never claimed again: {:?}",
+            child.seen
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(outcome.starts_with("stale-commit refused"), "{outcome}");
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        std::collections::BTreeMap::from([(0, 100)]),
+        "the committed offset moved"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

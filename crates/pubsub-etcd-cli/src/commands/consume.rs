@@ -211,9 +211,13 @@ impl Commits {
         while !self.pending.is_empty() {
             match consumer.commit_offsets(&self.pending).await {
                 Ok(()) => self.pending.clear(),
-                // Another member has the partition now and reads it again
-                // from the last commit: duplicates, which at-least-once allows.
-                Err(error @ Error::NotOwner { partition, .. }) => {
+                // Another member has the partition now, or had it since these
+                // messages were read, and reads it again from its own commit:
+                // duplicates, which at-least-once allows.
+                Err(
+                    error @ (Error::NotOwner { partition, .. }
+                    | Error::CommitBehind { partition, .. }),
+                ) => {
                     eprintln!("warning: {error}");
                     if self.pending.remove(&partition).is_none() {
                         self.pending.clear();

@@ -67,6 +67,15 @@ impl Owner {
     }
 }
 
+/// A release waiting for the application to acknowledge its `Revoking`:
+/// until then the partitions stay owned (and undelivered), since the
+/// application may still hold messages of them.
+struct Revocation {
+    partitions: Vec<u32>,
+    /// `None` until the notice is in the application's event channel.
+    acked: Option<oneshot::Receiver<()>>,
+}
+
 /// The member task's state.
 pub(crate) struct Member {
     config: ConsumerBuilder,
@@ -96,6 +105,8 @@ pub(crate) struct Member {
     next_epoch: u64,
     /// Offset resets found while claiming, reported after the assignment.
     resets: Vec<Event>,
+    /// At most one release at a time, waiting for its acknowledgement.
+    revoking: Option<Revocation>,
     /// False between losing the lease and joining again under a new one.
     joined: bool,
 }
@@ -132,6 +143,7 @@ impl Member {
             watch: None,
             next_epoch: 1,
             resets: Vec::new(),
+            revoking: None,
             joined: false,
             config,
         };
@@ -314,7 +326,20 @@ impl Member {
                     None => std::future::pending().await,
                 }
             };
+            let revocation_acked = async {
+                match self.revoking.as_mut().and_then(|r| r.acked.as_mut()) {
+                    // A dropped sender means the consumer is gone.
+                    Some(acked) => {
+                        let _ = acked.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = revocation_acked => {
+                    self.finish_release().await;
+                    dirty = true;
+                }
                 message = watch_message => {
                     dirty = true;
                     match message {
@@ -443,10 +468,14 @@ impl Member {
             .copied()
             .collect();
         mine.sort_unstable();
-        if mine.len() > quota {
+        if self.revoking.is_some() {
+            // One release at a time; its notice may still have to be sent.
+            self.announce_revocation().await;
+        } else if mine.len() > quota {
             let release = mine.split_off(quota);
-            self.release(&release).await;
-        } else if mine.len() < quota {
+            self.release(release).await;
+        }
+        if mine.len() < quota {
             let need = quota - mine.len();
             // Start the scan at a different place per member so members
             // joining together do not all race for the same partitions.
@@ -692,26 +721,63 @@ impl Member {
         }
     }
 
-    /// Hands partitions back: stop reading them, let the application finish
-    /// with them, commit per the policy, then delete the owner keys.
-    async fn release(&mut self, partitions: &[u32]) {
-        for p in partitions {
+    /// Starts handing partitions back: stop reading them and tell the
+    /// application. The release itself ([`Member::finish_release`]) waits
+    /// for the application's acknowledgement, however long it takes: before
+    /// it, the application may still hold delivered messages of them, and
+    /// another member must not deliver the same partitions meanwhile.
+    async fn release(&mut self, partitions: Vec<u32>) {
+        for p in &partitions {
             if let Some(reader) = self.readers.remove(p) {
                 reader.abort();
                 let _ = reader.await;
             }
         }
+        self.revoking = Some(Revocation {
+            partitions,
+            acked: None,
+        });
+        self.announce_revocation().await;
+    }
+
+    /// Sends the pending revocation's notice if it has not reached the
+    /// application yet (its event channel was full).
+    async fn announce_revocation(&mut self) {
+        let Some(partitions) = self
+            .revoking
+            .as_ref()
+            .filter(|r| r.acked.is_none())
+            .map(|r| r.partitions.clone())
+        else {
+            return;
+        };
         let (ack, acked) = oneshot::channel();
-        if self
-            .notify(Event::Revoking(partitions.to_vec()), Some(ack))
-            .await
-        {
-            let _ = tokio::time::timeout(self.config.session_ttl, acked).await;
+        if self.notify(Event::Revoking(partitions), Some(ack)).await {
+            if let Some(revocation) = self.revoking.as_mut() {
+                revocation.acked = Some(acked);
+            }
         }
-        if let Err(error) = self.commit_delivered(Some(partitions)).await {
+    }
+
+    /// The application acknowledged the revocation: commit per the policy,
+    /// forget the partitions, delete their owner keys.
+    async fn finish_release(&mut self) {
+        let Some(revocation) = self.revoking.take() else {
+            return;
+        };
+        // Some may have been lost meanwhile.
+        let partitions: Vec<u32> = {
+            let state = self.shared.lock().expect("member state lock");
+            revocation
+                .partitions
+                .into_iter()
+                .filter(|p| state.owned.contains_key(p))
+                .collect()
+        };
+        if let Err(error) = self.commit_delivered(Some(&partitions)).await {
             tracing::warn!(member = %self.member_id, %error, "commit before release failed");
         }
-        let claims = self.drop_partitions(partitions);
+        let claims = self.drop_partitions(&partitions);
         for (p, claim) in claims {
             self.delete_owner(p, claim.owner_revision).await;
         }
@@ -746,6 +812,7 @@ impl Member {
             owned
         };
         tracing::warn!(member = %self.member_id, ?lost, "lease lost");
+        self.revoking = None;
         self.drop_partitions(&lost);
         if !lost.is_empty() {
             self.notify(Event::Lost(lost), None).await;

@@ -548,3 +548,51 @@ async fn nothing_of_a_revoked_partition_is_delivered_after_the_revocation() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Issue 8, item 2: an application that holds delivered messages and does
+/// not come back for the next event (blocked, e.g. on its output) keeps
+/// its partitions however long that takes, so two live members never
+/// deliver one partition at once; once it acknowledges, the partition
+/// moves, and the messages it held can no longer be committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_partition_moves_only_after_the_application_acknowledges() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(
+        &producer,
+        (0..2u32).map(|i| Record::new(format!("{i}")).partition(i)),
+    )
+    .await;
+    let mut a = member(&client, "t", "g").await;
+    let mut held = BTreeMap::new();
+    while held.len() < 2 {
+        if let Event::Message(m) = within(Duration::from_secs(10), a.next_event()).await {
+            held.insert(m.partition, m);
+        }
+    }
+    // `a` now stalls with both messages in hand, for well over the TTL.
+    let mut b = member(&client, "t", "g").await;
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        if let Ok(Some(event)) = timeout(Duration::from_millis(100), b.next_event()).await {
+            panic!("b got {event:?} while a still held its partitions");
+        }
+    }
+    assert!(b.assignment().is_empty());
+    assert_eq!(a.assignment(), vec![0, 1]);
+    let revoked = match within(Duration::from_secs(5), a.next_event()).await {
+        Event::Revoking(ps) => ps,
+        other => panic!("expected Revoking, got {other:?}"),
+    };
+    assert_eq!(revoked.len(), 1);
+    // Acknowledged by coming back; then `b` gets the partition.
+    let _ = timeout(Duration::from_millis(300), a.next_event()).await;
+    let event = within(Duration::from_secs(10), b.next_event()).await;
+    assert_eq!(event, Event::Assigned(revoked.clone()));
+    let err = a.commit(&held[&revoked[0]]).await.unwrap_err();
+    assert!(matches!(err, pubsub_etcd::Error::NotOwner { .. }), "{err}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -242,8 +242,10 @@ impl Member {
         self.owners.clear();
         if let Some(TxnOpResponse::Get(get)) = gets.next() {
             for kv in get.kvs() {
-                self.members
-                    .insert(String::from_utf8_lossy(&kv.key()[members.len()..]).into_owned());
+                if live_member(kv) {
+                    self.members
+                        .insert(String::from_utf8_lossy(&kv.key()[members.len()..]).into_owned());
+                }
             }
         }
         if let Some(TxnOpResponse::Get(get)) = gets.next() {
@@ -418,7 +420,7 @@ impl Member {
             let key = String::from_utf8_lossy(kv.key());
             let put = event.event_type() == EventType::Put;
             if let Some(id) = key.strip_prefix(&members) {
-                if put {
+                if put && live_member(kv) {
                     self.members.insert(id.to_string());
                 } else {
                     self.members.remove(id);
@@ -482,7 +484,7 @@ impl Member {
             let startp = (index as u32 * partitions) / n;
             let free: Vec<u32> = (0..partitions)
                 .map(|i| (startp + i) % partitions)
-                .filter(|p| !self.owners.contains_key(p))
+                .filter(|p| self.owners.get(p).is_none_or(|o| o.lease == 0))
                 .take(need)
                 .collect();
             let mut claimed = Vec::new();
@@ -575,6 +577,10 @@ impl Member {
     /// Tries to create the owner key of `partition`; on success returns the
     /// offset to read from (the group's commit, or the start policy).
     async fn claim(&mut self, partition: u32) -> Result<Option<u64>> {
+        if let Some(ghost) = self.owners.get(&partition).filter(|o| o.lease == 0) {
+            let revision = ghost.revision;
+            self.remove_ghost_owner(partition, revision).await?;
+        }
         let keys = &self.client.keys;
         let owner = keys.owner(&self.name, &self.config.group, partition);
         let topic_key = keys.topic(&self.name);
@@ -654,6 +660,32 @@ impl Member {
         );
         tracing::debug!(member = %self.member_id, partition, from, "claimed partition");
         Ok(Some(from))
+    }
+
+    /// Deletes an owner key without a lease (written by hand or by a tool):
+    /// no live member holds it, yet it would keep the partition from ever
+    /// being claimed. Guarded so that only that very key is deleted.
+    async fn remove_ghost_owner(&mut self, partition: u32, revision: i64) -> Result<()> {
+        let owner = self
+            .client
+            .keys
+            .owner(&self.name, &self.config.group, partition);
+        tracing::warn!(
+            member = %self.member_id,
+            key = %owner,
+            "deleting an owner key without a lease: no live member holds it"
+        );
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(owner.clone(), CompareOp::Equal, revision),
+                Compare::lease(owner.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(owner, None)]);
+        self.client
+            .timed("delete ownerless key", self.client.kv.clone().txn(txn))
+            .await?;
+        self.owners.remove(&partition);
+        Ok(())
     }
 
     /// Where reading a newly claimed partition starts: the group's commit,
@@ -935,6 +967,20 @@ impl Drop for Member {
             reader.abort();
         }
     }
+}
+
+/// A member key counts only under a lease: one without (written by hand or
+/// by a tool) belongs to no live process, and would take a share of the
+/// partitions that nobody reads.
+fn live_member(kv: &etcd_client::KeyValue) -> bool {
+    if kv.lease() == 0 {
+        tracing::warn!(
+            key = %String::from_utf8_lossy(kv.key()),
+            "ignoring a member key without a lease: no live member holds it (`group delete` removes it)"
+        );
+        return false;
+    }
+    true
 }
 
 /// Renews the lease every third of its TTL. Each renewal extends the

@@ -596,3 +596,54 @@ async fn a_revoked_partition_moves_only_after_the_application_acknowledges() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Issue 8, item 9: member and owner keys without a lease (left by hand or
+/// by a tool) belong to no live member: they must neither take a share of
+/// the partitions nor keep one from being claimed, and `delete_group`
+/// removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_without_a_lease_do_not_stall_the_group() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 5)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(
+        &producer,
+        (0..25u32).map(|i| Record::new(format!("{i}")).partition(i % 5)),
+    )
+    .await;
+    let mut etcd = client.etcd().clone();
+    let group = format!("{}/groups/t/g", ns.name());
+    etcd.put(format!("{group}/members/aaa-ghost"), "{}", None)
+        .await
+        .unwrap();
+    etcd.put(format!("{group}/owners/00000"), "ghost", None)
+        .await
+        .unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let mut seen = 0;
+    while seen < 25 {
+        timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("partitions stalled behind keys without a lease")
+            .unwrap()
+            .unwrap();
+        seen += 1;
+    }
+    assert_eq!(consumer.assignment(), vec![0, 1, 2, 3, 4]);
+    consumer.commit_delivered().await.unwrap();
+    consumer.close().await.unwrap();
+    client.delete_group("g").await.unwrap();
+    let left = etcd
+        .get(
+            format!("{group}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+}

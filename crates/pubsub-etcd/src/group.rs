@@ -106,7 +106,19 @@ impl Client {
             .partitions
             .iter()
             .map(|p| {
-                let committed = committed.get(&p.partition).copied();
+                // As members do, ignore a commit past the end: no member made it.
+                let committed = committed.get(&p.partition).copied().filter(|&offset| {
+                    let sane = offset <= p.next;
+                    if !sane {
+                        tracing::warn!(
+                            key = %self.keys.offset(topic, group, p.partition),
+                            value = offset,
+                            next = p.next,
+                            "ignoring a committed offset beyond the end of the partition"
+                        );
+                    }
+                    sane
+                });
                 let from = committed.unwrap_or(p.earliest).max(p.earliest);
                 PartitionLag {
                     topic: topic.to_string(),

@@ -643,7 +643,7 @@ impl Member {
                 epoch,
                 owner_revision,
                 start: from,
-                // A commit beyond the end was clamped to `from`.
+                // A commit beyond the end was ignored: `from` is below it.
                 floor: committed_ok.map_or(0, |c| c.min(from)),
             },
         );
@@ -703,7 +703,23 @@ impl Member {
             }
             None => None,
         };
-        let (earliest, _) = self.client.partition_bounds(&self.topic, partition).await?;
+        let (earliest, next) = self.client.partition_bounds(&self.topic, partition).await?;
+        let committed = committed.filter(|&offset| {
+            // No commit can be past the end: none was made by a member
+            // (it only commits what it delivered), so treat it as garbage
+            // rather than skip everything produced until the end reaches it.
+            let sane = offset <= next;
+            if !sane {
+                tracing::warn!(
+                    member = %self.member_id,
+                    key = %self.client.keys.offset(&self.name, &self.config.group, partition),
+                    value = offset,
+                    next,
+                    "ignoring a committed offset beyond the end of the partition"
+                );
+            }
+            sane
+        });
         Ok(match committed {
             // Retention may have removed what the group had not read yet:
             // resume at the earliest stored message rather than stall, and

@@ -647,3 +647,43 @@ async fn keys_without_a_lease_do_not_stall_the_group() {
         .unwrap();
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
+
+/// Issue 8, item 10: a committed offset past the end of the partition (no
+/// member could have made it) is ignored with a warning, as an unreadable
+/// one is: the group reads from its start policy instead of skipping
+/// everything produced until the end reaches it, and its lag says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_offset_past_the_end_is_ignored() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..5).map(|i| Record::new(format!("{i}")))).await;
+    client
+        .etcd()
+        .clone()
+        .put(
+            format!("{}/groups/t/g/offsets/00000", ns.name()),
+            u64::MAX.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    let lag = client.group_lag("t", "g").await.unwrap();
+    assert_eq!((lag[0].committed, lag[0].lag), (None, 5), "{lag:?}");
+    let mut consumer = member(&client, "t", "g").await;
+    let first = within(Duration::from_secs(10), consumer.recv()).await;
+    assert_eq!(first.offset, 0);
+    producer.send(Record::new("later")).await.unwrap();
+    let mut last = first;
+    while last.offset < 5 {
+        last = within(Duration::from_secs(10), consumer.recv()).await;
+    }
+    assert_eq!(last.value.as_ref(), b"later");
+    consumer.commit(&last).await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 6)])
+    );
+    consumer.close().await.unwrap();
+}

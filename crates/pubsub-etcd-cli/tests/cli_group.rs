@@ -1,9 +1,14 @@
 //! The `pubsub-etcd` binary as a consumer-group member, against the etcd in
-//! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`): draining with
-//! `--exit-at-end`. Each test works in a namespace of its own, emptied again
-//! when the test ends.
+//! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`) or a throwaway one:
+//! draining with `--exit-at-end`, and going on under a NOSPACE alarm. Each
+//! test works in a namespace of its own, emptied again when the test ends.
 
-use std::io::{Read, Write};
+// The library's std-only etcd process harness.
+#[path = "../../pubsub-etcd/tests/common/etcd_proc.rs"]
+#[allow(dead_code)]
+mod etcd_proc;
+
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,9 +21,17 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 struct Namespace {
     name: String,
+    /// Another etcd than the one in `PUBSUB_ETCD_ENDPOINTS`.
+    endpoints: Option<String>,
 }
 
 impl Namespace {
+    fn on(endpoints: String) -> Self {
+        let mut ns = Namespace::new();
+        ns.endpoints = Some(endpoints);
+        ns
+    }
+
     fn new() -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
@@ -31,6 +44,7 @@ impl Namespace {
                 std::process::id(),
                 COUNTER.fetch_add(1, Ordering::Relaxed)
             ),
+            endpoints: None,
         }
     }
 
@@ -40,6 +54,9 @@ impl Namespace {
             .args(["--namespace", &self.name, "--timeout", "5s"])
             .args(args)
             .env_remove("PUBSUB_ETCD_NAMESPACE");
+        if let Some(endpoints) = &self.endpoints {
+            command.env("PUBSUB_ETCD_ENDPOINTS", endpoints);
+        }
         command
     }
 
@@ -98,11 +115,14 @@ fn succeeded(args: &[&str], output: Output) -> String {
 }
 
 fn wait_with_deadline(mut child: Child) -> Output {
-    let mut stdout = child.stdout.take().unwrap();
+    let stdout = child.stdout.take();
     let mut stderr = child.stderr.take().unwrap();
+    // A caller may have taken stdout to read it as it comes.
     let out = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut buf);
+        }
         buf
     });
     let err = std::thread::spawn(move || {
@@ -158,4 +178,61 @@ fn group_exit_at_end_drains_every_partition_of_a_wide_topic() {
     let second = ns.ok(&["consume", "t", "--group", "dg", "--exit-at-end"]);
     assert_eq!(second.lines().count(), 24, "{second}");
     assert_eq!(lag(&ns, "dg", "t"), 0);
+}
+
+/// Issue 8, item 5: when etcd's quota is exhausted (NOSPACE alarm), a group
+/// member keeps delivering, as a reader without a group does, retries its
+/// commits, says so once, and does not exit for it.
+#[test]
+fn group_consumer_keeps_delivering_under_nospace() {
+    let cluster = etcd_proc::EtcdCluster::start_with(etcd_proc::ClusterOptions {
+        members: 1,
+        quota_backend_bytes: Some(1024 * 1024),
+        ..etcd_proc::ClusterOptions::default()
+    });
+    let ns = Namespace::on(cluster.endpoints().join(","));
+    ns.ok(&["topic", "create", "t", "--partitions", "1"]);
+    let input: String = (0..3000).map(|i| format!("{i:0>100}\n")).collect();
+    ns.ok_with(&["produce", "t"], input.as_bytes());
+    let args = ["consume", "t", "--group", "g"];
+    let mut consumer = ns.spawn(&args, b"");
+    // Its output is not read yet, so it stops after a pipe's worth, before
+    // committing that batch.
+    std::thread::sleep(Duration::from_secs(2));
+    ns.ok(&["topic", "create", "filler", "--partitions", "1"]);
+    let big: String = (0..64).map(|_| "x".repeat(60_000) + "\n").collect();
+    let filled = wait_with_deadline(ns.spawn(&["produce", "filler"], big.as_bytes()));
+    assert!(
+        !filled.status.success() && String::from_utf8_lossy(&filled.stderr).contains("quota"),
+        "the quota was not exhausted: {filled:?}"
+    );
+    let stdout = consumer.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut delivered = 0;
+    while delivered < 3000 {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(_) => delivered += 1,
+            Err(_) => break,
+        }
+    }
+    let exited = consumer.try_wait().unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &consumer.id().to_string()])
+        .status();
+    let output = wait_with_deadline(consumer);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        (delivered, exited),
+        (3000, None),
+        "stopped delivering under NOSPACE: {stderr}"
+    );
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert_eq!(stderr.matches("quota exceeded").count(), 2, "{stderr}");
 }

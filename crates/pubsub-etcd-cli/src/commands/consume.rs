@@ -102,6 +102,13 @@ async fn consume(
         Source::Group(consumer, _) => commits.commit(consumer).await,
         Source::Assigned(_) => Ok(()),
     };
+    if commits.over_quota && !commits.pending.is_empty() {
+        eprintln!(
+            "warning: the last offsets of {} partition(s) are not committed (etcd quota exceeded): \
+             the group will deliver those messages again",
+            commits.pending.len()
+        );
+    }
     result.and(committed)
 }
 
@@ -193,6 +200,9 @@ async fn consume_batches(
 #[derive(Debug, Default)]
 struct Commits {
     pending: BTreeMap<u32, u64>,
+    /// etcd refused the last commit for lack of space (NOSPACE): delivery
+    /// goes on, and every later batch tries again.
+    over_quota: bool,
 }
 
 impl Commits {
@@ -210,7 +220,12 @@ impl Commits {
     async fn commit(&mut self, consumer: &Consumer) -> anyhow::Result<()> {
         while !self.pending.is_empty() {
             match consumer.commit_offsets(&self.pending).await {
-                Ok(()) => self.pending.clear(),
+                Ok(()) => {
+                    self.pending.clear();
+                    if std::mem::take(&mut self.over_quota) {
+                        eprintln!("note: etcd has space again; offsets are committed again");
+                    }
+                }
                 // Another member has the partition now, or had it since these
                 // messages were read, and reads it again from its own commit:
                 // duplicates, which at-least-once allows.
@@ -227,6 +242,18 @@ impl Commits {
                 // may not have happened is tried again with the next batch.
                 Err(error) if error.is_outcome_unknown() => {
                     eprintln!("warning: {error}; will retry");
+                    return Ok(());
+                }
+                // Reads go on under a NOSPACE alarm, so delivery does too, as
+                // for a reader without a group; said once, not per batch.
+                Err(error @ Error::QuotaExceeded { .. }) => {
+                    if !self.over_quota {
+                        eprintln!(
+                            "warning: {error}; delivery goes on, and offsets are committed again \
+                             once etcd has space"
+                        );
+                        self.over_quota = true;
+                    }
                     return Ok(());
                 }
                 Err(error) => {

@@ -79,7 +79,10 @@ struct Revocation {
 /// The member task's state.
 pub(crate) struct Member {
     config: ConsumerBuilder,
+    /// On a connection of its own: the lease, membership, claims, commits.
     client: Client,
+    /// The application's shared connection, for the partition readers.
+    data: Client,
     topic: TopicInfo,
     name: Arc<str>,
     member_id: String,
@@ -114,6 +117,7 @@ pub(crate) struct Member {
 impl Member {
     pub(crate) async fn join(
         config: ConsumerBuilder,
+        client: Client,
         topic: TopicInfo,
         member_id: String,
         shared: Arc<Mutex<MemberState>>,
@@ -121,11 +125,11 @@ impl Member {
         events: mpsc::Sender<Notice>,
         control: mpsc::Receiver<Control>,
     ) -> Result<Member> {
-        let client = config.client.clone();
         let (lease_lost_tx, lease_lost) = mpsc::channel(4);
         let mut member = Member {
             name: topic_arc(&topic.name),
             client,
+            data: config.client.clone(),
             topic,
             member_id,
             shared,
@@ -753,7 +757,7 @@ impl Member {
             return;
         };
         let spec = ReaderSpec {
-            client: self.client.clone(),
+            client: self.data.clone(),
             topic: self.name.clone(),
             incarnation: self.topic.incarnation,
             partition,

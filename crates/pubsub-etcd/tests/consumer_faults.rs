@@ -229,7 +229,24 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
         );
     }
     let takeover = killed.elapsed();
-    poll(&mut local, &mut seen, Duration::from_secs(2)).await;
+    // Until the local member has read (and committed) every partition to
+    // its end; committing each message takes a while on a loaded machine.
+    let until = Instant::now() + Duration::from_secs(30);
+    while client
+        .committed_offsets("t", "g")
+        .await
+        .unwrap()
+        .values()
+        .filter(|&&o| o == 100)
+        .count()
+        < 6
+    {
+        assert!(
+            Instant::now() < until,
+            "the local member never read everything"
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(200)).await;
+    }
     // What the child printed just before it died is still in the pipe.
     child.drain();
     // Nothing lost: every message went to one of the two (the child's
@@ -468,5 +485,64 @@ async fn compaction_during_catch_up_loses_nothing() {
         offsets.push(m.offset);
     }
     assert_eq!(offsets, (0..4000).collect::<Vec<u64>>());
+    consumer.close().await.unwrap();
+}
+
+/// Issue 8, item 3: a lone member whose application does not take messages
+/// while many arrive. Its readers stop reading their watches, and the
+/// unread watch data (over 5 MiB here) fills the HTTP/2 connection's
+/// flow-control window. Nothing on that connection gets an answer any
+/// more, so a lease kept alive on it expires and the member loses its
+/// partitions. The member must keep its lease however much is unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_messages_never_starve_the_lease() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 4)).await.unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let event = within(Duration::from_secs(10), consumer.next_event()).await;
+    assert_eq!(event, Event::Assigned(vec![0, 1, 2, 3]));
+    // Produced on a connection of its own, after the readers are watching.
+    let producing = ns.connect().await;
+    let producer = producing.producer("t").build().await.unwrap();
+    let value = "v".repeat(190);
+    for chunk in 0..6 {
+        send_all(
+            &producer,
+            (0..10_000u32).map(|i| Record::new(value.clone()).partition((chunk * 10_000 + i) % 4)),
+        )
+        .await;
+    }
+    // The application takes nothing for three lease lifetimes.
+    let members = format!("{}/groups/t/g/members/", ns.name());
+    let mut watcher = producing.etcd().clone();
+    let lease = |response: &etcd_client::GetResponse| response.kvs().first().map(|kv| kv.lease());
+    let options = || Some(etcd_client::GetOptions::new().with_prefix());
+    let first = lease(&watcher.get(members.clone(), options()).await.unwrap());
+    assert!(first.is_some());
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        let now = lease(&watcher.get(members.clone(), options()).await.unwrap());
+        assert_eq!(
+            now, first,
+            "the member's lease was lost while messages sat unread"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then everything arrives, once, with no loss of ownership.
+    let mut seen = vec![0u64; 4];
+    while seen.iter().sum::<u64>() < 60_000 {
+        match within(Duration::from_secs(20), consumer.next_event()).await {
+            Event::Message(m) => {
+                assert_eq!(
+                    m.offset, seen[m.partition as usize],
+                    "partition {}",
+                    m.partition
+                );
+                seen[m.partition as usize] += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     consumer.close().await.unwrap();
 }

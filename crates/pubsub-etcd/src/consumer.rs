@@ -219,13 +219,8 @@ impl ConsumerBuilder {
             committed: HashMap::new(),
             revoked: HashSet::new(),
         }));
-        // The lease, membership and commits get a connection of their own:
-        // readers leave watch data unread while the application is slow,
-        // and that must never hold up the lease (see `Client::own_connection`).
-        let control = self.client.own_connection().await?;
         let member = Member::join(
             self.clone(),
-            control.clone(),
             topic,
             member_id.clone(),
             shared.clone(),
@@ -234,6 +229,7 @@ impl ConsumerBuilder {
             control_rx,
         )
         .await?;
+        let control = member.client();
         let task = tokio::spawn(member.run());
         Ok(Consumer {
             client: control,

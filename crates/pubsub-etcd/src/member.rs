@@ -117,7 +117,6 @@ pub(crate) struct Member {
 impl Member {
     pub(crate) async fn join(
         config: ConsumerBuilder,
-        client: Client,
         topic: TopicInfo,
         member_id: String,
         shared: Arc<Mutex<MemberState>>,
@@ -125,6 +124,9 @@ impl Member {
         events: mpsc::Sender<Notice>,
         control: mpsc::Receiver<Control>,
     ) -> Result<Member> {
+        // Readers leave watch data unread while the application is slow,
+        // and that must never hold up the lease (see `Client::own_connection`).
+        let client = config.client.own_connection().await?;
         let (lease_lost_tx, lease_lost) = mpsc::channel(4);
         let mut member = Member {
             name: topic_arc(&topic.name),
@@ -153,6 +155,11 @@ impl Member {
         };
         member.rejoin().await?;
         Ok(member)
+    }
+
+    /// The member's own connection, for the consumer's commits too.
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// Grants a lease, starts keeping it alive and puts the member key.

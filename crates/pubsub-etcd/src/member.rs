@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::consumer::{
-    commit_fenced, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
+    commit_fenced, Ack, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
 };
 use crate::error::{Error, Result};
 use crate::group::parse_offset;
@@ -577,7 +577,7 @@ impl Member {
 
     /// Hands a rebalance notice to the application. Bounded by the TTL, so
     /// an application that stopped polling cannot wedge the member.
-    async fn notify(&self, event: Event, ack: Option<oneshot::Sender<()>>) -> bool {
+    async fn notify(&self, event: Event, ack: Option<Ack>) -> bool {
         let notice = Notice { event, ack };
         matches!(
             tokio::time::timeout(self.config.session_ttl, self.events.send(notice)).await,
@@ -656,6 +656,7 @@ impl Member {
                 start: from,
                 // A commit beyond the end was ignored: `from` is below it.
                 floor: committed_ok.map_or(0, |c| c.min(from)),
+                revoked: false,
             },
         );
         state.positions.insert(partition, from);
@@ -810,7 +811,15 @@ impl Member {
         else {
             return;
         };
-        let (ack, acked) = oneshot::channel();
+        let claims = {
+            let state = self.shared.lock().expect("member state lock");
+            partitions
+                .iter()
+                .filter_map(|p| state.owned.get(p).map(|c| (*p, c.owner_revision)))
+                .collect()
+        };
+        let (done, acked) = oneshot::channel();
+        let ack = Ack { claims, done };
         if self.notify(Event::Revoking(partitions), Some(ack)).await {
             if let Some(revocation) = self.revoking.as_mut() {
                 revocation.acked = Some(acked);
@@ -856,7 +865,6 @@ impl Member {
             }
             state.positions.remove(p);
             state.committed.remove(p);
-            state.revoked.remove(p);
         }
         claims
     }

@@ -687,3 +687,61 @@ async fn a_committed_offset_past_the_end_is_ignored() {
     );
     consumer.close().await.unwrap();
 }
+
+/// A `Revoking` the application reads only after its member lost the
+/// partitions and claimed them again revokes nothing: the new claims go
+/// on delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_revocation_does_not_revoke_a_new_claim() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut a = member(&client, "t", "g").await;
+    let event = within(Duration::from_secs(10), a.next_event()).await;
+    assert_eq!(event, Event::Assigned(vec![0, 1]));
+    // `b` makes `a` revoke a partition; `a` does not read the notice yet.
+    let b = member(&client, "t", "g").await;
+    let mut etcd = client.etcd().clone();
+    let members = format!("{}/groups/t/g/members/", ns.name());
+    let lease_of = |id: String| {
+        let mut etcd = etcd.clone();
+        let key = format!("{members}{id}");
+        async move { etcd.get(key, None).await.unwrap().kvs()[0].lease() }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.close().await.unwrap();
+    // Then `a` loses its lease behind its back and claims both again.
+    etcd.lease_revoke(lease_of(a.member_id().to_string()).await)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while !matches!(events.last(), Some(Event::Assigned(_))) {
+        events.push(within(Duration::from_secs(10), a.next_event()).await);
+    }
+    assert!(
+        matches!(events[0], Event::Revoking(_)),
+        "expected the stale revocation first: {events:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while a.assignment() != vec![0, 1] {
+        assert!(Instant::now() < until, "not claimed again: {events:?}");
+        let _ = timeout(Duration::from_millis(50), a.next_event()).await;
+    }
+    send_all(
+        &producer,
+        (0..2u32).map(|i| Record::new(format!("{i}")).partition(i)),
+    )
+    .await;
+    let mut partitions = Vec::new();
+    while partitions.len() < 2 {
+        match timeout(Duration::from_secs(10), a.next_event()).await {
+            Ok(Some(Ok(Event::Message(m)))) => partitions.push(m.partition),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("a partition stalled after the stale revocation: {other:?}"),
+        }
+    }
+    partitions.sort_unstable();
+    assert_eq!(partitions, vec![0, 1]);
+    a.close().await.unwrap();
+}

@@ -221,6 +221,10 @@ impl ClientBuilder {
             keys,
             request_timeout: self.connect_timeout,
             endpoints: endpoints.len(),
+            connection: Arc::new(Connection {
+                urls: endpoints.clone(),
+                max_response_bytes: self.max_response_bytes,
+            }),
             connect_options: options.clone(),
             _alive: Arc::new(()),
         };
@@ -294,8 +298,17 @@ pub struct Client {
     /// TLS, credentials and timeouts, for connections to single members
     /// (maintenance). Holds the password: never printed.
     pub(crate) connect_options: ConnectOptions,
+    /// How to open another connection like this one.
+    connection: Arc<Connection>,
     /// Shared by every clone; the endpoint health task ends with the last.
     _alive: Arc<()>,
+}
+
+/// What [`Client::own_connection`] needs besides the connect options.
+#[derive(Debug)]
+struct Connection {
+    urls: Vec<String>,
+    max_response_bytes: usize,
 }
 
 impl fmt::Debug for Client {
@@ -308,6 +321,35 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
+    /// A clone of this client on a connection of its own, to the same
+    /// endpoints with the same options. HTTP/2 flow control is per
+    /// connection: watch data that a slow application leaves unread fills
+    /// the connection's window, and from then on nothing on that connection
+    /// is answered. What must go on regardless (a group member's lease,
+    /// membership and commits) therefore does not share a connection with
+    /// partition readers.
+    pub(crate) async fn own_connection(&self) -> Result<Client> {
+        let etcd = self
+            .timed(
+                "connect",
+                etcd_client::Client::connect(
+                    &self.connection.urls,
+                    Some(self.connect_options.clone()),
+                ),
+            )
+            .await?;
+        Ok(Client {
+            kv: etcd
+                .kv_client()
+                .max_decoding_message_size(self.connection.max_response_bytes),
+            watch: etcd
+                .watch_client()
+                .max_decoding_message_size(self.connection.max_response_bytes),
+            etcd,
+            ..self.clone()
+        })
+    }
+
     /// Starts configuring a client for these etcd endpoints
     /// (`host:port`, or URLs with `http://` / `https://`).
     pub fn builder<E: Into<String>>(endpoints: impl IntoIterator<Item = E>) -> ClientBuilder {

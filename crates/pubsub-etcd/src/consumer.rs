@@ -8,7 +8,7 @@
 //! [`MemberState`]: which partitions are owned under which epoch, how long
 //! the lease is known to be valid, and what has been delivered.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +84,13 @@ pub(crate) struct Claim {
     /// The offset reading started from under this claim (or the last
     /// seek): a message below it was delivered under an earlier claim.
     pub(crate) start: u64,
+    /// The group's committed offset when this claim was made (0 without
+    /// one): written by an earlier claim, so no commit under this one may
+    /// go below it.
+    pub(crate) floor: u64,
+    /// The application acknowledged this claim's revocation: still owned
+    /// until the member releases it, but nothing more of it is delivered.
+    pub(crate) revoked: bool,
 }
 
 /// A rebalance event on its way to the application; `ack` (if any) is
@@ -92,7 +99,16 @@ pub(crate) struct Claim {
 #[derive(Debug)]
 pub(crate) struct Notice {
     pub(crate) event: Event,
-    pub(crate) ack: Option<oneshot::Sender<()>>,
+    pub(crate) ack: Option<Ack>,
+}
+
+/// The acknowledgement of a `Revoking`, naming the claims it revokes (by
+/// owner revision): a notice still unread when its partitions were lost
+/// and claimed again must not revoke the new claims.
+#[derive(Debug)]
+pub(crate) struct Ack {
+    pub(crate) claims: Vec<(u32, i64)>,
+    pub(crate) done: oneshot::Sender<()>,
 }
 
 /// Upper bounds of the builder's sizes and durations: far above any sane
@@ -112,10 +128,6 @@ pub(crate) struct MemberState {
     pub(crate) positions: HashMap<u32, u64>,
     /// Per owned partition: the last offset committed by this member.
     pub(crate) committed: HashMap<u32, u64>,
-    /// Partitions whose revocation the application has acknowledged: still
-    /// owned until the member releases them, but nothing more of them is
-    /// delivered.
-    pub(crate) revoked: HashSet<u32>,
 }
 
 /// Configures a group [`Consumer`]; every setting has a documented default.
@@ -213,7 +225,6 @@ impl ConsumerBuilder {
             lease_valid_until: Instant::now(),
             positions: HashMap::new(),
             committed: HashMap::new(),
-            revoked: HashSet::new(),
         }));
         let member = Member::join(
             self.clone(),
@@ -225,9 +236,10 @@ impl ConsumerBuilder {
             control_rx,
         )
         .await?;
+        let control = member.client();
         let task = tokio::spawn(member.run());
         Ok(Consumer {
-            client: self.client,
+            client: control,
             topic: topic_arc(&self.topic),
             group: self.group,
             member_id,
@@ -295,7 +307,7 @@ pub struct Consumer {
     task: Option<JoinHandle<()>>,
     /// The partitions of the last `Revoking` and its acknowledgement, sent
     /// when the application asks for the next event.
-    pending_ack: Option<(Vec<u32>, oneshot::Sender<()>)>,
+    pending_ack: Option<Ack>,
     /// Partition and offset of the last delivered message, committed on
     /// the next call under [`AutoCommit::EveryMessage`].
     uncommitted: Option<(u32, u64)>,
@@ -333,8 +345,8 @@ impl Consumer {
                 biased;
                 notice = self.events.recv(), if self.events_open => match notice {
                     Some(Notice { event, ack }) => {
-                        if let (Event::Revoking(partitions), Some(ack)) = (&event, ack) {
-                            self.pending_ack = Some((partitions.clone(), ack));
+                        if ack.is_some() {
+                            self.pending_ack = ack;
                         }
                         return Some(Ok(event));
                     }
@@ -374,13 +386,17 @@ impl Consumer {
     /// Stops delivering the partitions of the last `Revoking`, then lets
     /// the member release them.
     fn acknowledge_revocation(&mut self) {
-        if let Some((partitions, ack)) = self.pending_ack.take() {
-            self.shared
-                .lock()
-                .expect("member state lock")
-                .revoked
-                .extend(partitions);
-            let _ = ack.send(());
+        if let Some(ack) = self.pending_ack.take() {
+            let mut state = self.shared.lock().expect("member state lock");
+            for (partition, revision) in ack.claims {
+                if let Some(claim) = state.owned.get_mut(&partition) {
+                    if claim.owner_revision == revision {
+                        claim.revoked = true;
+                    }
+                }
+            }
+            drop(state);
+            let _ = ack.done.send(());
         }
     }
 
@@ -408,11 +424,10 @@ impl Consumer {
     fn deliverable(&self, partition: u32, epoch: u64, offset: Option<u64>) -> bool {
         let mut state = self.shared.lock().expect("member state lock");
         let valid = Instant::now() < state.lease_valid_until
-            && !state.revoked.contains(&partition)
             && state
                 .owned
                 .get(&partition)
-                .is_some_and(|c| c.epoch == epoch);
+                .is_some_and(|c| c.epoch == epoch && !c.revoked);
         if valid {
             if let Some(offset) = offset {
                 state.positions.insert(partition, offset + 1);
@@ -460,8 +475,12 @@ impl Consumer {
     }
 
     /// Commits explicit next-offsets per partition. Fenced: refused with
-    /// [`Error::NotOwner`] for a partition this member does not own now,
-    /// including one it lost while paused or cut off.
+    /// [`Error::NotOwner`] for a partition this member does not own now
+    /// (including one it lost while paused or cut off), and for an offset
+    /// this claim did not deliver (below where it started reading, or past
+    /// the last message delivered); refused with [`Error::CommitBehind`]
+    /// below the offset the previous owner committed, so that a committed
+    /// offset never moves backwards past another owner's commit.
     pub async fn commit_offsets(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
         commit_fenced(
             &self.client,
@@ -609,17 +628,37 @@ pub(crate) async fn commit_fenced(
         let state = shared.lock().expect("member state lock");
         let mut claims = Vec::with_capacity(offsets.len());
         for (&partition, &offset) in offsets {
-            match state.owned.get(&partition) {
-                Some(claim) if Instant::now() < state.lease_valid_until => {
-                    claims.push((partition, offset, *claim))
-                }
-                _ => {
-                    return Err(Error::NotOwner {
-                        topic: topic.to_string(),
-                        partition,
-                    })
-                }
+            let not_owner = || Error::NotOwner {
+                topic: topic.to_string(),
+                partition,
+            };
+            let Some(claim) = state.owned.get(&partition) else {
+                return Err(not_owner());
+            };
+            if Instant::now() >= state.lease_valid_until {
+                return Err(not_owner());
             }
+            // Only what this claim delivered: an offset outside
+            // start..=position comes from messages read under an earlier
+            // claim (or not delivered at all).
+            let position = state
+                .positions
+                .get(&partition)
+                .copied()
+                .unwrap_or(claim.start);
+            if offset < claim.start || offset > position {
+                return Err(not_owner());
+            }
+            // Below the floor only after a seek back past it.
+            if offset < claim.floor {
+                return Err(Error::CommitBehind {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    committed: claim.floor,
+                });
+            }
+            claims.push((partition, offset, *claim));
         }
         claims
     };

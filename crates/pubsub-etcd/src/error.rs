@@ -120,6 +120,17 @@ pub enum Error {
     #[error("partition {partition} of topic {topic:?} is not owned by this member (lost or reassigned); commit refused")]
     NotOwner { topic: String, partition: u32 },
 
+    /// A commit below the offset the partition's previous owner committed
+    /// (possible after seeking back): committed offsets never move
+    /// backwards past another owner's commit.
+    #[error("commit of offset {offset} on partition {partition} of topic {topic:?} refused: it is below {committed}, committed by the partition's previous owner")]
+    CommitBehind {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        committed: u64,
+    },
+
     /// etcd ended a watch stream without an error.
     #[error("etcd ended the watch stream")]
     WatchEnded,

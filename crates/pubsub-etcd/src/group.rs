@@ -106,7 +106,19 @@ impl Client {
             .partitions
             .iter()
             .map(|p| {
-                let committed = committed.get(&p.partition).copied();
+                // As members do, ignore a commit past the end: no member made it.
+                let committed = committed.get(&p.partition).copied().filter(|&offset| {
+                    let sane = offset <= p.next;
+                    if !sane {
+                        tracing::warn!(
+                            key = %self.keys.offset(topic, group, p.partition),
+                            value = offset,
+                            next = p.next,
+                            "ignoring a committed offset beyond the end of the partition"
+                        );
+                    }
+                    sane
+                });
                 let from = committed.unwrap_or(p.earliest).max(p.earliest);
                 PartitionLag {
                     topic: topic.to_string(),
@@ -154,6 +166,7 @@ impl Client {
         validate_group_name(group)?;
         let info = self.topic(topic).await?;
         let owners = self.keys.owners_prefix(topic, group);
+        self.remove_unleased(&owners).await?;
         // A range compare holds when no key in the range exists: no owners.
         let compares = [
             Compare::create_revision(self.keys.topic(topic), CompareOp::Equal, info.incarnation),
@@ -211,6 +224,7 @@ impl Client {
         for topic in topics {
             let members = self.keys.members_prefix(topic, group);
             let prefix = self.keys.group_prefix(topic, group);
+            self.remove_unleased(&members).await?;
             // No member key may exist: compare the whole members range.
             let txn = Txn::new()
                 .when([
@@ -228,6 +242,34 @@ impl Client {
                     topic: topic.clone(),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes the keys under `prefix` (a group's members or owners) that
+    /// have no lease: no live member wrote them (a member's keys live under
+    /// its lease, and etcd deletes them with it), so they only block the
+    /// group. Each is deleted only if unchanged since it was read.
+    async fn remove_unleased(&self, prefix: &str) -> Result<()> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_keys_only();
+        let mut response = self
+            .read("read group members", prefix.to_string(), Some(options))
+            .await?;
+        for kv in response.take_kvs().iter().filter(|kv| kv.lease() == 0) {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(kv.key()),
+                "deleting a group key without a lease: no live member holds it"
+            );
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision()),
+                    Compare::lease(kv.key(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::delete(kv.key(), None)]);
+            self.timed("delete ownerless key", self.kv.clone().txn(txn))
+                .await?;
         }
         Ok(())
     }

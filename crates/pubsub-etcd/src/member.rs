@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::consumer::{
-    commit_fenced, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
+    commit_fenced, Ack, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
 };
 use crate::error::{Error, Result};
 use crate::group::parse_offset;
@@ -67,10 +67,22 @@ impl Owner {
     }
 }
 
+/// A release waiting for the application to acknowledge its `Revoking`:
+/// until then the partitions stay owned (and undelivered), since the
+/// application may still hold messages of them.
+struct Revocation {
+    partitions: Vec<u32>,
+    /// `None` until the notice is in the application's event channel.
+    acked: Option<oneshot::Receiver<()>>,
+}
+
 /// The member task's state.
 pub(crate) struct Member {
     config: ConsumerBuilder,
+    /// On a connection of its own: the lease, membership, claims, commits.
     client: Client,
+    /// The application's shared connection, for the partition readers.
+    data: Client,
     topic: TopicInfo,
     name: Arc<str>,
     member_id: String,
@@ -96,6 +108,8 @@ pub(crate) struct Member {
     next_epoch: u64,
     /// Offset resets found while claiming, reported after the assignment.
     resets: Vec<Event>,
+    /// At most one release at a time, waiting for its acknowledgement.
+    revoking: Option<Revocation>,
     /// False between losing the lease and joining again under a new one.
     joined: bool,
 }
@@ -110,11 +124,14 @@ impl Member {
         events: mpsc::Sender<Notice>,
         control: mpsc::Receiver<Control>,
     ) -> Result<Member> {
-        let client = config.client.clone();
+        // Readers leave watch data unread while the application is slow,
+        // and that must never hold up the lease (see `Client::own_connection`).
+        let client = config.client.own_connection().await?;
         let (lease_lost_tx, lease_lost) = mpsc::channel(4);
         let mut member = Member {
             name: topic_arc(&topic.name),
             client,
+            data: config.client.clone(),
             topic,
             member_id,
             shared,
@@ -132,11 +149,17 @@ impl Member {
             watch: None,
             next_epoch: 1,
             resets: Vec::new(),
+            revoking: None,
             joined: false,
             config,
         };
         member.rejoin().await?;
         Ok(member)
+    }
+
+    /// The member's own connection, for the consumer's commits too.
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// Grants a lease, starts keeping it alive and puts the member key.
@@ -230,8 +253,10 @@ impl Member {
         self.owners.clear();
         if let Some(TxnOpResponse::Get(get)) = gets.next() {
             for kv in get.kvs() {
-                self.members
-                    .insert(String::from_utf8_lossy(&kv.key()[members.len()..]).into_owned());
+                if live_member(kv) {
+                    self.members
+                        .insert(String::from_utf8_lossy(&kv.key()[members.len()..]).into_owned());
+                }
             }
         }
         if let Some(TxnOpResponse::Get(get)) = gets.next() {
@@ -314,7 +339,20 @@ impl Member {
                     None => std::future::pending().await,
                 }
             };
+            let revocation_acked = async {
+                match self.revoking.as_mut().and_then(|r| r.acked.as_mut()) {
+                    // A dropped sender means the consumer is gone.
+                    Some(acked) => {
+                        let _ = acked.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = revocation_acked => {
+                    self.finish_release().await;
+                    dirty = true;
+                }
                 message = watch_message => {
                     dirty = true;
                     match message {
@@ -393,7 +431,7 @@ impl Member {
             let key = String::from_utf8_lossy(kv.key());
             let put = event.event_type() == EventType::Put;
             if let Some(id) = key.strip_prefix(&members) {
-                if put {
+                if put && live_member(kv) {
                     self.members.insert(id.to_string());
                 } else {
                     self.members.remove(id);
@@ -443,17 +481,21 @@ impl Member {
             .copied()
             .collect();
         mine.sort_unstable();
-        if mine.len() > quota {
+        if self.revoking.is_some() {
+            // One release at a time; its notice may still have to be sent.
+            self.announce_revocation().await;
+        } else if mine.len() > quota {
             let release = mine.split_off(quota);
-            self.release(&release).await;
-        } else if mine.len() < quota {
+            self.release(release).await;
+        }
+        if mine.len() < quota {
             let need = quota - mine.len();
             // Start the scan at a different place per member so members
             // joining together do not all race for the same partitions.
             let startp = (index as u32 * partitions) / n;
             let free: Vec<u32> = (0..partitions)
                 .map(|i| (startp + i) % partitions)
-                .filter(|p| !self.owners.contains_key(p))
+                .filter(|p| self.owners.get(p).is_none_or(|o| o.lease == 0))
                 .take(need)
                 .collect();
             let mut claimed = Vec::new();
@@ -535,7 +577,7 @@ impl Member {
 
     /// Hands a rebalance notice to the application. Bounded by the TTL, so
     /// an application that stopped polling cannot wedge the member.
-    async fn notify(&self, event: Event, ack: Option<oneshot::Sender<()>>) -> bool {
+    async fn notify(&self, event: Event, ack: Option<Ack>) -> bool {
         let notice = Notice { event, ack };
         matches!(
             tokio::time::timeout(self.config.session_ttl, self.events.send(notice)).await,
@@ -546,6 +588,10 @@ impl Member {
     /// Tries to create the owner key of `partition`; on success returns the
     /// offset to read from (the group's commit, or the start policy).
     async fn claim(&mut self, partition: u32) -> Result<Option<u64>> {
+        if let Some(ghost) = self.owners.get(&partition).filter(|o| o.lease == 0) {
+            let revision = ghost.revision;
+            self.remove_ghost_owner(partition, revision).await?;
+        }
         let keys = &self.client.keys;
         let owner = keys.owner(&self.name, &self.config.group, partition);
         let topic_key = keys.topic(&self.name);
@@ -608,6 +654,9 @@ impl Member {
                 epoch,
                 owner_revision,
                 start: from,
+                // A commit beyond the end was ignored: `from` is below it.
+                floor: committed_ok.map_or(0, |c| c.min(from)),
+                revoked: false,
             },
         );
         state.positions.insert(partition, from);
@@ -625,6 +674,32 @@ impl Member {
         Ok(Some(from))
     }
 
+    /// Deletes an owner key without a lease (written by hand or by a tool):
+    /// no live member holds it, yet it would keep the partition from ever
+    /// being claimed. Guarded so that only that very key is deleted.
+    async fn remove_ghost_owner(&mut self, partition: u32, revision: i64) -> Result<()> {
+        let owner = self
+            .client
+            .keys
+            .owner(&self.name, &self.config.group, partition);
+        tracing::warn!(
+            member = %self.member_id,
+            key = %owner,
+            "deleting an owner key without a lease: no live member holds it"
+        );
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(owner.clone(), CompareOp::Equal, revision),
+                Compare::lease(owner.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(owner, None)]);
+        self.client
+            .timed("delete ownerless key", self.client.kv.clone().txn(txn))
+            .await?;
+        self.owners.remove(&partition);
+        Ok(())
+    }
+
     /// Where reading a newly claimed partition starts: the group's commit,
     /// or the start policy when there is none (or it is unreadable).
     async fn start_position(
@@ -640,7 +715,23 @@ impl Member {
             }
             None => None,
         };
-        let (earliest, _) = self.client.partition_bounds(&self.topic, partition).await?;
+        let (earliest, next) = self.client.partition_bounds(&self.topic, partition).await?;
+        let committed = committed.filter(|&offset| {
+            // No commit can be past the end: none was made by a member
+            // (it only commits what it delivered), so treat it as garbage
+            // rather than skip everything produced until the end reaches it.
+            let sane = offset <= next;
+            if !sane {
+                tracing::warn!(
+                    member = %self.member_id,
+                    key = %self.client.keys.offset(&self.name, &self.config.group, partition),
+                    value = offset,
+                    next,
+                    "ignoring a committed offset beyond the end of the partition"
+                );
+            }
+            sane
+        });
         Ok(match committed {
             // Retention may have removed what the group had not read yet:
             // resume at the earliest stored message rather than stall, and
@@ -674,7 +765,7 @@ impl Member {
             return;
         };
         let spec = ReaderSpec {
-            client: self.client.clone(),
+            client: self.data.clone(),
             topic: self.name.clone(),
             incarnation: self.topic.incarnation,
             partition,
@@ -690,26 +781,71 @@ impl Member {
         }
     }
 
-    /// Hands partitions back: stop reading them, let the application finish
-    /// with them, commit per the policy, then delete the owner keys.
-    async fn release(&mut self, partitions: &[u32]) {
-        for p in partitions {
+    /// Starts handing partitions back: stop reading them and tell the
+    /// application. The release itself ([`Member::finish_release`]) waits
+    /// for the application's acknowledgement, however long it takes: before
+    /// it, the application may still hold delivered messages of them, and
+    /// another member must not deliver the same partitions meanwhile.
+    async fn release(&mut self, partitions: Vec<u32>) {
+        for p in &partitions {
             if let Some(reader) = self.readers.remove(p) {
                 reader.abort();
                 let _ = reader.await;
             }
         }
-        let (ack, acked) = oneshot::channel();
-        if self
-            .notify(Event::Revoking(partitions.to_vec()), Some(ack))
-            .await
-        {
-            let _ = tokio::time::timeout(self.config.session_ttl, acked).await;
+        self.revoking = Some(Revocation {
+            partitions,
+            acked: None,
+        });
+        self.announce_revocation().await;
+    }
+
+    /// Sends the pending revocation's notice if it has not reached the
+    /// application yet (its event channel was full).
+    async fn announce_revocation(&mut self) {
+        let Some(partitions) = self
+            .revoking
+            .as_ref()
+            .filter(|r| r.acked.is_none())
+            .map(|r| r.partitions.clone())
+        else {
+            return;
+        };
+        let claims = {
+            let state = self.shared.lock().expect("member state lock");
+            partitions
+                .iter()
+                .filter_map(|p| state.owned.get(p).map(|c| (*p, c.owner_revision)))
+                .collect()
+        };
+        let (done, acked) = oneshot::channel();
+        let ack = Ack { claims, done };
+        if self.notify(Event::Revoking(partitions), Some(ack)).await {
+            if let Some(revocation) = self.revoking.as_mut() {
+                revocation.acked = Some(acked);
+            }
         }
-        if let Err(error) = self.commit_delivered(Some(partitions)).await {
+    }
+
+    /// The application acknowledged the revocation: commit per the policy,
+    /// forget the partitions, delete their owner keys.
+    async fn finish_release(&mut self) {
+        let Some(revocation) = self.revoking.take() else {
+            return;
+        };
+        // Some may have been lost meanwhile.
+        let partitions: Vec<u32> = {
+            let state = self.shared.lock().expect("member state lock");
+            revocation
+                .partitions
+                .into_iter()
+                .filter(|p| state.owned.contains_key(p))
+                .collect()
+        };
+        if let Err(error) = self.commit_delivered(Some(&partitions)).await {
             tracing::warn!(member = %self.member_id, %error, "commit before release failed");
         }
-        let claims = self.drop_partitions(partitions);
+        let claims = self.drop_partitions(&partitions);
         for (p, claim) in claims {
             self.delete_owner(p, claim.owner_revision).await;
         }
@@ -729,7 +865,6 @@ impl Member {
             }
             state.positions.remove(p);
             state.committed.remove(p);
-            state.revoked.remove(p);
         }
         claims
     }
@@ -744,6 +879,7 @@ impl Member {
             owned
         };
         tracing::warn!(member = %self.member_id, ?lost, "lease lost");
+        self.revoking = None;
         self.drop_partitions(&lost);
         if !lost.is_empty() {
             self.notify(Event::Lost(lost), None).await;
@@ -866,6 +1002,20 @@ impl Drop for Member {
             reader.abort();
         }
     }
+}
+
+/// A member key counts only under a lease: one without (written by hand or
+/// by a tool) belongs to no live process, and would take a share of the
+/// partitions that nobody reads.
+fn live_member(kv: &etcd_client::KeyValue) -> bool {
+    if kv.lease() == 0 {
+        tracing::warn!(
+            key = %String::from_utf8_lossy(kv.key()),
+            "ignoring a member key without a lease: no live member holds it (`group delete` removes it)"
+        );
+        return false;
+    }
+    true
 }
 
 /// Renews the lease every third of its TTL. Each renewal extends the

@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::consumer::{Committer, Consumer, Event};
 use crate::error::{Error, Result};
@@ -89,15 +88,16 @@ impl PartitionedConsumer {
 }
 
 /// Routes the member's events to per-partition channels. Before a revoked
-/// partition is released, waits (up to `HANDOFF`) for its subscriber to
-/// drain what was read, so those messages can still be committed.
+/// partition is released, waits for its subscriber to take every message
+/// already routed to it (or drop its subscription), however long that
+/// takes: those messages can then still be committed, and the partition
+/// moves to another member only once none of them is left here.
 async fn dispatch(
     mut consumer: Consumer,
     buffer: usize,
     subscriptions: mpsc::Sender<Subscription>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<()> {
-    const HANDOFF: Duration = Duration::from_secs(5);
     let mut partitions: HashMap<u32, mpsc::Sender<Result<Message>>> = HashMap::new();
     loop {
         let event = tokio::select! {
@@ -126,16 +126,18 @@ async fn dispatch(
                 }
             }
             Ok(Event::Revoking(revoked)) => {
-                let until = Instant::now() + HANDOFF;
-                for partition in revoked {
-                    if let Some(tx) = partitions.remove(&partition) {
-                        while tx.capacity() < tx.max_capacity()
-                            && !tx.is_closed()
-                            && Instant::now() < until
-                        {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                let handed_over = async {
+                    for partition in revoked {
+                        if let Some(tx) = partitions.remove(&partition) {
+                            while tx.capacity() < tx.max_capacity() && !tx.is_closed() {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     }
+                };
+                tokio::select! {
+                    _ = &mut stop => break,
+                    () = handed_over => {}
                 }
             }
             // Informational: the partition's stream simply resumes later.

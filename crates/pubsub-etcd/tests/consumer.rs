@@ -548,3 +548,200 @@ async fn nothing_of_a_revoked_partition_is_delivered_after_the_revocation() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Issue 8, item 2: an application that holds delivered messages and does
+/// not come back for the next event (blocked, e.g. on its output) keeps
+/// its partitions however long that takes, so two live members never
+/// deliver one partition at once; once it acknowledges, the partition
+/// moves, and the messages it held can no longer be committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_partition_moves_only_after_the_application_acknowledges() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(
+        &producer,
+        (0..2u32).map(|i| Record::new(format!("{i}")).partition(i)),
+    )
+    .await;
+    let mut a = member(&client, "t", "g").await;
+    let mut held = BTreeMap::new();
+    while held.len() < 2 {
+        if let Event::Message(m) = within(Duration::from_secs(10), a.next_event()).await {
+            held.insert(m.partition, m);
+        }
+    }
+    // `a` now stalls with both messages in hand, for well over the TTL.
+    let mut b = member(&client, "t", "g").await;
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        if let Ok(Some(event)) = timeout(Duration::from_millis(100), b.next_event()).await {
+            panic!("b got {event:?} while a still held its partitions");
+        }
+    }
+    assert!(b.assignment().is_empty());
+    assert_eq!(a.assignment(), vec![0, 1]);
+    let revoked = match within(Duration::from_secs(5), a.next_event()).await {
+        Event::Revoking(ps) => ps,
+        other => panic!("expected Revoking, got {other:?}"),
+    };
+    assert_eq!(revoked.len(), 1);
+    // Acknowledged by coming back; then `b` gets the partition.
+    let _ = timeout(Duration::from_millis(300), a.next_event()).await;
+    let event = within(Duration::from_secs(10), b.next_event()).await;
+    assert_eq!(event, Event::Assigned(revoked.clone()));
+    let err = a.commit(&held[&revoked[0]]).await.unwrap_err();
+    assert!(matches!(err, pubsub_etcd::Error::NotOwner { .. }), "{err}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Issue 8, item 9: member and owner keys without a lease (left by hand or
+/// by a tool) belong to no live member: they must neither take a share of
+/// the partitions nor keep one from being claimed, and `delete_group`
+/// removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_without_a_lease_do_not_stall_the_group() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 5)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(
+        &producer,
+        (0..25u32).map(|i| Record::new(format!("{i}")).partition(i % 5)),
+    )
+    .await;
+    let mut etcd = client.etcd().clone();
+    let group = format!("{}/groups/t/g", ns.name());
+    etcd.put(format!("{group}/members/aaa-ghost"), "{}", None)
+        .await
+        .unwrap();
+    etcd.put(format!("{group}/owners/00000"), "ghost", None)
+        .await
+        .unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let mut seen = 0;
+    while seen < 25 {
+        timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("partitions stalled behind keys without a lease")
+            .unwrap()
+            .unwrap();
+        seen += 1;
+    }
+    assert_eq!(consumer.assignment(), vec![0, 1, 2, 3, 4]);
+    consumer.commit_delivered().await.unwrap();
+    consumer.close().await.unwrap();
+    client.delete_group("g").await.unwrap();
+    let left = etcd
+        .get(
+            format!("{group}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+}
+
+/// Issue 8, item 10: a committed offset past the end of the partition (no
+/// member could have made it) is ignored with a warning, as an unreadable
+/// one is: the group reads from its start policy instead of skipping
+/// everything produced until the end reaches it, and its lag says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_offset_past_the_end_is_ignored() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..5).map(|i| Record::new(format!("{i}")))).await;
+    client
+        .etcd()
+        .clone()
+        .put(
+            format!("{}/groups/t/g/offsets/00000", ns.name()),
+            u64::MAX.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    let lag = client.group_lag("t", "g").await.unwrap();
+    assert_eq!((lag[0].committed, lag[0].lag), (None, 5), "{lag:?}");
+    let mut consumer = member(&client, "t", "g").await;
+    let first = within(Duration::from_secs(10), consumer.recv()).await;
+    assert_eq!(first.offset, 0);
+    producer.send(Record::new("later")).await.unwrap();
+    let mut last = first;
+    while last.offset < 5 {
+        last = within(Duration::from_secs(10), consumer.recv()).await;
+    }
+    assert_eq!(last.value.as_ref(), b"later");
+    consumer.commit(&last).await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 6)])
+    );
+    consumer.close().await.unwrap();
+}
+
+/// A `Revoking` the application reads only after its member lost the
+/// partitions and claimed them again revokes nothing: the new claims go
+/// on delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_revocation_does_not_revoke_a_new_claim() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut a = member(&client, "t", "g").await;
+    let event = within(Duration::from_secs(10), a.next_event()).await;
+    assert_eq!(event, Event::Assigned(vec![0, 1]));
+    // `b` makes `a` revoke a partition; `a` does not read the notice yet.
+    let b = member(&client, "t", "g").await;
+    let mut etcd = client.etcd().clone();
+    let members = format!("{}/groups/t/g/members/", ns.name());
+    let lease_of = |id: String| {
+        let mut etcd = etcd.clone();
+        let key = format!("{members}{id}");
+        async move { etcd.get(key, None).await.unwrap().kvs()[0].lease() }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.close().await.unwrap();
+    // Then `a` loses its lease behind its back and claims both again.
+    etcd.lease_revoke(lease_of(a.member_id().to_string()).await)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while !matches!(events.last(), Some(Event::Assigned(_))) {
+        events.push(within(Duration::from_secs(10), a.next_event()).await);
+    }
+    assert!(
+        matches!(events[0], Event::Revoking(_)),
+        "expected the stale revocation first: {events:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while a.assignment() != vec![0, 1] {
+        assert!(Instant::now() < until, "not claimed again: {events:?}");
+        let _ = timeout(Duration::from_millis(50), a.next_event()).await;
+    }
+    send_all(
+        &producer,
+        (0..2u32).map(|i| Record::new(format!("{i}")).partition(i)),
+    )
+    .await;
+    let mut partitions = Vec::new();
+    while partitions.len() < 2 {
+        match timeout(Duration::from_secs(10), a.next_event()).await {
+            Ok(Some(Ok(Event::Message(m)))) => partitions.push(m.partition),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("a partition stalled after the stale revocation: {other:?}"),
+        }
+    }
+    partitions.sort_unstable();
+    assert_eq!(partitions, vec![0, 1]);
+    a.close().await.unwrap();
+}

@@ -21,7 +21,10 @@ const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
 /// Not a test on its own: the body of a child member process. It prints
 /// one line per event (`owned 0,1`, `msg P O`, `lost 0,1`, `commit-refused P`)
 /// and, every 100 ms, re-commits the last message it got, so a commit made
-/// after a freeze is observable.
+/// after a freeze is observable. In `stale` mode it instead keeps the first
+/// message it got, and once it owns partitions again after losing them,
+/// commits that message's offset with `commit_offsets` (as the CLI does)
+/// and prints `stale-commit ok` or `stale-commit refused <error>`.
 #[test]
 fn child_member() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
@@ -35,6 +38,7 @@ fn child_member() {
         parts.next().unwrap(),
         parts.next().unwrap(),
     );
+    let stale = parts.next() == Some("stale");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = pubsub_etcd::Client::builder(common::ns::endpoints())
@@ -51,6 +55,7 @@ fn child_member() {
             .unwrap();
         let mut last: Option<pubsub_etcd::Message> = None;
         let mut owned = Vec::new();
+        let mut lost = false;
         loop {
             if let Ok(Some(event)) =
                 timeout(Duration::from_millis(100), consumer.next_event()).await
@@ -58,14 +63,31 @@ fn child_member() {
                 match event {
                     Ok(Event::Message(m)) => {
                         println!("msg {} {}", m.partition, m.offset);
-                        last = Some(m);
+                        if !stale || last.is_none() {
+                            last = Some(m);
+                        }
                     }
-                    Ok(Event::Lost(ps)) => println!("lost {}", join(&ps)),
+                    Ok(Event::Lost(ps)) => {
+                        println!("lost {}", join(&ps));
+                        lost = true;
+                    }
                     Ok(_) => {}
                     Err(e) => println!("error {e}"),
                 }
             }
-            if let Some(m) = &last {
+            if stale {
+                if let Some(m) = last
+                    .as_ref()
+                    .filter(|_| lost && !consumer.assignment().is_empty())
+                {
+                    let offsets = std::collections::BTreeMap::from([(m.partition, m.offset + 1)]);
+                    match consumer.commit_offsets(&offsets).await {
+                        Ok(()) => println!("stale-commit ok"),
+                        Err(e) => println!("stale-commit refused {e}"),
+                    }
+                    last = None;
+                }
+            } else if let Some(m) = &last {
                 match consumer.commit(m).await {
                     Ok(()) => {}
                     Err(pubsub_etcd::Error::NotOwner { partition, .. }) => {
@@ -96,9 +118,14 @@ struct ChildMember {
 
 impl ChildMember {
     fn spawn(ns: &str, topic: &str, group: &str) -> ChildMember {
+        Self::spawn_with(ns, topic, group, "")
+    }
+
+    /// A child member in a `mode` (see `child_member`).
+    fn spawn_with(ns: &str, topic: &str, group: &str, mode: &str) -> ChildMember {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_member", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, format!("{ns},{topic},{group}"))
+            .env(CHILD_ENV, format!("{ns},{topic},{group},{mode}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -202,7 +229,24 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
         );
     }
     let takeover = killed.elapsed();
-    poll(&mut local, &mut seen, Duration::from_secs(2)).await;
+    // Until the local member has read (and committed) every partition to
+    // its end; committing each message takes a while on a loaded machine.
+    let until = Instant::now() + Duration::from_secs(30);
+    while client
+        .committed_offsets("t", "g")
+        .await
+        .unwrap()
+        .values()
+        .filter(|&&o| o == 100)
+        .count()
+        < 6
+    {
+        assert!(
+            Instant::now() < until,
+            "the local member never read everything"
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(200)).await;
+    }
     // What the child printed just before it died is still in the pipe.
     child.drain();
     // Nothing lost: every message went to one of the two (the child's
@@ -331,6 +375,69 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
     local.close().await.unwrap();
 }
 
+/// Issue 8, item 1: a member frozen past its lease loses its partition to
+/// another member, which reads on and commits, then leaves; the frozen one
+/// wakes up, claims the partition again and commits the offset of a message
+/// it read under its old claim. That commit must be refused: the group's
+/// offset stays where the other member left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_commit_after_claiming_again_never_moves_the_offset_back() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..100).map(|i| Record::new(format!("{i}")))).await;
+    let mut child = ChildMember::spawn_with(ns.name(), "t", "g", "stale");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !child.seen.iter().any(|l| l.starts_with("msg ")) {
+        assert!(
+            Instant::now() < until,
+            "child got no message: {:?}",
+            child.seen
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        child.drain();
+    }
+    child.signal("-STOP");
+    let mut local = member(&client, "t", "g").await;
+    let mut last = None;
+    let until = Instant::now() + TTL + Duration::from_secs(10);
+    while last
+        .as_ref()
+        .is_none_or(|m: &pubsub_etcd::Message| m.offset < 99)
+    {
+        assert!(Instant::now() < until, "no takeover from the frozen member");
+        if let Ok(Some(Ok(Event::Message(m)))) =
+            timeout(Duration::from_millis(50), local.next_event()).await
+        {
+            last = Some(m);
+        }
+    }
+    local.commit(last.as_ref().unwrap()).await.unwrap();
+    local.close().await.unwrap();
+    child.signal("-CONT");
+    // Generous: on a loaded machine the rejoin can wait out request timeouts.
+    let until = Instant::now() + Duration::from_secs(40);
+    let outcome = loop {
+        child.drain();
+        if let Some(line) = child.seen.iter().find(|l| l.starts_with("stale-commit")) {
+            break line.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "the child never claimed again: {:?}",
+            child.seen
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(outcome.starts_with("stale-commit refused"), "{outcome}");
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        std::collections::BTreeMap::from([(0, 100)]),
+        "the committed offset moved"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_during_catch_up_loses_nothing() {
     let ns = Namespace::new();
@@ -379,5 +486,64 @@ async fn compaction_during_catch_up_loses_nothing() {
         offsets.push(m.offset);
     }
     assert_eq!(offsets, (0..4000).collect::<Vec<u64>>());
+    consumer.close().await.unwrap();
+}
+
+/// Issue 8, item 3: a lone member whose application does not take messages
+/// while many arrive. Its readers stop reading their watches, and the
+/// unread watch data (over 5 MiB here) fills the HTTP/2 connection's
+/// flow-control window. Nothing on that connection gets an answer any
+/// more, so a lease kept alive on it expires and the member loses its
+/// partitions. The member must keep its lease however much is unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_messages_never_starve_the_lease() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 4)).await.unwrap();
+    let mut consumer = member(&client, "t", "g").await;
+    let event = within(Duration::from_secs(10), consumer.next_event()).await;
+    assert_eq!(event, Event::Assigned(vec![0, 1, 2, 3]));
+    // Produced on a connection of its own, after the readers are watching.
+    let producing = ns.connect().await;
+    let producer = producing.producer("t").build().await.unwrap();
+    let value = "v".repeat(190);
+    for chunk in 0..6 {
+        send_all(
+            &producer,
+            (0..10_000u32).map(|i| Record::new(value.clone()).partition((chunk * 10_000 + i) % 4)),
+        )
+        .await;
+    }
+    // The application takes nothing for three lease lifetimes.
+    let members = format!("{}/groups/t/g/members/", ns.name());
+    let mut watcher = producing.etcd().clone();
+    let lease = |response: &etcd_client::GetResponse| response.kvs().first().map(|kv| kv.lease());
+    let options = || Some(etcd_client::GetOptions::new().with_prefix());
+    let first = lease(&watcher.get(members.clone(), options()).await.unwrap());
+    assert!(first.is_some());
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        let now = lease(&watcher.get(members.clone(), options()).await.unwrap());
+        assert_eq!(
+            now, first,
+            "the member's lease was lost while messages sat unread"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then everything arrives, once, with no loss of ownership.
+    let mut seen = [0u64; 4];
+    while seen.iter().sum::<u64>() < 60_000 {
+        match within(Duration::from_secs(20), consumer.next_event()).await {
+            Event::Message(m) => {
+                assert_eq!(
+                    m.offset, seen[m.partition as usize],
+                    "partition {}",
+                    m.partition
+                );
+                seen[m.partition as usize] += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     consumer.close().await.unwrap();
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{self, BufWriter, Stdout, Write};
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -24,9 +24,6 @@ use crate::template::Template;
 const IDLE: Duration = Duration::from_millis(250);
 /// Most messages written between two flushes (and group commits).
 const MAX_BATCH: u64 = 1000;
-/// With `--exit-at-end` in a group: how long to wait for partitions before
-/// concluding that other members hold them all.
-const ASSIGNMENT_GRACE: Duration = Duration::from_secs(3);
 
 pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
     // Installed first so that a signal from here on ends the run cleanly.
@@ -43,7 +40,10 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
                 .start_offset(start)
                 .join()
                 .await?;
-            let tracker = EndTracker::new(&description.partitions, start);
+            // A member may hold only some partitions, or none yet (it claims
+            // them one by one), so it drains the whole group's topic.
+            let scope = description.partitions.iter().map(|p| p.partition).collect();
+            let tracker = EndTracker::new(&description.partitions, start, scope);
             (Source::Group(Box::new(consumer), group.clone()), tracker)
         }
         None => {
@@ -65,7 +65,8 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
                 }
                 None => description.partitions.clone(),
             };
-            let mut tracker = EndTracker::new(&description.partitions, start);
+            let scope = partitions.iter().map(|p| p.partition).collect();
+            let mut tracker = EndTracker::new(&description.partitions, start, scope);
             let mut starts = Vec::with_capacity(partitions.len());
             for info in &partitions {
                 // Resolved here, from the same snapshot as the end offsets,
@@ -75,8 +76,7 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
                 starts.push((info.partition, StartOffset::Offset(from)));
             }
             let reader = client.assign(&args.topic, starts).await?;
-            let held = partitions.iter().map(|p| p.partition).collect();
-            (Source::Assigned(reader, held), tracker)
+            (Source::Assigned(reader), tracker)
         }
     };
     let result = consume(client, &args, &mut source, &mut tracker, shutdown.as_mut()).await;
@@ -101,8 +101,15 @@ async fn consume(
     // retried or pending commit is not lost to a signal or an error.
     let committed = match source {
         Source::Group(consumer, _) => commits.commit(consumer).await,
-        Source::Assigned(..) => Ok(()),
+        Source::Assigned(_) => Ok(()),
     };
+    if commits.over_quota && !commits.pending.is_empty() {
+        eprintln!(
+            "warning: the last offsets of {} partition(s) are not committed (etcd quota exceeded): \
+             the group will deliver those messages again",
+            commits.pending.len()
+        );
+    }
     result.and(committed)
 }
 
@@ -123,7 +130,7 @@ async fn consume_batches(
         if room == 0 {
             return Ok(());
         }
-        if args.exit_at_end && tracker.caught_up(&source.held()) {
+        if args.exit_at_end && tracker.caught_up() {
             return Ok(());
         }
         let first = tokio::select! {
@@ -131,7 +138,7 @@ async fn consume_batches(
             () = &mut shutdown => return Ok(()),
             item = source.next() => item,
             () = tokio::time::sleep(IDLE), if args.exit_at_end => {
-                if tracker.settled(client, &args.topic, source.group(), &source.held()).await? {
+                if tracker.settled(client, &args.topic, source.group()).await? {
                     return Ok(());
                 }
                 continue;
@@ -194,6 +201,9 @@ async fn consume_batches(
 #[derive(Debug, Default)]
 struct Commits {
     pending: BTreeMap<u32, u64>,
+    /// etcd refused the last commit for lack of space (NOSPACE): delivery
+    /// goes on, and every later batch tries again.
+    over_quota: bool,
 }
 
 impl Commits {
@@ -211,10 +221,19 @@ impl Commits {
     async fn commit(&mut self, consumer: &Consumer) -> anyhow::Result<()> {
         while !self.pending.is_empty() {
             match consumer.commit_offsets(&self.pending).await {
-                Ok(()) => self.pending.clear(),
-                // Another member has the partition now and reads it again
-                // from the last commit: duplicates, which at-least-once allows.
-                Err(error @ Error::NotOwner { partition, .. }) => {
+                Ok(()) => {
+                    self.pending.clear();
+                    if std::mem::take(&mut self.over_quota) {
+                        eprintln!("note: etcd has space again; offsets are committed again");
+                    }
+                }
+                // Another member has the partition now, or had it since these
+                // messages were read, and reads it again from its own commit:
+                // duplicates, which at-least-once allows.
+                Err(
+                    error @ (Error::NotOwner { partition, .. }
+                    | Error::CommitBehind { partition, .. }),
+                ) => {
                     eprintln!("warning: {error}");
                     if self.pending.remove(&partition).is_none() {
                         self.pending.clear();
@@ -224,6 +243,18 @@ impl Commits {
                 // may not have happened is tried again with the next batch.
                 Err(error) if error.is_outcome_unknown() => {
                     eprintln!("warning: {error}; will retry");
+                    return Ok(());
+                }
+                // Reads go on under a NOSPACE alarm, so delivery does too, as
+                // for a reader without a group; said once, not per batch.
+                Err(error @ Error::QuotaExceeded { .. }) => {
+                    if !self.over_quota {
+                        eprintln!(
+                            "warning: {error}; delivery goes on, and offsets are committed again \
+                             once etcd has space"
+                        );
+                        self.over_quota = true;
+                    }
                     return Ok(());
                 }
                 Err(error) => {
@@ -268,7 +299,7 @@ async fn start_position(
 enum Source {
     /// Boxed: a `Consumer` is several KiB (it holds a whole `Client`).
     Group(Box<Consumer>, String),
-    Assigned(AssignedReader, Vec<u32>),
+    Assigned(AssignedReader),
 }
 
 enum Item {
@@ -291,21 +322,14 @@ impl Source {
                     Err(error) => Err(error),
                 });
             },
-            Source::Assigned(reader, _) => Some(reader.recv().await?.map(Item::Message)),
-        }
-    }
-
-    fn held(&self) -> Vec<u32> {
-        match self {
-            Source::Group(consumer, _) => consumer.assignment(),
-            Source::Assigned(_, partitions) => partitions.clone(),
+            Source::Assigned(reader) => Some(reader.recv().await?.map(Item::Message)),
         }
     }
 
     fn group(&self) -> Option<&str> {
         match self {
             Source::Group(_, group) => Some(group),
-            Source::Assigned(..) => None,
+            Source::Assigned(_) => None,
         }
     }
 
@@ -315,7 +339,7 @@ impl Source {
                 .close()
                 .await
                 .with_context(|| format!("cannot leave group {group:?} cleanly")),
-            Source::Assigned(reader, _) => {
+            Source::Assigned(reader) => {
                 reader.close().await;
                 Ok(())
             }
@@ -323,14 +347,20 @@ impl Source {
     }
 }
 
-/// Decides when `--exit-at-end` may stop: every partition held has been
-/// read up to the next offset it had when the command started.
+/// Decides when `--exit-at-end` may stop: every partition in scope has been
+/// read up to the next offset it had when the command started. Without a
+/// group the scope is the partitions read; in a group it is every partition
+/// of the topic, read by this member or by others (as their commits show):
+/// what this member holds can be a part of its share still being claimed,
+/// or nothing while others are about to hand partitions over, and a member
+/// that left early could leave partitions nobody reads.
 ///
 /// Reaching `last delivered + 1 >= end` is the quick test. It can fail to
 /// happen: the last messages below the end may be deleted or expired, and
 /// a partition may have nothing to deliver at all. So once idle, each
 /// partition still short of its end is checked by reading from its
-/// position: nothing stored below the end means nothing will come.
+/// position (this member's, else the group's commit, else the start
+/// policy): nothing stored below the end means nothing will come.
 struct EndTracker {
     /// Next offset of each partition when the command started.
     ends: HashMap<u32, u64>,
@@ -339,16 +369,16 @@ struct EndTracker {
     positions: HashMap<u32, u64>,
     /// Where a group starts on a partition it never committed.
     start: StartOffset,
-    since: Instant,
+    scope: Vec<u32>,
 }
 
 impl EndTracker {
-    fn new(partitions: &[PartitionInfo], start: StartOffset) -> Self {
+    fn new(partitions: &[PartitionInfo], start: StartOffset, scope: Vec<u32>) -> Self {
         EndTracker {
             ends: partitions.iter().map(|p| (p.partition, p.next)).collect(),
             positions: HashMap::new(),
             start,
-            since: Instant::now(),
+            scope,
         }
     }
 
@@ -367,13 +397,12 @@ impl EndTracker {
         }
     }
 
-    fn caught_up(&self, held: &[u32]) -> bool {
-        !held.is_empty()
-            && held.iter().all(|p| {
-                self.positions
-                    .get(p)
-                    .is_some_and(|position| *position >= self.end(*p))
-            })
+    fn caught_up(&self) -> bool {
+        self.scope.iter().all(|p| {
+            self.positions
+                .get(p)
+                .is_some_and(|position| *position >= self.end(*p))
+        })
     }
 
     /// The slow test, for when no message came for a while.
@@ -382,17 +411,16 @@ impl EndTracker {
         client: &Client,
         topic: &str,
         group: Option<&str>,
-        held: &[u32],
     ) -> pubsub_etcd::Result<bool> {
-        if held.is_empty() {
-            return Ok(group.is_none() || self.since.elapsed() >= ASSIGNMENT_GRACE);
+        if self.caught_up() {
+            return Ok(true);
         }
         let committed = match group {
             Some(group) => client.committed_offsets(topic, group).await?,
             None => BTreeMap::new(),
         };
         let mut partitions: Option<Vec<PartitionInfo>> = None;
-        for &p in held {
+        for &p in &self.scope {
             let end = self.end(p);
             let position = match (self.positions.get(&p), committed.get(&p)) {
                 (Some(position), _) => *position,

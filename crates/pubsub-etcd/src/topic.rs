@@ -474,11 +474,23 @@ impl Client {
     }
 }
 
+/// Reads a topic key's value with the checks `create_topic` makes, so that
+/// metadata written by hand or restored from elsewhere cannot make a reader
+/// divide by zero, allocate per partition without bound, or delete data.
 fn parse_topic(name: &str, kv: &etcd_client::KeyValue) -> Result<TopicInfo> {
-    let stored: StoredTopic = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
+    let corrupt = |reason: String| Error::Corrupt {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
-        reason: format!("bad topic metadata: {e}"),
-    })?;
+        reason: format!("bad topic metadata: {reason}"),
+    };
+    check_name(name)
+        .map_err(|reason| corrupt(format!("{name:?} is not a topic name: {reason}")))?;
+    let stored: StoredTopic =
+        serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?;
+    validate_partitions(stored.partitions).map_err(|e| corrupt(e.to_string()))?;
+    stored
+        .config
+        .validate()
+        .map_err(|e| corrupt(e.to_string()))?;
     Ok(TopicInfo {
         name: name.to_string(),
         partitions: stored.partitions,

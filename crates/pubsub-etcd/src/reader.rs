@@ -5,6 +5,10 @@
 //! are made from the stored batches, never from history, so compaction
 //! cannot lose a message, and the fallback neither stalls nor spins.
 //!
+//! A batch's data prefix just goes quiet when its topic is deleted, so
+//! group-less readers also run [`watch_topic`], which ends them with
+//! [`Error::TopicDeleted`] as a group member's topic check does.
+//!
 //! A batch key that fails [`decode_batch`] (garbage name, undecodable value,
 //! extent contradicting the key) is skipped and reported once per reader,
 //! as an error to the application and a warning: it never moves the
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
 use crate::client::Client;
@@ -269,6 +273,70 @@ impl ReaderSpec {
             epoch: self.epoch,
         };
         queue.send(envelope).await.is_ok()
+    }
+}
+
+/// Follows the topic key of one incarnation: reads it, watches it from
+/// just after that read, and reads it again after any change to it (or a
+/// broken watch, after [`RETRY_PAUSE`]). Once the key is gone or belongs to
+/// a new incarnation it queues [`Error::TopicDeleted`] and ends. Costs one
+/// watch per reader set, nothing while the topic is unchanged.
+pub(crate) async fn watch_topic(
+    client: Client,
+    topic: Arc<str>,
+    incarnation: i64,
+    queue: mpsc::Sender<Envelope>,
+) {
+    let key = client.keys.topic(&topic);
+    loop {
+        let read = client
+            .read(
+                "get topic",
+                key.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            )
+            .await;
+        let response = match read {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%topic, %error, "reading the topic key failed, retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        let alive = response
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == incarnation);
+        if !alive {
+            let envelope = Envelope::Error {
+                error: Error::TopicDeleted(topic.to_string()),
+                epoch: 0,
+            };
+            let _ = queue.send(envelope).await;
+            return;
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        let options = WatchOptions::new().with_start_revision(revision + 1);
+        let watch = client
+            .timed(
+                "watch topic",
+                client.watch.clone().watch(key.clone(), Some(options)),
+            )
+            .await;
+        let mut stream = match watch {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%topic, %error, "watching the topic key failed, retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        // Any event (an update, or the delete) is checked by reading anew.
+        match stream.message().await {
+            Ok(Some(response)) if !response.canceled() && !response.events().is_empty() => {}
+            Ok(_) | Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! elsewhere), written raw under a test namespace. Every operation must end
 //! with a clear error naming the key, or skip the garbage and report it
 //! once; never panic, spin, allocate without bound, or drop good data.
+//! Also the other thing a reader finds gone from under it: its topic,
+//! deleted (and maybe created again).
 
 mod common;
 
@@ -444,4 +446,40 @@ async fn batches_whose_extent_contradicts_the_key_are_skipped() {
         client.fetch("t", 0, 0, 100).await.unwrap().messages.len(),
         7
     );
+}
+
+/// A group-less reader of a topic that is deleted, or deleted and created
+/// again, ends with `TopicDeleted` after the messages read before, as a
+/// group member does, instead of waiting on a prefix that went quiet.
+#[tokio::test]
+async fn assigned_reader_ends_with_topic_deleted() {
+    let (client, _ns) = ns::client().await;
+    for recreate in [false, true] {
+        client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+        send_values(&client, names(0..2)).await;
+        let mut reader = client
+            .assign("t", [(0, StartOffset::Earliest), (1, StartOffset::Earliest)])
+            .await
+            .unwrap();
+        assert_eq!(
+            collect(&mut reader, 2, Duration::ZERO).await.values(),
+            names(0..2)
+        );
+        client.delete_topic("t").await.unwrap();
+        if recreate {
+            client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+            send_values(&client, names(10..12)).await;
+        }
+        match bounded("TopicDeleted", reader.recv()).await {
+            Some(Err(Error::TopicDeleted(name))) => assert_eq!(name, "t"),
+            other => panic!("recreate {recreate}: expected TopicDeleted, got {other:?}"),
+        }
+        assert!(
+            bounded("end", reader.recv()).await.is_none(),
+            "the reader goes on after TopicDeleted"
+        );
+        if recreate {
+            client.delete_topic("t").await.unwrap();
+        }
+    }
 }

@@ -458,7 +458,10 @@ async fn assigned_reader_ends_with_topic_deleted() {
         client.create_topic(NewTopic::new("t", 2)).await.unwrap();
         send_values(&client, names(0..2)).await;
         let mut reader = client
-            .assign("t", [(0, StartOffset::Earliest), (1, StartOffset::Earliest)])
+            .assign(
+                "t",
+                [(0, StartOffset::Earliest), (1, StartOffset::Earliest)],
+            )
             .await
             .unwrap();
         assert_eq!(

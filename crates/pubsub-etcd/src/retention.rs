@@ -630,6 +630,11 @@ pub(crate) async fn producer_trim(
             tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
         }
         Ok(_) => {}
+        // Garbage in the partition blocks every later trim until someone
+        // removes it, so it must not be as quiet as a passing etcd error.
+        Err(error @ Error::Corrupt { .. }) => {
+            tracing::warn!(%topic, partition, %error, "retention trim stopped at a corrupt batch");
+        }
         Err(error) => {
             tracing::debug!(%topic, partition, %error, "retention trim failed; the next one retries");
         }

@@ -486,3 +486,96 @@ async fn assigned_reader_ends_with_topic_deleted() {
         }
     }
 }
+
+/// The other operations on a partition holding garbage batches: a group
+/// member delivers every good message and reports each key once, lag,
+/// describe, produce and fetch work, and compaction (which rewrites by
+/// offset) refuses the first corrupt batch by name.
+#[tokio::test]
+async fn group_members_and_admin_operations_survive_garbage_batches() {
+    let (client, ns) = ns::client().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    send_values(&client, names(0..5)).await;
+    let mut keys = BTreeMap::new();
+    for (name, value) in [
+        ("000000000000000000001", raw_batch(1, 1, &[0])),
+        ("00000000000000000010", raw_batch(1000, 1, &[0])),
+        ("zzz", b"\x01\xff\xff".to_vec()),
+    ] {
+        let suffix = batch_suffix(&client, name).await;
+        put_raw(&client, &ns, &suffix, value).await;
+        keys.insert(format!("{}{suffix}", ns.prefix()), 1);
+    }
+    let mut member = client
+        .consumer("t", "g")
+        .auto_commit(pubsub_etcd::AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    let mut delivered = Delivered::default();
+    let quiet = Duration::from_secs(2);
+    let started = Instant::now();
+    loop {
+        let wait = if delivered.messages.len() < 5 {
+            CALL_TIMEOUT.saturating_sub(started.elapsed())
+        } else {
+            quiet
+        };
+        match tokio::time::timeout(wait, member.recv()).await {
+            Ok(Some(Ok(message))) => delivered.messages.push(message),
+            Ok(Some(Err(Error::Corrupt { key, .. }))) => {
+                *delivered.corrupt.entry(key).or_default() += 1
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) if delivered.messages.len() >= 5 => break,
+            Err(_) => panic!("only {delivered:?} arrived"),
+        }
+        assert!(
+            delivered.corrupt.values().all(|&n| n < 100),
+            "a corrupt key is reported again and again: {:?}",
+            delivered.corrupt
+        );
+    }
+    assert_eq!(delivered.values(), names(0..5));
+    assert_eq!(delivered.corrupt, keys);
+    member
+        .commit(delivered.messages.last().unwrap())
+        .await
+        .unwrap();
+    member.close().await.unwrap();
+
+    let lag = bounded("lag", client.group_lag("t", "g")).await.unwrap();
+    assert_eq!(lag.len(), 1);
+    let description = bounded("describe", client.describe_topic("t"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            description.partitions[0].earliest,
+            description.partitions[0].next
+        ),
+        (0, 5)
+    );
+    send_values(&client, names(5..6)).await;
+    let fetched = bounded("fetch", client.fetch("t", 0, 0, 100))
+        .await
+        .unwrap();
+    let values: Vec<_> = fetched
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.value).into_owned())
+        .collect();
+    assert_eq!(values, names(0..6));
+    match bounded("compact", client.compact_topic("t")).await {
+        Err(Error::Corrupt { key, .. }) => assert!(keys.contains_key(&key), "{key}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        bounded("fetch", client.fetch("t", 0, 0, 100))
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        6
+    );
+}

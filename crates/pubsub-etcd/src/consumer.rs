@@ -22,7 +22,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::group::{check_partition, StartOffset};
 use crate::member::{Control, Member};
-use crate::reader::{Envelope, ReaderSpec};
+use crate::reader::{watch_topic, Envelope, ReaderSpec};
 use crate::record::Message;
 use crate::topic::{topic_arc, validate_group_name};
 
@@ -768,6 +768,12 @@ impl Client {
             };
             tasks.push(tokio::spawn(spec.run(queue_tx.clone())));
         }
+        tasks.push(tokio::spawn(watch_topic(
+            self.clone(),
+            name,
+            info.incarnation,
+            queue_tx,
+        )));
         Ok(AssignedReader {
             queue: queue_rx,
             tasks,
@@ -776,10 +782,21 @@ impl Client {
 }
 
 impl AssignedReader {
-    /// The next message of any assigned partition.
+    /// The next message of any assigned partition. Once the topic is
+    /// deleted (or deleted and created again), yields
+    /// [`Error::TopicDeleted`] after the messages read before, then ends.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         match self.queue.recv().await? {
             Envelope::Message { message, .. } => Some(Ok(message)),
+            Envelope::Error {
+                error: error @ Error::TopicDeleted(_),
+                ..
+            } => {
+                for task in &self.tasks {
+                    task.abort();
+                }
+                Some(Err(error))
+            }
             Envelope::Error { error, .. } => Some(Err(error)),
         }
     }

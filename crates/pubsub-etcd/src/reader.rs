@@ -4,19 +4,30 @@
 //! or breaks, falls back to range reads from the current position: reads
 //! are made from the stored batches, never from history, so compaction
 //! cannot lose a message, and the fallback neither stalls nor spins.
+//!
+//! A batch's data prefix just goes quiet when its topic is deleted, so
+//! group-less readers also run [`watch_topic`], which ends them with
+//! [`Error::TopicDeleted`] as a group member's topic check does.
+//!
+//! A batch key that fails [`decode_batch`] (garbage name, undecodable value,
+//! extent contradicting the key) is skipped and reported once per reader,
+//! as an error to the application and a warning: it never moves the
+//! position, halts the partition, or makes the reader read it again and
+//! again.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::Error;
-use crate::fetch::{fetch_partition, Cut};
-use crate::keys::{prefix_end, Keys};
-use crate::record::{self, pb, Message};
+use crate::fetch::{decode_batch, read_partition, Cut};
+use crate::keys::prefix_end;
+use crate::record::{self, Message};
 
 /// What readers pass to the consumer front.
 #[derive(Debug)]
@@ -46,6 +57,34 @@ pub(crate) struct ReaderSpec {
 /// Pause after a failed read or watch before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// Most corrupt batch keys a reader remembers having reported. Beyond that
+/// (a partition full of garbage) a key may be reported again when the
+/// reader re-reads it, which it only does after its watch ends.
+const MAX_REPORTED_KEYS: usize = 1024;
+
+/// The corrupt batch keys a reader has reported, so each is reported once.
+#[derive(Debug, Default)]
+struct Reported {
+    keys: HashSet<String>,
+}
+
+impl Reported {
+    /// Whether `error` is news: a corrupt key not reported yet (any other
+    /// error always is).
+    fn first_time(&mut self, error: &Error) -> bool {
+        let Error::Corrupt { key, .. } = error else {
+            return true;
+        };
+        if self.keys.contains(key) {
+            return false;
+        }
+        if self.keys.len() < MAX_REPORTED_KEYS {
+            self.keys.insert(key.clone());
+        }
+        true
+    }
+}
+
 impl ReaderSpec {
     /// Reads and follows the partition until the queue closes. Sending into
     /// the bounded queue is the back-pressure: a slow consumer holds the
@@ -53,30 +92,11 @@ impl ReaderSpec {
     pub(crate) async fn run(self, queue: mpsc::Sender<Envelope>) {
         let mut position = self.from;
         let mut reported = false;
-        let batches =
-            self.client
-                .keys
-                .batches_prefix(&self.topic, self.incarnation, self.partition);
+        let mut corrupt = Reported::default();
         loop {
-            let revision = match self.catch_up(&queue, &mut position).await {
+            let revision = match self.catch_up(&queue, &mut position, &mut corrupt).await {
                 Ok(Some(revision)) => revision,
                 Ok(None) => return,
-                Err(Error::Corrupt { key, reason }) if key.starts_with(&batches) => {
-                    // Reported, then skipped as in `follow`: one unreadable
-                    // batch must not halt the partition.
-                    if let Some(last) = Keys::trailing_number(key.as_bytes()) {
-                        position = position.max(last.saturating_add(1));
-                    }
-                    let error = Error::Corrupt { key, reason };
-                    let envelope = Envelope::Error {
-                        error,
-                        epoch: self.epoch,
-                    };
-                    if queue.send(envelope).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
                 Err(error) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, %error, "partition read failed, retrying");
                     if !reported && !error.is_outcome_unknown() {
@@ -94,7 +114,10 @@ impl ReaderSpec {
                     continue;
                 }
             };
-            match self.follow(&queue, &mut position, revision).await {
+            match self
+                .follow(&queue, &mut position, revision, &mut corrupt)
+                .await
+            {
                 Follow::QueueClosed => return,
                 Follow::Restart => {}
                 Follow::Failed(error) => {
@@ -111,12 +134,13 @@ impl ReaderSpec {
         &self,
         queue: &mpsc::Sender<Envelope>,
         position: &mut u64,
+        corrupt: &mut Reported,
     ) -> Result<Option<i64>, Error> {
         // Records per batch seen so far: sizes the next read to about one
         // page of messages without decoding any batch twice.
         let mut per_batch = 1usize;
         loop {
-            let fetched = fetch_partition(
+            let (fetched, skipped) = read_partition(
                 &self.client,
                 &self.topic,
                 self.incarnation,
@@ -130,6 +154,11 @@ impl ReaderSpec {
                 per_batch = average.max(1);
             }
             let done = fetched.messages.is_empty() && fetched.next_offset <= *position;
+            for error in skipped {
+                if !self.report_corrupt(queue, corrupt, error).await {
+                    return Ok(None);
+                }
+            }
             for message in fetched.messages {
                 let envelope = Envelope::Message {
                     message,
@@ -152,6 +181,7 @@ impl ReaderSpec {
         queue: &mpsc::Sender<Envelope>,
         position: &mut u64,
         after: i64,
+        corrupt: &mut Reported,
     ) -> Follow {
         let keys = &self.client.keys;
         let prefix = keys.batches_prefix(&self.topic, self.incarnation, self.partition);
@@ -187,21 +217,24 @@ impl ReaderSpec {
                     continue;
                 }
                 let Some(kv) = event.kv() else { continue };
-                let batch: pb::RecordBatch =
-                    match record::decode(kv.key(), Bytes::copy_from_slice(kv.value())) {
-                        Ok(batch) => batch,
-                        Err(error) => {
-                            // Reported, then skipped: the next batch moves on.
-                            let envelope = Envelope::Error {
-                                error,
-                                epoch: self.epoch,
-                            };
-                            if queue.send(envelope).await.is_err() {
-                                return Follow::QueueClosed;
-                            }
-                            continue;
+                let value = Bytes::copy_from_slice(kv.value());
+                let batch = match decode_batch(
+                    keys,
+                    &self.topic,
+                    self.incarnation,
+                    self.partition,
+                    kv.key(),
+                    value,
+                ) {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        // Skipped: it says nothing trustworthy about offsets.
+                        if !self.report_corrupt(queue, corrupt, error).await {
+                            return Follow::QueueClosed;
                         }
-                    };
+                        continue;
+                    }
+                };
                 let end = batch.base_offset + u64::from(batch.offset_count);
                 let from = *position;
                 for message in record::batch_messages(&self.topic, self.partition, batch, from, now)
@@ -219,6 +252,90 @@ impl ReaderSpec {
                 }
                 *position = (*position).max(end);
             }
+        }
+    }
+
+    /// Reports a skipped corrupt batch to the application and the log,
+    /// unless this reader reported its key before. False once the queue is
+    /// closed.
+    async fn report_corrupt(
+        &self,
+        queue: &mpsc::Sender<Envelope>,
+        corrupt: &mut Reported,
+        error: Error,
+    ) -> bool {
+        if !corrupt.first_time(&error) {
+            return true;
+        }
+        tracing::warn!(topic = %self.topic, partition = self.partition, %error, "skipping a corrupt batch");
+        let envelope = Envelope::Error {
+            error,
+            epoch: self.epoch,
+        };
+        queue.send(envelope).await.is_ok()
+    }
+}
+
+/// Follows the topic key of one incarnation: reads it, watches it from
+/// just after that read, and reads it again after any change to it (or a
+/// broken watch, after [`RETRY_PAUSE`]). Once the key is gone or belongs to
+/// a new incarnation it queues [`Error::TopicDeleted`] and ends. Costs one
+/// watch per reader set, nothing while the topic is unchanged.
+pub(crate) async fn watch_topic(
+    client: Client,
+    topic: Arc<str>,
+    incarnation: i64,
+    queue: mpsc::Sender<Envelope>,
+) {
+    let key = client.keys.topic(&topic);
+    loop {
+        let read = client
+            .read(
+                "get topic",
+                key.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            )
+            .await;
+        let response = match read {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%topic, %error, "reading the topic key failed, retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        let alive = response
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == incarnation);
+        if !alive {
+            let envelope = Envelope::Error {
+                error: Error::TopicDeleted(topic.to_string()),
+                epoch: 0,
+            };
+            let _ = queue.send(envelope).await;
+            return;
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        let options = WatchOptions::new().with_start_revision(revision + 1);
+        let watch = client
+            .timed(
+                "watch topic",
+                client.watch.clone().watch(key.clone(), Some(options)),
+            )
+            .await;
+        let mut stream = match watch {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%topic, %error, "watching the topic key failed, retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        // Any event (an update, or the delete) is checked by reading anew.
+        match stream.message().await {
+            Ok(Some(response)) if !response.canceled() && !response.events().is_empty() => {}
+            Ok(_) | Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
         }
     }
 }

@@ -35,7 +35,8 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::keys::{prefix_end, Keys};
+use crate::fetch::decode_batch;
+use crate::keys::prefix_end;
 use crate::record::{self, pb, MAX_RECORDS_PER_BATCH};
 use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
 
@@ -80,11 +81,21 @@ struct StoredBatch {
 }
 
 impl StoredBatch {
-    fn from_kv(kv: etcd_client::KeyValue) -> Result<Self> {
+    /// Checked by [`decode_batch`]: a rewrite trusts the batch's offsets,
+    /// so a batch contradicting its key fails the sweep (naming the key)
+    /// rather than have the wrong records deleted.
+    fn from_kv(client: &Client, part: PartitionRef<'_>, kv: etcd_client::KeyValue) -> Result<Self> {
         let mod_revision = kv.mod_revision();
         let lease = kv.lease();
         let (key, value) = kv.into_key_value();
-        let batch = record::decode(&key, Bytes::from(value))?;
+        let batch = decode_batch(
+            &client.keys,
+            part.topic,
+            part.incarnation,
+            part.partition,
+            &key,
+            Bytes::from(value),
+        )?;
         Ok(StoredBatch {
             key,
             mod_revision,
@@ -94,7 +105,7 @@ impl StoredBatch {
     }
 
     fn last_offset(&self) -> u64 {
-        Keys::trailing_number(&self.key).unwrap_or(0)
+        self.batch.base_offset + u64::from(self.batch.offset_count) - 1
     }
 }
 
@@ -198,7 +209,7 @@ impl Client {
             }
             let targets = &offsets[i..end];
             let report = self
-                .rewrite_until_done(stored, |o, _| targets.binary_search(&o).is_err())
+                .rewrite_until_done(part, stored, |o, _| targets.binary_search(&o).is_err())
                 .await?;
             deleted += report.records_removed;
             i = end;
@@ -294,12 +305,12 @@ impl Client {
             .take_kvs()
             .into_iter()
             .next()
-            .map(StoredBatch::from_kv)
+            .map(|kv| StoredBatch::from_kv(self, part, kv))
             .transpose()
     }
 
     /// Re-reads one batch key.
-    async fn reread(&self, key: &[u8]) -> Result<Option<StoredBatch>> {
+    async fn reread(&self, part: PartitionRef<'_>, key: &[u8]) -> Result<Option<StoredBatch>> {
         let mut response = self
             .timed("read batch", self.kv.clone().get(key.to_vec(), None))
             .await?;
@@ -307,7 +318,7 @@ impl Client {
             .take_kvs()
             .into_iter()
             .next()
-            .map(StoredBatch::from_kv)
+            .map(|kv| StoredBatch::from_kv(self, part, kv))
             .transpose()
     }
 
@@ -316,6 +327,7 @@ impl Client {
     /// is gone.
     async fn rewrite_until_done(
         &self,
+        part: PartitionRef<'_>,
         mut stored: StoredBatch,
         keep: impl Fn(u64, &pb::Record) -> bool,
     ) -> Result<RetentionReport> {
@@ -333,7 +345,7 @@ impl Client {
                     report.records_removed += removed;
                     return Ok(report);
                 }
-                Rewrite::Conflict => match self.reread(&stored.key).await? {
+                Rewrite::Conflict => match self.reread(part, &stored.key).await? {
                     Some(again) => stored = again,
                     None => return Ok(report),
                 },
@@ -391,6 +403,7 @@ impl Client {
 /// Reads up to `limit` batches with keys in `[start, end)`.
 async fn read_page(
     client: &Client,
+    part: PartitionRef<'_>,
     start: Vec<u8>,
     end: Vec<u8>,
     limit: i64,
@@ -402,7 +415,7 @@ async fn read_page(
     response
         .take_kvs()
         .into_iter()
-        .map(StoredBatch::from_kv)
+        .map(|kv| StoredBatch::from_kv(client, part, kv))
         .collect()
 }
 
@@ -460,7 +473,7 @@ pub(crate) async fn truncate_before(
     if let Some(stored) = client.batch_containing(part, before).await? {
         if stored.batch.base_offset < before {
             let r = client
-                .rewrite_until_done(stored, |offset, _| offset >= before)
+                .rewrite_until_done(part, stored, |offset, _| offset >= before)
                 .await?;
             report.add(&r);
         }
@@ -495,7 +508,7 @@ pub(crate) async fn trim_partition(
         let mut start = part.batch_key(client, cutoff).into_bytes();
         let mut limit = 1;
         'scan: loop {
-            let page = read_page(client, start, end.clone(), limit).await?;
+            let page = read_page(client, part, start, end.clone(), limit).await?;
             let full = page.len() as i64 == limit;
             for stored in &page {
                 let too_old = min_timestamp.is_some_and(|min| {
@@ -536,7 +549,7 @@ pub(crate) async fn compact_partition(
     let mut start = prefix.clone().into_bytes();
     let mut scanned_end: Option<Vec<u8>> = None;
     loop {
-        let page = read_page(client, start, prefix_end(&prefix), PAGE).await?;
+        let page = read_page(client, part, start, prefix_end(&prefix), PAGE).await?;
         for stored in &page {
             let base = stored.batch.base_offset;
             for r in &stored.batch.records {
@@ -577,9 +590,11 @@ pub(crate) async fn compact_partition(
     };
     let mut start = prefix.into_bytes();
     loop {
-        let page = read_page(client, start, scanned_end.clone(), PAGE).await?;
+        let page = read_page(client, part, start, scanned_end.clone(), PAGE).await?;
         for stored in &page {
-            let r = client.rewrite_until_done(stored.clone(), keep).await?;
+            let r = client
+                .rewrite_until_done(part, stored.clone(), keep)
+                .await?;
             report.add(&r);
         }
         match page.last() {
@@ -615,6 +630,11 @@ pub(crate) async fn producer_trim(
             tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
         }
         Ok(_) => {}
+        // Garbage in the partition blocks every later trim until someone
+        // removes it, so it must not be as quiet as a passing etcd error.
+        Err(error @ Error::Corrupt { .. }) => {
+            tracing::warn!(%topic, partition, %error, "retention trim stopped at a corrupt batch");
+        }
         Err(error) => {
             tracing::debug!(%topic, partition, %error, "retention trim failed; the next one retries");
         }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::fetch::{decode_batch, fetch_partition, Cut};
 use crate::keys::prefix_end;
 use crate::record::{self, pb};
 
@@ -360,14 +361,20 @@ impl Client {
                     None => 0,
                 };
                 let earliest = match responses.next().flatten() {
-                    Some(kv) => {
-                        let batch: pb::RecordBatch =
-                            record::decode(kv.key(), bytes::Bytes::copy_from_slice(kv.value()))?;
-                        batch
+                    Some(kv) => match decode_batch(
+                        &self.keys,
+                        &topic.name,
+                        topic.incarnation,
+                        p,
+                        kv.key(),
+                        bytes::Bytes::copy_from_slice(kv.value()),
+                    ) {
+                        Ok(batch) => batch
                             .records
                             .first()
-                            .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta))
-                    }
+                            .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta)),
+                        Err(_) => self.earliest_past_garbage(topic, p, next).await?,
+                    },
                     None => next,
                 };
                 partitions.push(PartitionInfo {
@@ -379,6 +386,28 @@ impl Client {
             first = last;
         }
         Ok(partitions)
+    }
+
+    /// The earliest offset of a partition whose first batch key is
+    /// corrupt: the first message a fetch from 0 finds, skipping (and
+    /// logging) the corrupt keys.
+    async fn earliest_past_garbage(
+        &self,
+        topic: &TopicInfo,
+        partition: u32,
+        next: u64,
+    ) -> Result<u64> {
+        let fetched = fetch_partition(
+            self,
+            &topic_arc(&topic.name),
+            topic.incarnation,
+            partition,
+            0,
+            1,
+            Cut::Exact,
+        )
+        .await?;
+        Ok(fetched.messages.first().map_or(next, |m| m.offset))
     }
 
     /// Changes a topic's partition count (growing only) or settings.
@@ -474,11 +503,23 @@ impl Client {
     }
 }
 
+/// Reads a topic key's value with the checks `create_topic` makes, so that
+/// metadata written by hand or restored from elsewhere cannot make a reader
+/// divide by zero, allocate per partition without bound, or delete data.
 fn parse_topic(name: &str, kv: &etcd_client::KeyValue) -> Result<TopicInfo> {
-    let stored: StoredTopic = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
+    let corrupt = |reason: String| Error::Corrupt {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
-        reason: format!("bad topic metadata: {e}"),
-    })?;
+        reason: format!("bad topic metadata: {reason}"),
+    };
+    check_name(name)
+        .map_err(|reason| corrupt(format!("{name:?} is not a topic name: {reason}")))?;
+    let stored: StoredTopic =
+        serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?;
+    validate_partitions(stored.partitions).map_err(|e| corrupt(e.to_string()))?;
+    stored
+        .config
+        .validate()
+        .map_err(|e| corrupt(e.to_string()))?;
     Ok(TopicInfo {
         name: name.to_string(),
         partitions: stored.partitions,

@@ -20,6 +20,10 @@
 //!   commits, and group-less [`AssignedReader`].
 //! - `subscription`: one [`Subscription`] per owned partition, the Go
 //!   original's shape.
+//! - `maintenance`: etcd history compaction on demand, defragmentation,
+//!   alarms, and the state of etcd's history and space.
+//! - `compactor`: automatic history compaction in the background
+//!   ([`AutoCompaction`]).
 //! - `error`: the [`Error`] enum.
 //!
 //! DESIGN.md at the repository root documents the key layout and protocols.
@@ -30,6 +34,7 @@
 
 mod append;
 mod client;
+mod compactor;
 mod consumer;
 mod error;
 mod fetch;
@@ -49,11 +54,12 @@ pub use bytes::Bytes;
 pub use client::{
     endpoints_from_env, Client, ClientBuilder, DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
+pub use compactor::{AutoCompaction, CompactionRecord};
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
 pub use error::{Error, Result};
 pub use fetch::Fetched;
 pub use group::{PartitionLag, StartOffset};
-pub use maintenance::{Alarm, AlarmKind, CompactReport, MemberSpace};
+pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };

@@ -70,6 +70,10 @@ pub struct ConnectionArgs {
     /// Longest any one etcd request may take, e.g. 5s or 500ms [default: 10s]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+
+    /// Take no part in compacting etcd's history (for an etcd compacted already)
+    #[arg(long, global = true)]
+    pub no_auto_compaction: bool,
 }
 
 /// How much the library and the tool log on stderr.
@@ -319,6 +323,17 @@ pub enum AdminCommand {
         #[command(flatten)]
         format: FormatArg,
     },
+    /// Show etcd's history span, the last automatic compaction, and each
+    /// member's database size against its in-use size
+    Status {
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Take part in automatic history compaction until interrupted (Ctrl-C)
+    ///
+    /// For clusters whose producers and consumers may not compact (RBAC)
+    /// or run with --no-auto-compaction: one such process is enough.
+    AutoCompact,
 }
 
 /// How `produce` reports each message.

@@ -1374,3 +1374,51 @@ fn contexts_from_the_config_file() {
     assert_eq!(shown["timeout"], "5s");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn admin_status_shows_history_and_space_and_the_opt_out() {
+    let ns = Namespace::new();
+    let status = ns.json(&["admin", "status"]);
+    let (revision, oldest) = (
+        status["revision"].as_i64().unwrap(),
+        status["oldest_revision"].as_i64().unwrap(),
+    );
+    assert!(revision >= oldest && oldest >= 1, "{status}");
+    assert_eq!(status["history_span"].as_i64(), Some(revision - oldest));
+    assert_eq!(status["auto_compacting"], true, "{status}");
+    assert!(status["last_cycle"].is_object() || status["last_cycle"].is_null());
+    let members = status["members"].as_array().unwrap();
+    assert!(!members.is_empty(), "{status}");
+    for member in members {
+        assert!(member["db_size"].as_i64().unwrap() >= member["db_size_in_use"].as_i64().unwrap());
+    }
+    let off = ns.json(&["--no-auto-compaction", "admin", "status"]);
+    assert_eq!(off["auto_compacting"], false, "{off}");
+
+    let table = ns.ok(&["admin", "status", "--no-auto-compaction"]);
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap().starts_with("revision:"), "{table}");
+    assert!(
+        lines.next().unwrap().starts_with("oldest revision:"),
+        "{table}"
+    );
+    assert!(
+        lines.next().unwrap().starts_with("last compaction:"),
+        "{table}"
+    );
+    assert_eq!(
+        lines.next(),
+        Some("auto compaction:   off (this client)"),
+        "{table}"
+    );
+    assert_eq!(lines.next(), Some(""), "{table}");
+    assert!(lines.next().unwrap().starts_with("MEMBER"), "{table}");
+    assert_eq!(lines.count(), members.len(), "{table}");
+
+    let refused = ns.run(&["--no-auto-compaction", "admin", "auto-compact"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--no-auto-compaction"),
+        "{refused:?}"
+    );
+}

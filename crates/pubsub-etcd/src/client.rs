@@ -12,6 +12,7 @@ use etcd_client::{
     TxnResponse, WatchClient,
 };
 
+use crate::compactor::{AutoCompaction, Compactor};
 use crate::error::{Error, Result};
 use crate::health;
 use crate::keys::Keys;
@@ -62,6 +63,7 @@ pub struct ClientBuilder {
     client_identity: Option<(PathBuf, PathBuf)>,
     user: Option<(String, String)>,
     max_response_bytes: usize,
+    auto_compaction: AutoCompaction,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -87,6 +89,7 @@ impl ClientBuilder {
             client_identity: None,
             user: None,
             max_response_bytes: 256 * 1024 * 1024,
+            auto_compaction: AutoCompaction::default(),
         }
     }
 
@@ -145,8 +148,19 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether this client takes part in compacting etcd's history
+    /// (DESIGN.md, "Automatic history compaction"). Disable it for an etcd
+    /// that is compacted already: etcd's `--auto-compaction-*` flags, or
+    /// Kubernetes' API server. Default: enabled, every 5 minutes or sooner
+    /// once 100,000 revisions or 128 MiB of history accumulated.
+    pub fn auto_compaction(mut self, policy: AutoCompaction) -> Self {
+        self.auto_compaction = policy;
+        self
+    }
+
     /// Opens the connection.
     pub async fn connect(self) -> Result<Client> {
+        self.auto_compaction.validate()?;
         if self.endpoints.is_empty() {
             return Err(Error::InvalidConfig("no etcd endpoints given".into()));
         }
@@ -227,6 +241,7 @@ impl ClientBuilder {
             }),
             connect_options: options.clone(),
             _alive: Arc::new(()),
+            compactor: Arc::new(Compactor::idle()),
         };
         // etcd-client connects lazily: one small read inside the namespace
         // (allowed to a user confined to it by RBAC) makes an unreachable or
@@ -249,9 +264,17 @@ impl ClientBuilder {
             client.keys.topics_prefix(),
             Arc::downgrade(&alive),
         );
+        // The task's own client holds an idle handle, not the one it is
+        // stopped by, so it does not keep itself alive.
+        let task_client = Client {
+            request_timeout: self.request_timeout,
+            ..client.clone()
+        };
+        let compactor = Arc::new(Compactor::spawn(task_client, self.auto_compaction));
         Ok(Client {
             request_timeout: self.request_timeout,
             _alive: alive,
+            compactor,
             ..client
         })
     }
@@ -302,6 +325,9 @@ pub struct Client {
     connection: Arc<Connection>,
     /// Shared by every clone; the endpoint health task ends with the last.
     _alive: Arc<()>,
+    /// The automatic history compaction task, shared by every clone; it
+    /// ends with the last clone or at [`Client::close`].
+    compactor: Arc<Compactor>,
 }
 
 /// What [`Client::own_connection`] needs besides the connect options.
@@ -369,6 +395,20 @@ impl Client {
     /// The raw etcd client, for operations this library does not wrap.
     pub fn etcd(&self) -> &etcd_client::Client {
         &self.etcd
+    }
+
+    /// Stops the client's background work (automatic history compaction)
+    /// for this handle and every clone of it, and waits until it has ended.
+    /// Requests keep working. Without a call, the work ends when the last
+    /// clone is dropped.
+    pub async fn close(self) {
+        self.compactor.stop().await;
+    }
+
+    /// Whether this client takes part in automatic history compaction
+    /// (enabled and not closed).
+    pub fn auto_compacting(&self) -> bool {
+        self.compactor.is_running()
     }
 
     /// A range read under the request timeout, made once more when its

@@ -10,6 +10,7 @@
 //! <ns>/groups/<topic>/<group>/members/<member>      live member (leased)
 //! <ns>/groups/<topic>/<group>/owners/<partition>    partition owner (leased)
 //! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
+//! _pubsub-etcd!/compaction                          cluster-wide: automatic history compaction
 //! ```
 //!
 //! `<ns>` is a single name, optionally after a leading `/` ([`Keys::new`]),
@@ -174,6 +175,13 @@ impl Keys {
         let key = std::str::from_utf8(key).ok()?;
         key.rsplit('/').next()?.parse().ok()
     }
+
+    /// The key that coordinates automatic history compaction across every
+    /// client of the etcd cluster, whatever their namespace (compaction is
+    /// cluster-wide). Outside every namespace: its first segment holds a
+    /// `!`, which no namespace may contain, so no namespace's prefix (and
+    /// no RBAC grant of one) covers it.
+    pub(crate) const COMPACTION: &'static str = "_pubsub-etcd!/compaction";
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.

@@ -122,7 +122,10 @@
 //! ```
 //!
 //! etcd frees space only after its history is compacted and its members
-//! are defragmented ([`Client::compact_history`]), and refuses all writes
+//! are defragmented. The library compacts etcd's history by itself, at most
+//! once per interval across all clients ([`AutoCompaction`], on by
+//! default); [`Client::compact_history`] compacts and defragments on
+//! demand. etcd refuses all writes
 //! once its quota is exceeded: producers then get [`Error::QuotaExceeded`]
 //! while readers keep reading.
 //!
@@ -140,6 +143,7 @@
 
 mod append;
 mod client;
+mod compactor;
 mod consumer;
 mod error;
 mod fetch;
@@ -161,11 +165,12 @@ pub use client::{
     endpoints_from_env, redact_endpoint, Client, ClientBuilder, DEFAULT_ENDPOINT,
     DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
+pub use compactor::{AutoCompaction, CompactionRecord};
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
 pub use error::{Error, Result};
 pub use fetch::Fetched;
 pub use group::{PartitionLag, StartOffset};
-pub use maintenance::{Alarm, AlarmKind, CompactReport, MemberSpace};
+pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };

@@ -22,7 +22,9 @@ use std::time::Duration;
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions};
 
 use crate::client::Client;
+use crate::compactor::{self, CompactionRecord};
 use crate::error::{Error, Result};
+use crate::keys::Keys;
 
 /// What [`Client::compact_history`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +55,42 @@ pub struct MemberSpace {
     /// Whether the member was defragmented.
     pub defragmented: bool,
     /// Why the member could not be reached or defragmented, if so.
+    pub error: Option<String>,
+}
+
+/// The state of etcd's history and space, for [`Client::history_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryStatus {
+    /// etcd's current revision.
+    pub revision: i64,
+    /// The oldest revision etcd still holds: 1 when it was never compacted.
+    /// `revision - oldest_revision` is the span of history kept.
+    pub oldest_revision: i64,
+    /// The last automatic compaction cycle of any client, if any ran, or
+    /// `None` also when this client may not read the coordinating key.
+    pub last_cycle: Option<CompactionRecord>,
+    /// Why the last cycle could not be read, if so (refused, unreadable).
+    pub last_cycle_error: Option<String>,
+    /// Whether this client takes part in automatic compaction.
+    pub auto_compacting: bool,
+    /// Each member's database size against the part of it in use.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One etcd member's database size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberStatus {
+    pub member_id: u64,
+    pub name: String,
+    pub endpoint: String,
+    /// Size of the database file in bytes (what the quota is checked against).
+    pub db_size: Option<i64>,
+    /// Bytes of the file in use; the rest is free space that only
+    /// defragmentation gives back.
+    pub db_size_in_use: Option<i64>,
+    /// Why the member could not be asked, if so.
     pub error: Option<String>,
 }
 
@@ -167,6 +205,97 @@ impl Client {
             already_compacted,
             members: spaces,
         })
+    }
+
+    /// The span of history etcd keeps, the last automatic compaction, and
+    /// each member's database size against its in-use size. Read-only.
+    pub async fn history_status(&self) -> Result<HistoryStatus> {
+        let (last_cycle, last_cycle_error, revision) = match self
+            .timed(
+                "read compaction key",
+                self.kv.clone().get(Keys::COMPACTION, None),
+            )
+            .await
+        {
+            Ok(response) => {
+                let revision = response.header().map_or(0, |h| h.revision());
+                match response
+                    .kvs()
+                    .first()
+                    .map(|kv| compactor::parse_record(kv.value()))
+                {
+                    None => (None, None, revision),
+                    Some(Ok(record)) => (Some(record), None, revision),
+                    Some(Err(e)) => (None, Some(e.to_string()), revision),
+                }
+            }
+            Err(e) => (None, Some(e.to_string()), self.current_revision().await?),
+        };
+        let oldest_revision = self.oldest_revision(revision).await?;
+        let mut members = Vec::new();
+        for (space, etcd) in self.maintenance_members().await? {
+            let mut member = MemberStatus {
+                member_id: space.member_id,
+                name: space.name,
+                endpoint: space.endpoint,
+                db_size: None,
+                db_size_in_use: None,
+                error: space.error,
+            };
+            if let Some(mut etcd) = etcd {
+                match self.timed("status", etcd.status()).await {
+                    Ok(status) => {
+                        member.db_size = Some(status.db_size());
+                        member.db_size_in_use = Some(status.raft_used_db_size());
+                    }
+                    Err(e) => member.error = Some(e.to_string()),
+                }
+            }
+            members.push(member);
+        }
+        Ok(HistoryStatus {
+            revision,
+            oldest_revision,
+            last_cycle,
+            last_cycle_error,
+            auto_compacting: self.auto_compacting(),
+            members,
+        })
+    }
+
+    async fn current_revision(&self) -> Result<i64> {
+        let response = self
+            .read(
+                "read revision",
+                self.keys.topics_prefix(),
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            )
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    /// The oldest revision at or below `current` that etcd can still read.
+    /// etcd does not report its compaction revision, so this searches for
+    /// it with single-key reads at past revisions (about 30 of them), on a
+    /// key of this namespace so that RBAC allows them.
+    async fn oldest_revision(&self, current: i64) -> Result<i64> {
+        let key = self.keys.topics_prefix();
+        let (mut low, mut high) = (1, current.max(1));
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let options = etcd_client::GetOptions::new().with_revision(middle);
+            match self
+                .read("read past revision", key.clone(), Some(options))
+                .await
+            {
+                Ok(_) => high = middle,
+                Err(Error::Etcd { detail, .. }) if detail.contains("has been compacted") => {
+                    low = middle + 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(low)
     }
 
     /// Every alarm raised in the etcd cluster.

@@ -1,6 +1,10 @@
-//! `admin compact | alarms | disarm`: etcd space maintenance.
+//! `admin compact | alarms | disarm | status | auto-compact`: etcd space
+//! maintenance.
 
-use pubsub_etcd::{AlarmKind, Client, CompactReport};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use pubsub_etcd::{AlarmKind, Client, CompactReport, HistoryStatus};
 use serde_json::json;
 
 use crate::cli::{AdminCommand, Format};
@@ -48,6 +52,24 @@ pub async fn run(client: &Client, command: AdminCommand) -> anyhow::Result<()> {
                     table.print()
                 }
             }
+        }
+        AdminCommand::Status { format } => {
+            let status = client.history_status().await?;
+            match format.format {
+                Format::Json => output::print_json(&status_json(&status)),
+                Format::Table => output::print_text(&status_table(&status)),
+            }
+        }
+        AdminCommand::AutoCompact => {
+            if !client.auto_compacting() {
+                anyhow::bail!("admin auto-compact cannot run with --no-auto-compaction");
+            }
+            let shutdown =
+                super::consume::shutdown_signal().context("cannot install signal handlers")?;
+            eprintln!("taking part in automatic etcd history compaction; Ctrl-C to stop");
+            shutdown.await;
+            client.clone().close().await;
+            Ok(())
         }
         AdminCommand::Disarm { format } => {
             let members = client.disarm_nospace().await?;
@@ -133,6 +155,78 @@ fn compact_table(report: &CompactReport) -> String {
             output::or_dash(m.db_size_after),
             output::or_dash(m.db_size_in_use_after),
             if m.defragmented { "yes" } else { "no" }.to_string(),
+            output::or_dash(m.error.as_ref()),
+        ]);
+    }
+    text.push_str(&table.render());
+    text
+}
+
+fn status_json(status: &HistoryStatus) -> serde_json::Value {
+    let members: Vec<_> = status
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "member_id": member_id(m.member_id),
+                "name": m.name,
+                "endpoint": m.endpoint,
+                "db_size": m.db_size,
+                "db_size_in_use": m.db_size_in_use,
+                "error": m.error,
+            })
+        })
+        .collect();
+    json!({
+        "revision": status.revision,
+        "oldest_revision": status.oldest_revision,
+        "history_span": status.revision - status.oldest_revision,
+        "last_cycle": status.last_cycle,
+        "last_cycle_error": status.last_cycle_error,
+        "auto_compacting": status.auto_compacting,
+        "members": members,
+    })
+}
+
+fn status_table(status: &HistoryStatus) -> String {
+    let last = match (&status.last_cycle, &status.last_cycle_error) {
+        (Some(cycle), _) => {
+            let at = UNIX_EPOCH + Duration::from_millis(cycle.at_ms.max(0) as u64);
+            let at = humantime::format_rfc3339_seconds(at);
+            if cycle.compacted == 0 {
+                format!("none yet (revision {} recorded at {at})", cycle.revision)
+            } else {
+                format!(
+                    "to revision {} at {at} (next to revision {})",
+                    cycle.compacted, cycle.revision
+                )
+            }
+        }
+        (None, Some(error)) => format!("unknown: {error}"),
+        (None, None) => "none yet".to_string(),
+    };
+    let mut text = format!(
+        "revision:          {}\n\
+         oldest revision:   {} (history span {} revisions)\n\
+         last compaction:   {last}\n\
+         auto compaction:   {}\n\n",
+        status.revision,
+        status.oldest_revision,
+        status.revision - status.oldest_revision,
+        if status.auto_compacting {
+            "on (this client)"
+        } else {
+            "off (this client)"
+        },
+    );
+    let mut table = Table::new(["MEMBER", "NAME", "ENDPOINT", "DB SIZE", "IN USE", "ERROR"]);
+    for m in &status.members {
+        table.row([
+            member_id(m.member_id),
+            output::or_dash((!m.name.is_empty()).then_some(&m.name)),
+            output::or_dash((!m.endpoint.is_empty()).then_some(&m.endpoint)),
+            output::or_dash(m.db_size),
+            output::or_dash(m.db_size_in_use),
             output::or_dash(m.error.as_ref()),
         ]);
     }

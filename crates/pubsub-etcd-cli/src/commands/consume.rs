@@ -559,7 +559,7 @@ impl<'a> JsonMessage<'a> {
 
 /// Resolves on SIGINT or SIGTERM. The handlers are in place once this
 /// returns, so the default (killing the process) no longer applies.
-fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

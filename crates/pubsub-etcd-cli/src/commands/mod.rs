@@ -135,6 +135,9 @@ async fn connect(
     if let Some(timeout) = args.timeout {
         builder = builder.request_timeout(timeout);
     }
+    if args.no_auto_compaction {
+        builder = builder.auto_compaction(pubsub_etcd::AutoCompaction::Disabled);
+    }
     if let Some(ca) = &args.cacert {
         builder = builder.ca_cert(ca);
     }

@@ -1422,3 +1422,56 @@ fn admin_status_shows_history_and_space_and_the_opt_out() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn consume_serves_group_metrics() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "m", "--partitions", "2"]);
+    ns.ok_with(&["produce", "m"], b"a\nb\nc\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = ns
+        .command(&["consume", "m", "--group", "g", "--metrics-addr", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        out.next().unwrap().unwrap();
+    }
+    // The commit follows the write.
+    let deadline = Instant::now() + DEADLINE;
+    let body = loop {
+        let body = scrape(port);
+        if body.contains("pubsub_etcd_commit_seconds_count") || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let labels = "group=\"g\"";
+    assert_eq!(
+        metric(&body, "pubsub_etcd_delivered_messages_total", labels),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "pubsub_etcd_owned_partitions", labels),
+        Some(2.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "pubsub_etcd_rebalances_total", labels) >= Some(1.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "pubsub_etcd_commit_seconds_count", labels) >= Some(1.0),
+        "{body}"
+    );
+}

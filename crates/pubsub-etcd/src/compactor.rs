@@ -31,6 +31,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::record::now_millis;
+use crate::telemetry;
 
 /// Whether a client takes part in compacting etcd's history, and when a
 /// compaction is due.
@@ -347,6 +348,7 @@ impl Participant {
             .await
         {
             Ok(_) => {
+                telemetry::history_compacted();
                 tracing::debug!(revision = target, "compacted etcd history");
                 Ok(())
             }

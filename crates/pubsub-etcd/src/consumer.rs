@@ -24,6 +24,7 @@ use crate::group::{check_partition, StartOffset};
 use crate::member::{Control, Member};
 use crate::reader::{watch_topic, Envelope, ReaderSpec};
 use crate::record::Message;
+use crate::telemetry;
 use crate::topic::{topic_arc, validate_group_name};
 
 /// When a consumer commits on its own.
@@ -365,6 +366,7 @@ impl Consumer {
                     if self.auto_commit == AutoCommit::EveryMessage {
                         self.uncommitted = Some((message.partition, message.offset));
                     }
+                    telemetry::delivered(&self.topic, &self.group);
                     return Some(Ok(Event::Message(message)));
                 }
                 Envelope::Error { error, epoch } => {
@@ -681,9 +683,11 @@ pub(crate) async fn commit_fenced(
             ));
         }
         let txn = Txn::new().when(compares).and_then(puts);
+        let started = Instant::now();
         let response = client
             .timed("commit offsets", client.kv.clone().txn(txn))
             .await?;
+        telemetry::committed(topic, group, started.elapsed());
         if !response.succeeded() {
             return Err(Error::NotOwner {
                 topic: topic.to_string(),

@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::group::parse_offset;
 use crate::keys::{prefix_end, Keys};
 use crate::reader::{Envelope, ReaderSpec};
+use crate::telemetry;
 use crate::topic::{topic_arc, TopicInfo};
 
 /// Requests from the consumer front.
@@ -487,6 +488,7 @@ impl Member {
         } else if mine.len() > quota {
             let release = mine.split_off(quota);
             self.release(release).await;
+            telemetry::rebalanced(&self.name, &self.config.group, mine.len());
         }
         if mine.len() < quota {
             let need = quota - mine.len();
@@ -512,6 +514,7 @@ impl Member {
                 }
             }
             if !claimed.is_empty() {
+                telemetry::rebalanced(&self.name, &self.config.group, mine.len() + claimed.len());
                 let mut assigned: Vec<u32> = claimed.iter().map(|(p, _)| *p).collect();
                 assigned.sort_unstable();
                 self.notify(Event::Assigned(assigned), None).await;

@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::fetch::{decode_batch, read_partition, Cut};
 use crate::keys::prefix_end;
 use crate::record::{self, Message};
+use crate::telemetry;
 
 /// What readers pass to the consumer front.
 #[derive(Debug)]
@@ -119,8 +120,9 @@ impl ReaderSpec {
                 .await
             {
                 Follow::QueueClosed => return,
-                Follow::Restart => {}
+                Follow::Restart => telemetry::reader_reconnect(&self.topic),
                 Follow::Failed(error) => {
+                    telemetry::reader_reconnect(&self.topic);
                     tracing::debug!(topic = %self.topic, partition = self.partition, %error, "watch ended, re-reading");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }

@@ -135,3 +135,28 @@ pub(crate) fn append_retry(topic: &str) {
 pub(crate) fn etcd_unreachable(unreachable: bool) {
     gauge!(ETCD_UNREACHABLE).set(if unreachable { 1.0 } else { 0.0 });
 }
+
+pub(crate) fn delivered(topic: &str, group: &str) {
+    counter!(DELIVERED_MESSAGES, "topic" => topic.to_string(), "group" => group.to_string())
+        .increment(1);
+}
+
+pub(crate) fn committed(topic: &str, group: &str, took: Duration) {
+    histogram!(COMMIT_SECONDS, "topic" => topic.to_string(), "group" => group.to_string())
+        .record(took.as_secs_f64());
+}
+
+/// A rebalance that changed what this member owns; `owned` is what it owns now.
+pub(crate) fn rebalanced(topic: &str, group: &str, owned: usize) {
+    counter!(REBALANCES, "topic" => topic.to_string(), "group" => group.to_string()).increment(1);
+    gauge!(OWNED_PARTITIONS, "topic" => topic.to_string(), "group" => group.to_string())
+        .set(owned as f64);
+}
+
+pub(crate) fn reader_reconnect(topic: &str) {
+    counter!(READER_RECONNECTS, "topic" => topic.to_string()).increment(1);
+}
+
+pub(crate) fn history_compacted() {
+    counter!(HISTORY_COMPACTIONS).increment(1);
+}

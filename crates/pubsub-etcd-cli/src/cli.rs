@@ -111,8 +111,23 @@ pub enum Command {
     /// List the saved connection contexts, or show the settings in effect
     #[command(subcommand)]
     Context(ContextCommand),
+    /// Health of etcd and this namespace: members, space, alarms, topics,
+    /// groups; exits 1 when an alarm is raised or space runs low
+    Status(StatusArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// etcd's --quota-backend-bytes, which etcd does not report
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "2GiB")]
+    pub quota: u64,
+    /// Fail when a member's database leaves less than this share of the quota free, in percent
+    #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
+    pub min_headroom: f64,
+    #[command(flatten)]
+    pub format: FormatArg,
 }
 
 #[derive(Debug, Subcommand)]

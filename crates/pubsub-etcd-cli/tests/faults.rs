@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use etcd_proc::EtcdCluster;
+use etcd_proc::{ClusterOptions, EtcdCluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
 /// Only keeps a hung process from hanging the suite.
@@ -245,6 +245,85 @@ fn an_oversized_line_is_skipped_without_being_held() {
         peak_kib < 48 * 1024,
         "peak RSS {peak_kib} KiB for a {HUGE}-byte line"
     );
+}
+
+/// `status` as a monitoring probe: its JSON shape, exit 0 when all is
+/// well, and exit 1 naming the NOSPACE alarm once etcd's quota is exceeded.
+#[test]
+fn status_reports_health_and_fails_on_an_alarm() {
+    let etcd = EtcdCluster::start_with(ClusterOptions {
+        quota_backend_bytes: Some(2 * 1024 * 1024),
+        ..ClusterOptions::default()
+    });
+    let endpoint = etcd.endpoint(0);
+    ok(&endpoint, &["topic", "create", "t", "--partitions", "1"]);
+    let mut produce = command(&endpoint, &["produce", "t", "--key-separator", ":"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    produce
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"k:first\n")
+        .unwrap();
+    assert!(wait(&mut produce).success());
+
+    let healthy = command(&endpoint, &["status", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&healthy.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let member = &report["etcd"]["members"][0];
+    assert_eq!(member["leader"], true, "{report}");
+    assert!(member["db_size"].as_u64() > Some(0), "{report}");
+    assert!(member["raft_index"].as_u64() > Some(0), "{report}");
+    assert_eq!(report["topics"][0]["name"], "t", "{report}");
+    assert_eq!(report["topics"][0]["stored_messages"], 1, "{report}");
+    assert!(
+        report["topics"][0]["newest_age_ms"].as_i64() >= Some(0),
+        "{report}"
+    );
+    // Less headroom than asked for.
+    let tight = command(&endpoint, &["status", "--min-headroom", "100"])
+        .output()
+        .unwrap();
+    assert_eq!(tight.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&tight.stderr).contains("quota left"));
+
+    // Fill etcd until it refuses writes.
+    let line = vec![b'x'; 200 * 1024];
+    let mut filled = false;
+    for _ in 0..40 {
+        let mut produce = command(&endpoint, &["produce", "t"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = produce.stdin.take().unwrap();
+        stdin.write_all(&line).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        drop(stdin);
+        if !wait(&mut produce).success() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "a 2 MiB quota took 8 MB");
+    let alarmed = command(&endpoint, &["status", "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(alarmed.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&alarmed.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["etcd"]["alarms"][0]["alarm"], "NOSPACE", "{report}");
+    assert!(String::from_utf8_lossy(&alarmed.stderr).contains("alarm NOSPACE"));
 }
 
 fn wait(child: &mut Child) -> std::process::ExitStatus {

@@ -90,6 +90,14 @@ pub struct MemberStatus {
     /// Bytes of the file in use; the rest is free space that only
     /// defragmentation gives back.
     pub db_size_in_use: Option<i64>,
+    /// Whether this member is the Raft leader, as it says itself.
+    pub leader: Option<bool>,
+    /// The member's Raft index and term: members far behind the others are
+    /// not keeping up.
+    pub raft_index: Option<u64>,
+    pub raft_term: Option<u64>,
+    /// The etcd version the member runs.
+    pub version: Option<String>,
     /// Why the member could not be asked, if so.
     pub error: Option<String>,
 }
@@ -240,6 +248,10 @@ impl Client {
                 endpoint: space.endpoint,
                 db_size: None,
                 db_size_in_use: None,
+                leader: None,
+                raft_index: None,
+                raft_term: None,
+                version: None,
                 error: space.error,
             };
             if let Some(mut etcd) = etcd {
@@ -247,6 +259,10 @@ impl Client {
                     Ok(status) => {
                         member.db_size = Some(status.db_size());
                         member.db_size_in_use = Some(status.raft_used_db_size());
+                        member.leader = Some(status.leader() == space.member_id);
+                        member.raft_index = Some(status.raft_index());
+                        member.raft_term = Some(status.raft_term());
+                        member.version = Some(status.version().to_string());
                     }
                     Err(e) => member.error = Some(e.to_string()),
                 }

@@ -91,11 +91,11 @@ pub async fn run(client: &Client, command: AdminCommand) -> anyhow::Result<()> {
 
 /// A member id as etcd's own tools show it: in hexadecimal. (Also in JSON,
 /// where a 64-bit number would lose digits in many readers.)
-fn member_id(id: u64) -> String {
+pub(super) fn member_id(id: u64) -> String {
     format!("{id:x}")
 }
 
-fn alarm_name(kind: AlarmKind) -> &'static str {
+pub(super) fn alarm_name(kind: AlarmKind) -> &'static str {
     match kind {
         AlarmKind::NoSpace => "NOSPACE",
         AlarmKind::Corrupt => "CORRUPT",

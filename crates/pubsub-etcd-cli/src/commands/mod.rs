@@ -7,6 +7,7 @@ mod context;
 mod group;
 mod message;
 mod produce;
+mod status;
 mod topic;
 
 use anyhow::Context as _;
@@ -53,6 +54,7 @@ pub async fn run(
         Command::Group(command) => group::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
+        Command::Status(args) => status::run(&client, args).await,
         Command::Completions(_) | Command::Context(_) => {
             unreachable!("handled before connecting")
         }

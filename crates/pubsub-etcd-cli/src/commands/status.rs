@@ -1,0 +1,225 @@
+//! `status`: one health check over etcd and this namespace, in the spirit
+//! of `nats server check` and `etcdctl endpoint status`, usable as a
+//! monitoring probe: it exits 1 when something needs a person.
+
+use std::collections::BTreeSet;
+
+use pubsub_etcd::Client;
+use serde_json::json;
+
+use super::admin::{alarm_name, member_id};
+use crate::cli::{Format, StatusArgs};
+use crate::output::{self, or_dash, Table};
+
+pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
+    let history = client.history_status().await?;
+    let alarms = client.alarms().await?;
+    let quota = args.quota;
+    let mut problems = Vec::new();
+    for alarm in &alarms {
+        problems.push(format!(
+            "alarm {} raised by member {}",
+            alarm_name(alarm.kind),
+            member_id(alarm.member_id)
+        ));
+    }
+    let mut members = Vec::with_capacity(history.members.len());
+    for m in &history.members {
+        let headroom = m
+            .db_size
+            .map(|size| 100.0 * (1.0 - size as f64 / quota as f64));
+        if let Some(error) = &m.error {
+            problems.push(format!(
+                "member {} ({}) did not answer: {error}",
+                m.name, m.endpoint
+            ));
+        }
+        if let Some(headroom) = headroom.filter(|h| *h < args.min_headroom) {
+            problems.push(format!(
+                "member {} has {headroom:.1}% of its {} quota left (under {}%)",
+                m.name,
+                bytes(quota),
+                args.min_headroom
+            ));
+        }
+        let fragmentation = match (m.db_size, m.db_size_in_use) {
+            (Some(size), Some(used)) if size > 0 => {
+                Some(100.0 * (size - used) as f64 / size as f64)
+            }
+            _ => None,
+        };
+        members.push(json!({
+            "member_id": member_id(m.member_id),
+            "name": m.name,
+            "endpoint": m.endpoint,
+            "leader": m.leader,
+            "version": m.version,
+            "db_size": m.db_size,
+            "db_size_in_use": m.db_size_in_use,
+            "fragmentation_pct": fragmentation.map(round1),
+            "headroom_pct": headroom.map(round1),
+            "raft_index": m.raft_index,
+            "raft_term": m.raft_term,
+            "error": m.error,
+        }));
+    }
+
+    let now = jiff::Timestamp::now().as_millisecond();
+    let mut topics = Vec::new();
+    for topic in client.list_topics().await? {
+        let description = client.describe_topic(&topic.name).await?;
+        let mut stored = 0u64;
+        let mut newest: Option<i64> = None;
+        for p in &description.partitions {
+            stored += p.next - p.earliest;
+            if p.next > p.earliest {
+                let last = client
+                    .fetch(&topic.name, p.partition, p.next - 1, 1)
+                    .await?;
+                if let Some(m) = last.messages.first() {
+                    newest = newest.max(Some(m.timestamp));
+                }
+            }
+        }
+        topics.push(json!({
+            "name": topic.name,
+            "partitions": topic.partitions,
+            "stored_messages": stored,
+            "newest_age_ms": newest.map(|t| (now - t).max(0)),
+        }));
+    }
+
+    let mut groups = Vec::new();
+    for (group, group_topics) in client.list_groups().await? {
+        let mut lag = 0u64;
+        let mut owners = BTreeSet::new();
+        for topic in &group_topics {
+            for partition in client.group_lag(topic, &group).await? {
+                lag += partition.lag;
+                owners.extend(partition.owner);
+            }
+        }
+        groups.push(json!({
+            "group": group,
+            "topics": group_topics,
+            "members": owners.len(),
+            "lag": lag,
+        }));
+    }
+
+    let report = json!({
+        "ok": problems.is_empty(),
+        "problems": problems,
+        "etcd": {
+            "revision": history.revision,
+            "oldest_revision": history.oldest_revision,
+            "history_span": history.revision - history.oldest_revision,
+            "quota_bytes": quota,
+            "members": members,
+            "alarms": alarms.iter().map(|a| json!({
+                "member_id": member_id(a.member_id),
+                "alarm": alarm_name(a.kind),
+            })).collect::<Vec<_>>(),
+        },
+        "namespace": client.namespace(),
+        "topics": topics,
+        "groups": groups,
+    });
+    match args.format.format {
+        Format::Json => output::print_json(&report)?,
+        Format::Table => output::print_text(&table(&report))?,
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+fn bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).to_string()
+}
+
+fn table(report: &serde_json::Value) -> String {
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let size = |v: &serde_json::Value| or_dash(v.as_u64().map(bytes));
+    let etcd = &report["etcd"];
+    let mut text = format!(
+        "etcd: revision {}, history span {} revisions, quota {}\n\n",
+        etcd["revision"],
+        etcd["history_span"],
+        size(&etcd["quota_bytes"])
+    );
+    let mut members = Table::new([
+        "MEMBER",
+        "ENDPOINT",
+        "LEADER",
+        "DB SIZE",
+        "IN USE",
+        "FRAG %",
+        "HEADROOM %",
+        "RAFT INDEX",
+    ]);
+    for m in etcd["members"].as_array().into_iter().flatten() {
+        members.row([
+            cell(&m["name"]),
+            cell(&m["endpoint"]),
+            cell(&m["leader"]),
+            size(&m["db_size"]),
+            size(&m["db_size_in_use"]),
+            cell(&m["fragmentation_pct"]),
+            cell(&m["headroom_pct"]),
+            cell(&m["raft_index"]),
+        ]);
+    }
+    text.push_str(&members.render());
+    let mut topics = Table::new(["TOPIC", "PARTITIONS", "STORED", "NEWEST AGE"]);
+    for t in report["topics"].as_array().into_iter().flatten() {
+        let age = t["newest_age_ms"].as_i64().map(|ms| {
+            humantime::format_duration(std::time::Duration::from_secs((ms / 1000) as u64))
+                .to_string()
+        });
+        topics.row([
+            cell(&t["name"]),
+            cell(&t["partitions"]),
+            cell(&t["stored_messages"]),
+            or_dash(age),
+        ]);
+    }
+    text.push('\n');
+    text.push_str(&topics.render());
+    let mut groups = Table::new(["GROUP", "TOPICS", "MEMBERS", "LAG"]);
+    for g in report["groups"].as_array().into_iter().flatten() {
+        let topics: Vec<String> = g["topics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(cell)
+            .collect();
+        groups.row([
+            cell(&g["group"]),
+            topics.join(","),
+            cell(&g["members"]),
+            cell(&g["lag"]),
+        ]);
+    }
+    text.push('\n');
+    text.push_str(&groups.render());
+    match report["problems"].as_array() {
+        Some(problems) if !problems.is_empty() => {
+            text.push('\n');
+            for p in problems {
+                text.push_str(&format!("PROBLEM: {}\n", cell(p)));
+            }
+        }
+        _ => text.push_str("\nOK\n"),
+    }
+    text
+}

@@ -440,9 +440,10 @@ pub struct ConsumeArgs {
     #[arg(long, group = "start")]
     pub from_beginning: bool,
 
-    /// Start at this offset (clamped to what is stored)
-    #[arg(long, value_name = "N", group = "start")]
-    pub offset: Option<u64>,
+    /// Start at this offset (clamped to what is stored); a negative N starts
+    /// N messages before the end of each partition (not with --group)
+    #[arg(long, value_name = "N", group = "start", allow_negative_numbers = true)]
+    pub offset: Option<i64>,
 
     /// Start at the first message at or after this time (ms since the epoch, RFC 3339, a local date or time, or a duration ago like 1h)
     #[arg(long, value_name = "T", group = "start", value_parser = parse_time)]
@@ -459,6 +460,12 @@ pub struct ConsumeArgs {
     /// Stop once every partition read is caught up with what was stored at start
     #[arg(long)]
     pub exit_at_end: bool,
+
+    /// Stop each partition at its first message at or after this time (not
+    /// printed), and exit once every partition is stopped or caught up
+    /// (ms since the epoch, RFC 3339, a local date or time, or a duration ago like 1h)
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub until: Option<i64>,
 
     /// Output format
     #[arg(long, value_enum, default_value_t)]

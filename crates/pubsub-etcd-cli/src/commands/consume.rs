@@ -2,7 +2,7 @@
 //! only once it is written and flushed (at-least-once), or, without a
 //! group, from every partition or one, committing nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, BufWriter, Stdout, Write};
 use std::pin::Pin;
@@ -25,11 +25,20 @@ const IDLE: Duration = Duration::from_millis(250);
 /// Most messages written between two flushes (and group commits).
 const MAX_BATCH: u64 = 1000;
 
-pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
+pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Result<()> {
     // Installed first so that a signal from here on ends the run cleanly.
     let shutdown = shutdown_signal().context("cannot install signal handlers")?;
     let mut shutdown = std::pin::pin!(shutdown);
     let description = client.describe_topic(&args.topic).await?;
+    let from_end = match args.offset {
+        Some(offset) if offset < 0 => {
+            if args.group.is_some() {
+                anyhow::bail!("--offset {offset} (from the end) cannot be used with --group");
+            }
+            Some(offset.unsigned_abs())
+        }
+        _ => None,
+    };
     let requested = requested_start(&args);
     let (mut source, mut tracker) = match &args.group {
         Some(group) => {
@@ -44,7 +53,10 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
             // them one by one), so it drains the whole group's topic.
             let scope = description.partitions.iter().map(|p| p.partition).collect();
             let tracker = EndTracker::new(&description.partitions, start, scope);
-            (Source::Group(Box::new(consumer), group.clone()), tracker)
+            (
+                Source::Group(Box::new(consumer), group.clone(), false),
+                tracker,
+            )
         }
         None => {
             // Like kcat and kafka-console-consumer: only new messages unless
@@ -71,7 +83,10 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
             for info in &partitions {
                 // Resolved here, from the same snapshot as the end offsets,
                 // so that --exit-at-end knows where each partition starts.
-                let from = start_position(client, &args.topic, info, start).await?;
+                let from = match from_end {
+                    Some(back) => info.next.saturating_sub(back).max(info.earliest),
+                    None => start_position(client, &args.topic, info, start).await?,
+                };
                 tracker.positions.insert(info.partition, from);
                 starts.push((info.partition, StartOffset::Offset(from)));
             }
@@ -79,7 +94,23 @@ pub async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
             (Source::Assigned(reader), tracker)
         }
     };
+    let started = std::time::Instant::now();
     let result = consume(client, &args, &mut source, &mut tracker, shutdown.as_mut()).await;
+    if !quiet {
+        eprintln!(
+            "consumed {} messages in {:.2}s",
+            tracker.count,
+            started.elapsed().as_secs_f64()
+        );
+        if args.group.is_some()
+            && !source.was_assigned()
+            && (args.exit_at_end || args.until.is_some())
+        {
+            eprintln!(
+                "note: this member was given no partitions: the group's other members hold them all"
+            );
+        }
+    }
     // Leaves the group (releasing its partitions at once) however the loop
     // ended: done, signalled, failed, or its output closed.
     let closed = source.close().await;
@@ -100,7 +131,7 @@ async fn consume(
     // What was handed on is committed however the loop ended, so that a
     // retried or pending commit is not lost to a signal or an error.
     let committed = match source {
-        Source::Group(consumer, _) => commits.commit(consumer).await,
+        Source::Group(consumer, ..) => commits.commit(consumer).await,
         Source::Assigned(_) => Ok(()),
     };
     if commits.over_quota && !commits.pending.is_empty() {
@@ -130,14 +161,15 @@ async fn consume_batches(
         if room == 0 {
             return Ok(());
         }
-        if args.exit_at_end && tracker.caught_up() {
+        let exit_at_end = args.exit_at_end || args.until.is_some();
+        if exit_at_end && tracker.caught_up() {
             return Ok(());
         }
         let first = tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
             item = source.next() => item,
-            () = tokio::time::sleep(IDLE), if args.exit_at_end => {
+            () = tokio::time::sleep(IDLE), if exit_at_end => {
                 if tracker.settled(client, &args.topic, source.group()).await? {
                     return Ok(());
                 }
@@ -173,6 +205,9 @@ async fn consume_batches(
                 Some(Err(error)) => eprintln!("warning: {error}"),
                 Some(Ok(Item::Reassigned(partitions))) => reassigned = partitions,
                 Some(Ok(Item::Message(message))) => {
+                    if tracker.past_bound(&message, args.until) {
+                        continue;
+                    }
                     out.write(&message)?;
                     tracker.delivered(&message);
                     written.insert(message.partition, message.offset + 1);
@@ -182,7 +217,7 @@ async fn consume_batches(
         }
         // Committed only once flushed: at-least-once.
         out.flush()?;
-        if let Source::Group(consumer, _) = source {
+        if let Source::Group(consumer, ..) = source {
             commits.add(written);
             commits.commit(consumer).await?;
         }
@@ -271,7 +306,8 @@ fn requested_start(args: &ConsumeArgs) -> Option<StartOffset> {
     if args.from_beginning {
         Some(StartOffset::Earliest)
     } else if let Some(offset) = args.offset {
-        Some(StartOffset::Offset(offset))
+        // A negative offset is resolved per partition from its end.
+        Some(StartOffset::Offset(u64::try_from(offset).unwrap_or(0)))
     } else {
         args.from_time.map(StartOffset::Timestamp)
     }
@@ -298,7 +334,8 @@ async fn start_position(
 /// What is read: a group member's partitions, or chosen ones.
 enum Source {
     /// Boxed: a `Consumer` is several KiB (it holds a whole `Client`).
-    Group(Box<Consumer>, String),
+    /// With its group name, and whether it was ever given partitions.
+    Group(Box<Consumer>, String, bool),
     Assigned(AssignedReader),
 }
 
@@ -312,12 +349,39 @@ impl Source {
     /// Cancel-safe (both receivers are), so it can sit in a `select!`.
     async fn next(&mut self) -> Option<pubsub_etcd::Result<Item>> {
         match self {
-            Source::Group(consumer, _) => loop {
+            Source::Group(consumer, _, assigned) => loop {
                 return Some(match consumer.next_event().await? {
                     Ok(Event::Message(message)) => Ok(Item::Message(message)),
-                    Ok(Event::Assigned(partitions))
-                    | Ok(Event::Revoking(partitions))
-                    | Ok(Event::Lost(partitions)) => Ok(Item::Reassigned(partitions)),
+                    Ok(Event::Assigned(partitions)) => {
+                        *assigned = true;
+                        tracing::info!(?partitions, "partitions assigned");
+                        Ok(Item::Reassigned(partitions))
+                    }
+                    Ok(Event::Revoking(partitions)) => {
+                        tracing::info!(?partitions, "partitions revoked");
+                        Ok(Item::Reassigned(partitions))
+                    }
+                    Ok(Event::Lost(partitions)) => {
+                        tracing::warn!(
+                            ?partitions,
+                            "partitions lost without a handover (lease expired): \
+                             their last messages may be delivered again"
+                        );
+                        Ok(Item::Reassigned(partitions))
+                    }
+                    Ok(Event::OffsetReset {
+                        partition,
+                        committed,
+                        resumed_at,
+                    }) => {
+                        tracing::warn!(
+                            partition,
+                            committed,
+                            resumed_at,
+                            "committed offset is below the earliest stored message: resuming there"
+                        );
+                        continue;
+                    }
                     Ok(_) => continue,
                     Err(error) => Err(error),
                 });
@@ -326,16 +390,20 @@ impl Source {
         }
     }
 
+    fn was_assigned(&self) -> bool {
+        matches!(self, Source::Group(_, _, true))
+    }
+
     fn group(&self) -> Option<&str> {
         match self {
-            Source::Group(_, group) => Some(group),
+            Source::Group(_, group, _) => Some(group),
             Source::Assigned(_) => None,
         }
     }
 
     async fn close(self) -> anyhow::Result<()> {
         match self {
-            Source::Group(consumer, group) => consumer
+            Source::Group(consumer, group, _) => consumer
                 .close()
                 .await
                 .with_context(|| format!("cannot leave group {group:?} cleanly")),
@@ -370,6 +438,10 @@ struct EndTracker {
     /// Where a group starts on a partition it never committed.
     start: StartOffset,
     scope: Vec<u32>,
+    /// Partitions stopped at `--until`.
+    stopped: HashSet<u32>,
+    /// Messages handed on.
+    count: u64,
 }
 
 impl EndTracker {
@@ -379,6 +451,8 @@ impl EndTracker {
             positions: HashMap::new(),
             start,
             scope,
+            stopped: HashSet::new(),
+            count: 0,
         }
     }
 
@@ -389,11 +463,33 @@ impl EndTracker {
 
     fn delivered(&mut self, message: &Message) {
         self.positions.insert(message.partition, message.offset + 1);
+        self.count += 1;
+    }
+
+    /// Whether `message` lies at or after the `--until` bound of its
+    /// partition; the first such message stops the partition, which then
+    /// counts as caught up.
+    fn past_bound(&mut self, message: &Message, until: Option<i64>) -> bool {
+        let p = message.partition;
+        if self.stopped.contains(&p) {
+            return true;
+        }
+        match until {
+            Some(until) if message.timestamp >= until => {
+                self.stopped.insert(p);
+                self.ends.insert(p, message.offset);
+                self.positions.insert(p, message.offset);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn forget(&mut self, partitions: &[u32]) {
         for p in partitions {
-            self.positions.remove(p);
+            if !self.stopped.contains(p) {
+                self.positions.remove(p);
+            }
         }
     }
 

@@ -50,7 +50,7 @@ pub async fn run(
     let result = match cli.command {
         Command::Topic(command) => topic::run(&client, command).await,
         Command::Produce(args) => produce::run(&client, args, cli.connection.timeout).await,
-        Command::Consume(args) => consume::run(&client, args).await,
+        Command::Consume(args) => consume::run(&client, args, cli.log.quiet > 0).await,
         Command::Group(command) => group::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,

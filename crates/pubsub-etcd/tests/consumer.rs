@@ -745,3 +745,31 @@ async fn a_stale_revocation_does_not_revoke_a_new_claim() {
     assert_eq!(partitions, vec![0, 1]);
     a.close().await.unwrap();
 }
+
+/// Issue 8, item 4: claiming many partitions takes a while; `assignment()`
+/// never shows a part of a claim pass, which once looked "caught up" to a
+/// caller waiting for the end of what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_never_shows_a_partly_claimed_share() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1024)).await.unwrap();
+    let consumer = member(&client, "t", "g").await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let now = consumer.assignment().len();
+        seen.insert(now);
+        if now == 1024 {
+            break;
+        }
+        assert!(Instant::now() < until, "never assigned all: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from([0, 1024]),
+        "partial assignments seen"
+    );
+    consumer.close().await.unwrap();
+}

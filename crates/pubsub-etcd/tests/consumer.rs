@@ -773,3 +773,49 @@ async fn assignment_never_shows_a_partly_claimed_share() {
     );
     consumer.close().await.unwrap();
 }
+
+/// Issue 8, item 1 (the monotonicity rule): a member that seeks back past
+/// the offset the partition's previous owner committed may read again,
+/// but its commits there are refused, so the group's offset never moves
+/// backwards past another owner's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_goes_below_the_previous_owners_commit() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..10).map(|i| Record::new(format!("{i}")))).await;
+    let mut first = member(&client, "t", "g").await;
+    let mut last = within(Duration::from_secs(10), first.recv()).await;
+    while last.offset < 9 {
+        last = within(Duration::from_secs(10), first.recv()).await;
+    }
+    first.commit(&last).await.unwrap();
+    first.close().await.unwrap();
+    let mut second = member(&client, "t", "g").await;
+    pump_until(&mut [&mut second], Duration::from_secs(10), |cs| {
+        cs[0].assignment() == vec![0]
+    })
+    .await;
+    second.seek(0, 2).await.unwrap();
+    let again = within(Duration::from_secs(10), second.recv()).await;
+    assert_eq!(again.offset, 2);
+    let err = second.commit(&again).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            pubsub_etcd::Error::CommitBehind {
+                partition: 0,
+                offset: 3,
+                committed: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 10)])
+    );
+    second.close().await.unwrap();
+}

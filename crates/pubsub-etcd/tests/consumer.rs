@@ -819,3 +819,48 @@ async fn a_commit_never_goes_below_the_previous_owners_commit() {
     );
     second.close().await.unwrap();
 }
+
+/// Issue 8, item 2, for subscriptions: a revoked partition moves only once
+/// its subscriber has taken every message routed to it, however long that
+/// takes (it used to move after 5 s with the messages still in hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_subscription_is_released_only_once_drained() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut a = member(&client, "t", "g").await.into_partitioned(16);
+    let mut subscriptions = HashMap::new();
+    while subscriptions.len() < 2 {
+        let sub = timeout(Duration::from_secs(10), a.next_subscription())
+            .await
+            .unwrap()
+            .unwrap();
+        subscriptions.insert(sub.partition, sub);
+    }
+    send_all(
+        &producer,
+        (0..10u32).map(|i| Record::new(format!("{i}")).partition(i % 2)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut b = member(&client, "t", "g").await;
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        if let Ok(Some(event)) = timeout(Duration::from_millis(100), b.next_event()).await {
+            panic!("b got {event:?} while a's subscriber still held messages");
+        }
+    }
+    for sub in subscriptions.values_mut() {
+        for _ in 0..5 {
+            within(Duration::from_secs(5), sub.recv()).await;
+        }
+    }
+    let event = within(Duration::from_secs(10), b.next_event()).await;
+    assert!(
+        matches!(event, Event::Assigned(ref ps) if ps.len() == 1),
+        "{event:?}"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -92,6 +92,8 @@ pub(crate) struct Claim {
     /// The application acknowledged this claim's revocation: still owned
     /// until the member releases it, but nothing more of it is delivered.
     pub(crate) revoked: bool,
+    /// Announced with `Assigned`: the claim pass it belongs to is over.
+    pub(crate) assigned: bool,
 }
 
 /// A rebalance event on its way to the application; `ack` (if any) is
@@ -320,10 +322,18 @@ impl Consumer {
         &self.member_id
     }
 
-    /// The partitions this member owns now, sorted.
+    /// The partitions this member owns now, sorted. A partition appears
+    /// once its `Assigned` is sent, i.e. once the claim pass that took it is
+    /// over (claiming hundreds of partitions takes a while), so a partly
+    /// claimed share never looks like the whole of it.
     pub fn assignment(&self) -> Vec<u32> {
         let state = self.shared.lock().expect("member state lock");
-        let mut owned: Vec<u32> = state.owned.keys().copied().collect();
+        let mut owned: Vec<u32> = state
+            .owned
+            .iter()
+            .filter(|(_, claim)| claim.assigned)
+            .map(|(p, _)| *p)
+            .collect();
         owned.sort_unstable();
         owned
     }

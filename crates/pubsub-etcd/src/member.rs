@@ -517,6 +517,14 @@ impl Member {
                 telemetry::rebalanced(&self.name, &self.config.group, mine.len() + claimed.len());
                 let mut assigned: Vec<u32> = claimed.iter().map(|(p, _)| *p).collect();
                 assigned.sort_unstable();
+                {
+                    let mut state = self.shared.lock().expect("member state lock");
+                    for p in &assigned {
+                        if let Some(claim) = state.owned.get_mut(p) {
+                            claim.assigned = true;
+                        }
+                    }
+                }
                 self.notify(Event::Assigned(assigned), None).await;
                 for event in std::mem::take(&mut self.resets) {
                     self.notify(event, None).await;
@@ -660,6 +668,7 @@ impl Member {
                 // A commit beyond the end was ignored: `from` is below it.
                 floor: committed_ok.map_or(0, |c| c.min(from)),
                 revoked: false,
+                assigned: false,
             },
         );
         state.positions.insert(partition, from);

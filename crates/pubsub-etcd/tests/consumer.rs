@@ -745,3 +745,122 @@ async fn a_stale_revocation_does_not_revoke_a_new_claim() {
     assert_eq!(partitions, vec![0, 1]);
     a.close().await.unwrap();
 }
+
+/// Issue 8, item 4: claiming many partitions takes a while; `assignment()`
+/// never shows a part of a claim pass, which once looked "caught up" to a
+/// caller waiting for the end of what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_never_shows_a_partly_claimed_share() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1024)).await.unwrap();
+    let consumer = member(&client, "t", "g").await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let now = consumer.assignment().len();
+        seen.insert(now);
+        if now == 1024 {
+            break;
+        }
+        assert!(Instant::now() < until, "never assigned all: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from([0, 1024]),
+        "partial assignments seen"
+    );
+    consumer.close().await.unwrap();
+}
+
+/// Issue 8, item 1 (the monotonicity rule): a member that seeks back past
+/// the offset the partition's previous owner committed may read again,
+/// but its commits there are refused, so the group's offset never moves
+/// backwards past another owner's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_goes_below_the_previous_owners_commit() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..10).map(|i| Record::new(format!("{i}")))).await;
+    let mut first = member(&client, "t", "g").await;
+    let mut last = within(Duration::from_secs(10), first.recv()).await;
+    while last.offset < 9 {
+        last = within(Duration::from_secs(10), first.recv()).await;
+    }
+    first.commit(&last).await.unwrap();
+    first.close().await.unwrap();
+    let mut second = member(&client, "t", "g").await;
+    pump_until(&mut [&mut second], Duration::from_secs(10), |cs| {
+        cs[0].assignment() == vec![0]
+    })
+    .await;
+    second.seek(0, 2).await.unwrap();
+    let again = within(Duration::from_secs(10), second.recv()).await;
+    assert_eq!(again.offset, 2);
+    let err = second.commit(&again).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            pubsub_etcd::Error::CommitBehind {
+                partition: 0,
+                offset: 3,
+                committed: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 10)])
+    );
+    second.close().await.unwrap();
+}
+
+/// Issue 8, item 2, for subscriptions: a revoked partition moves only once
+/// its subscriber has taken every message routed to it, however long that
+/// takes (it used to move after 5 s with the messages still in hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_subscription_is_released_only_once_drained() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut a = member(&client, "t", "g").await.into_partitioned(16);
+    let mut subscriptions = HashMap::new();
+    while subscriptions.len() < 2 {
+        let sub = timeout(Duration::from_secs(10), a.next_subscription())
+            .await
+            .unwrap()
+            .unwrap();
+        subscriptions.insert(sub.partition, sub);
+    }
+    send_all(
+        &producer,
+        (0..10u32).map(|i| Record::new(format!("{i}")).partition(i % 2)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut b = member(&client, "t", "g").await;
+    let until = Instant::now() + 3 * TTL;
+    while Instant::now() < until {
+        if let Ok(Some(event)) = timeout(Duration::from_millis(100), b.next_event()).await {
+            panic!("b got {event:?} while a's subscriber still held messages");
+        }
+    }
+    for sub in subscriptions.values_mut() {
+        for _ in 0..5 {
+            within(Duration::from_secs(5), sub.recv()).await;
+        }
+    }
+    let event = within(Duration::from_secs(10), b.next_event()).await;
+    assert!(
+        matches!(event, Event::Assigned(ref ps) if ps.len() == 1),
+        "{event:?}"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -334,10 +334,22 @@ pub(crate) async fn watch_topic(
                 continue;
             }
         };
-        // Any event (an update, or the delete) is checked by reading anew.
-        match stream.message().await {
-            Ok(Some(response)) if !response.canceled() && !response.events().is_empty() => {}
-            Ok(_) | Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+        // Any event (an update, or the delete) is checked by reading anew;
+        // responses without events (the watch's creation, progress
+        // notices) are not news.
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) if response.canceled() => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    break;
+                }
+                Ok(Some(response)) if response.events().is_empty() => {}
+                Ok(Some(_)) => break,
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    break;
+                }
+            }
         }
     }
 }

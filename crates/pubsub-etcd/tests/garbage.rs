@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use pubsub_etcd::{AssignedReader, Bytes, Client, Error, Message, NewTopic, Record, StartOffset};
 
+use common::etcd_proc::EtcdCluster;
 use common::ns::{self, Namespace};
 
 /// Upper bound for any single library call here: longer means it hung.
@@ -578,4 +579,77 @@ async fn group_members_and_admin_operations_survive_garbage_batches() {
             .len(),
         6
     );
+}
+
+/// etcd's count of a gRPC method's calls (`grpc_server_started_total`),
+/// from its `/metrics` page on the client port.
+fn grpc_calls(endpoint: &str, method: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).expect("etcd metrics");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    let needle = format!("grpc_method=\"{method}\"");
+    page.lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// An idle group-less reader, with a corrupt batch at the end of its
+/// partition, costs etcd nothing: no re-reads of the garbage and no polling
+/// of the topic key (its deletion comes through one watch). On an etcd of
+/// its own, so that nobody else's requests are counted.
+#[tokio::test]
+async fn an_idle_reader_with_garbage_makes_no_requests() {
+    let etcd = EtcdCluster::start(1);
+    let client = Client::builder(etcd.endpoints())
+        .namespace("idle")
+        .connect()
+        .await
+        .unwrap();
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    send_values(&client, names(0..2)).await;
+    let suffix = batch_suffix(&client, "zzz").await;
+    client
+        .etcd()
+        .kv_client()
+        .put(format!("idle/{suffix}"), b"\x01\xff\xff".to_vec(), None)
+        .await
+        .unwrap();
+    let mut reader = client
+        .assign("t", [(0, StartOffset::Earliest)])
+        .await
+        .unwrap();
+    let delivered = collect(&mut reader, 2, Duration::from_secs(1)).await;
+    assert_eq!(delivered.values(), names(0..2));
+    assert_eq!(delivered.corrupt.len(), 1);
+    let endpoint = etcd.endpoint(0);
+    let before = (
+        grpc_calls(&endpoint, "Range"),
+        grpc_calls(&endpoint, "Watch"),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = (
+        grpc_calls(&endpoint, "Range"),
+        grpc_calls(&endpoint, "Watch"),
+    );
+    assert_eq!(after, before, "(Range, Watch) calls while idle");
+    // Deleted through another connection: the idle one was once seen to
+    // fail its next request with a broken pipe under load, which is not
+    // what this test is about; the reader must notice the deletion anyway.
+    let other = Client::builder(etcd.endpoints())
+        .namespace("idle")
+        .connect()
+        .await
+        .unwrap();
+    other.delete_topic("t").await.unwrap();
+    match bounded("TopicDeleted", reader.recv()).await {
+        Some(Err(Error::TopicDeleted(_))) => {}
+        other => panic!("expected TopicDeleted, got {other:?}"),
+    }
 }

@@ -1193,6 +1193,36 @@ fn kcat_and_kafka_tool_parity() {
     ]);
     assert_eq!(formatted, "p/0/0 k1=v1 [n=1,trace=abc]\np/0/1 k2=v2 []\n");
 
+    // The last N of each partition, and a time to stop at.
+    let last = ns.ok(&[
+        "consume",
+        "p",
+        "--offset",
+        "-2",
+        "--exit-at-end",
+        "-f",
+        "%s|",
+    ]);
+    assert_eq!(last, "y|line one\nline two\n|");
+    let bounded = ns.run(&[
+        "consume",
+        "p",
+        "--from-beginning",
+        "--until",
+        "2026-06-01",
+        "-f",
+        "%s\\n",
+    ]);
+    assert!(bounded.status.success(), "{}", stderr(&bounded));
+    assert_eq!(String::from_utf8_lossy(&bounded.stdout), "v1\nv2\n");
+    assert!(
+        stderr(&bounded).contains("consumed 2 messages"),
+        "{}",
+        stderr(&bounded)
+    );
+    let grouped = ns.run(&["consume", "p", "--group", "g", "--offset", "-1"]);
+    assert_eq!(grouped.status.code(), Some(1));
+
     // A duration ago, and a date, as start times.
     let since = |time: &str| {
         let out = ns.ok(&[

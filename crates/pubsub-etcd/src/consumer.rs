@@ -260,8 +260,14 @@ impl ConsumerBuilder {
 }
 
 fn default_member_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
+    // The machine's own name ($HOSTNAME is a shell variable, rarely
+    // exported), cut to leave room for the suffix.
+    let host: String = gethostname::gethostname()
+        .to_string_lossy()
+        .chars()
+        .take(200)
+        .collect();
+    let host = Some(host)
         .filter(|h| !h.is_empty() && validate_group_name(h).is_ok())
         .unwrap_or_else(|| "member".to_string());
     format!(
@@ -843,5 +849,21 @@ impl Drop for AssignedReader {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_member_id;
+
+    #[test]
+    fn member_ids_start_with_the_host_name() {
+        // The kernel's name for the machine, whatever the environment says.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let id = default_member_id();
+        assert!(
+            id.starts_with(&format!("{}-{}-", host.trim(), std::process::id())),
+            "{id}"
+        );
     }
 }

@@ -1082,7 +1082,6 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
 
     // Client settings.
     for (what, builder) in [
-        ("namespace", Client::builder(ns::endpoints()).namespace("")),
         (
             "timeout",
             Client::builder(ns::endpoints()).request_timeout(Duration::ZERO),
@@ -1096,6 +1095,14 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
             Err(Error::InvalidConfig(text)) => assert!(text.contains(what), "{what}: {text}"),
             other => panic!("{what}: expected InvalidConfig, got {other:?}"),
         }
+    }
+    match Client::builder(ns::endpoints())
+        .namespace("")
+        .connect()
+        .await
+    {
+        Err(Error::InvalidNamespace { namespace, .. }) => assert_eq!(namespace, ""),
+        other => panic!("expected InvalidNamespace, got {other:?}"),
     }
 
     // Missing topics.

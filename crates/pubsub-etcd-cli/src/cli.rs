@@ -542,7 +542,12 @@ pub enum GroupCommand {
         format: FormatArg,
     },
     /// Delete a stopped group's offsets on every topic
-    Delete { group: String },
+    Delete {
+        /// Group to delete
+        group: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

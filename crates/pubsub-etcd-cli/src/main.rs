@@ -70,6 +70,10 @@ fn init_logging(args: &cli::LogArgs) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(args.verbose > 0)
+        // The library's spans (append, fetch, commit, rebalance,
+        // compaction) are debug level: at -vv each one's end is a line
+        // with its fields and how long it took.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .without_time()
         .init();
 }

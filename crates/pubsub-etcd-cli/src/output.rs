@@ -87,6 +87,43 @@ pub fn print_text(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `work` with a spinner and the elapsed time on stderr, when stderr
+/// is a terminal and the work takes longer than a second: sweeps and
+/// compactions can take minutes and report nothing until they end.
+pub async fn with_spinner<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    if !std::io::IsTerminal::is_terminal(&io::stderr()) {
+        return work.await;
+    }
+    let mut work = std::pin::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+    }
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .expect("the spinner template is valid"),
+    );
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let done = work.await;
+    spinner.finish_and_clear();
+    done
+}
+
+/// A bar counting `total` steps on stderr when it is a terminal, hidden
+/// otherwise.
+pub fn progress(what: &str, total: u64) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&io::stderr()) || total < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total).with_message(what.to_string());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")
+            .expect("the progress template is valid"),
+    );
+    bar
+}
+
 /// `-` for an absent value, as tables show it.
 pub fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_string(), |v| v.to_string())

@@ -287,7 +287,11 @@ fn topic_admin_json_shapes() {
 
     let mut described = ns.json(&["topic", "describe", "events"]);
     assert!(described["created_ms"].is_i64(), "{described}");
-    described.as_object_mut().unwrap().remove("created_ms");
+    assert_eq!(described["stored_messages"], 3, "{described}");
+    assert!(described["last_timestamp_ms"].is_i64(), "{described}");
+    for field in ["created_ms", "stored_messages", "last_timestamp_ms"] {
+        described.as_object_mut().unwrap().remove(field);
+    }
     assert_eq!(
         described,
         serde_json::json!({
@@ -1270,6 +1274,16 @@ fn kcat_and_kafka_tool_parity() {
     assert_eq!(ns.run(&["topic", "delete", "p"]).status.code(), Some(1));
 }
 
+/// A loopback port nothing listens on now, and its address.
+fn free_port() -> (u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (port, format!("127.0.0.1:{port}"))
+}
+
 /// One HTTP GET of `/metrics` on `port`; the body.
 fn scrape(port: u16) -> String {
     use std::net::TcpStream;
@@ -1295,12 +1309,7 @@ fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
 fn produce_serves_prometheus_metrics() {
     let ns = Namespace::new();
     ns.ok(&["topic", "create", "m", "--partitions", "2"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let (port, addr) = free_port();
     let mut child = ns
         .command(&["produce", "m", "--format", "json", "--metrics-addr", &addr])
         .stdin(Stdio::piped())
@@ -1458,12 +1467,7 @@ fn consume_serves_group_metrics() {
     let ns = Namespace::new();
     ns.ok(&["topic", "create", "m", "--partitions", "2"]);
     ns.ok_with(&["produce", "m"], b"a\nb\nc\n");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let (port, addr) = free_port();
     let mut child = ns
         .command(&["consume", "m", "--group", "g", "--metrics-addr", &addr])
         .stdout(Stdio::piped())
@@ -1504,4 +1508,26 @@ fn consume_serves_group_metrics() {
         metric(&body, "pubsub_etcd_commit_seconds_count", labels) >= Some(1.0),
         "{body}"
     );
+}
+
+/// At -vv the library's spans show, with their fields and durations.
+#[test]
+fn verbose_logs_show_the_library_spans() {
+    let ns = Namespace::new();
+    ns.ok(&["topic", "create", "s", "--partitions", "1"]);
+    let produced = ns.run_with(&["-vv", "produce", "s"], b"a\n");
+    assert!(produced.status.success());
+    let log = stderr(&produced);
+    assert!(
+        log.contains("append{topic=s partition=0 records=1}") && log.contains("close"),
+        "{log}"
+    );
+    let consumed = ns.run(&["-vv", "consume", "s", "--group", "g", "--exit-at-end"]);
+    assert!(consumed.status.success());
+    let log = stderr(&consumed);
+    for span in ["rebalance{topic=s group=g", "commit{", "fetch{"] {
+        assert!(log.contains(span), "{span}: {log}");
+    }
+    let quiet = ns.run(&["produce", "s"]);
+    assert!(!stderr(&quiet).contains("append{"));
 }

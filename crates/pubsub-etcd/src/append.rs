@@ -106,6 +106,7 @@ impl PartitionAppender {
     /// error once `deadline` passes while the outcome is still unknown.
     /// With `lease`, the batch key is attached to that etcd lease (records
     /// with a time to live), so etcd deletes the batch when it expires.
+    #[tracing::instrument(level = "debug", name = "append", skip_all, fields(topic = %self.topic, partition = self.partition, records = records.len()))]
     pub(crate) async fn append_leased(
         &mut self,
         mut records: Vec<pb::Record>,

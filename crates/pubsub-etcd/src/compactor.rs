@@ -250,6 +250,7 @@ impl Participant {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "compaction", skip_all)]
     async fn cycle(&mut self) -> Next {
         match self.try_cycle().await {
             Ok(()) => Next::Tick,

@@ -634,6 +634,7 @@ impl Committer {
 /// The fenced commit: one transaction per chunk of partitions, each guarded
 /// by the owner key still holding this member's id at the create revision of
 /// this member's claim.
+#[tracing::instrument(level = "debug", name = "commit", skip(client, shared, offsets), fields(partitions = offsets.len()))]
 pub(crate) async fn commit_fenced(
     client: &Client,
     topic: &str,

@@ -163,6 +163,7 @@ pub(crate) async fn fetch_partition(
 /// only such keys, the next read starts just after them (and goes on to the
 /// open range), so garbage neither stops the fetch short of a good batch
 /// behind it nor makes it read the same keys again.
+#[tracing::instrument(level = "debug", name = "fetch", skip(client, cut), fields(topic = %topic))]
 pub(crate) async fn read_partition(
     client: &Client,
     topic: &Arc<str>,

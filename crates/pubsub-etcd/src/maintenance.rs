@@ -146,6 +146,7 @@ impl Client {
     /// reached through their advertised client URLs; when the client was
     /// built with TLS or authentication, only a single-member cluster can be
     /// defragmented through this client (other members report an `error`).
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn compact_history(&self, defrag: bool) -> Result<CompactReport> {
         let members = self.maintenance_members().await?;
         let mut spaces = Vec::with_capacity(members.len());

@@ -465,6 +465,7 @@ impl Member {
     }
 
     /// Claims or releases partitions to reach this member's quota.
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %self.name, group = %self.config.group, member = %self.member_id))]
     async fn rebalance(&mut self) -> Result<()> {
         let Some(index) = self.members.iter().position(|m| *m == self.member_id) else {
             return Ok(());

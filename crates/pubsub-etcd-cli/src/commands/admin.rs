@@ -13,7 +13,12 @@ use crate::output::{self, Table};
 pub async fn run(client: &Client, command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::Compact { defrag, format } => {
-            let report = client.compact_history(defrag).await?;
+            let what = if defrag {
+                "compacting and defragmenting"
+            } else {
+                "compacting"
+            };
+            let report = output::with_spinner(what, client.compact_history(defrag)).await?;
             match format.format {
                 Format::Json => output::print_json(&compact_json(&report))?,
                 Format::Table => output::print_text(&compact_table(&report))?,

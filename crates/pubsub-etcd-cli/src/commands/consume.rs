@@ -96,7 +96,9 @@ pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Res
     };
     let started = std::time::Instant::now();
     let result = consume(client, &args, &mut source, &mut tracker, shutdown.as_mut()).await;
-    if !quiet {
+    // A closed output pipe ends the run quietly, as `head` expects.
+    let closed_pipe = matches!(&result, Err(error) if output::is_broken_pipe(error));
+    if !quiet && !closed_pipe {
         eprintln!(
             "consumed {} messages in {:.2}s",
             tracker.count,
@@ -201,8 +203,9 @@ async fn consume_batches(
                 None => ended = true,
                 Some(Err(error @ Error::TopicDeleted(_))) => failure = Some(error),
                 // Readers report a failure once and keep retrying; a tail
-                // should survive a passing etcd hiccup.
-                Some(Err(error)) => eprintln!("warning: {error}"),
+                // should survive a passing etcd hiccup. The library has
+                // logged it as a warning already.
+                Some(Err(error)) => tracing::debug!(%error, "reader error"),
                 Some(Ok(Item::Reassigned(partitions))) => reassigned = partitions,
                 Some(Ok(Item::Message(message))) => {
                     if tracker.past_bound(&message, args.until) {

@@ -148,7 +148,9 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
             }
             let plan = plan_reset(client, &group, &topics, target).await?;
             if execute {
+                let bar = output::progress("committing", plan.len() as u64);
                 for (topic, moves) in &plan {
+                    bar.inc(1);
                     let offsets: BTreeMap<u32, u64> =
                         moves.iter().map(|m| (m.partition, m.new)).collect();
                     client
@@ -193,9 +195,12 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        GroupCommand::Delete { group } => {
+        GroupCommand::Delete { group, format } => {
             client.delete_group(&group).await?;
-            output::print_text(&format!("deleted group {group:?}\n"))
+            match format.format {
+                Format::Json => output::print_json(&json!({ "group": group, "deleted": true })),
+                Format::Table => output::print_text(&format!("deleted group {group:?}\n")),
+            }
         }
     }
 }
@@ -224,7 +229,9 @@ async fn plan_reset(
     target: Target,
 ) -> anyhow::Result<Vec<(String, Vec<Move>)>> {
     let mut plan = Vec::with_capacity(topics.len());
+    let bar = output::progress("reading offsets", topics.len() as u64);
     for chosen in topics {
+        bar.inc(1);
         let info = client.topic(&chosen.topic).await?;
         let committed = client.committed_offsets(&chosen.topic, group).await?;
         let partitions = match &chosen.partitions {
@@ -259,6 +266,7 @@ async fn plan_reset(
         }
         plan.push((chosen.topic.clone(), moves));
     }
+    bar.finish_and_clear();
     Ok(plan)
 }
 

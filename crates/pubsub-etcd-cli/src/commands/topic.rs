@@ -66,9 +66,10 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Describe { name, format } => {
             let description = client.describe_topic(&name).await?;
+            let stored = Stored::of(client, &description).await?;
             match format.format {
-                Format::Json => output::print_json(&describe_json(&description)),
-                Format::Table => output::print_text(&describe_table(&description)),
+                Format::Json => output::print_json(&describe_json(&description, &stored)),
+                Format::Table => output::print_text(&describe_table(&description, &stored)),
             }
         }
         TopicCommand::Alter {
@@ -129,11 +130,14 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             }
         }
         TopicCommand::Compact { name, format } => {
-            let report = client.compact_topic(&name).await?;
+            let report =
+                output::with_spinner("compacting keys", client.compact_topic(&name)).await?;
             print_report("compacted", &name, &report, format.format)
         }
         TopicCommand::EnforceRetention { name, format } => {
-            let report = client.enforce_retention(&name).await?;
+            let report =
+                output::with_spinner("enforcing retention", client.enforce_retention(&name))
+                    .await?;
             print_report("enforced retention on", &name, &report, format.format)
         }
     }
@@ -210,23 +214,54 @@ fn topic_json(topic: &TopicInfo) -> serde_json::Value {
     })
 }
 
-fn describe_json(description: &TopicDescription) -> serde_json::Value {
+/// What a topic holds now: the offsets still stored (deleted and expired
+/// records inside them are counted too) and the newest message's time.
+struct Stored {
+    messages: u64,
+    last_timestamp_ms: Option<i64>,
+}
+
+impl Stored {
+    async fn of(client: &Client, description: &TopicDescription) -> anyhow::Result<Stored> {
+        let mut stored = Stored {
+            messages: 0,
+            last_timestamp_ms: None,
+        };
+        for p in &description.partitions {
+            stored.messages += p.next - p.earliest;
+            if p.next > p.earliest {
+                let last = client
+                    .fetch(&description.topic.name, p.partition, p.next - 1, 1)
+                    .await?;
+                let newest = last.messages.first().map(|m| m.timestamp);
+                stored.last_timestamp_ms = stored.last_timestamp_ms.max(newest);
+            }
+        }
+        Ok(stored)
+    }
+}
+
+fn describe_json(description: &TopicDescription, stored: &Stored) -> serde_json::Value {
     json!({
         "name": description.topic.name,
         "partitions": description.partitions,
         "config": description.topic.config,
         "created_ms": description.topic.created_ms,
+        "stored_messages": stored.messages,
+        "last_timestamp_ms": stored.last_timestamp_ms,
     })
 }
 
-fn describe_table(description: &TopicDescription) -> String {
+fn describe_table(description: &TopicDescription, stored: &Stored) -> String {
     let topic = &description.topic;
     let mut text = format!(
-        "topic       {}\npartitions  {}\ncreated     {}\nconfig      {}\n\n",
+        "topic       {}\npartitions  {}\ncreated     {}\nconfig      {}\nstored      {} messages\nnewest      {}\n\n",
         topic.name,
         topic.partitions,
         format_ms(topic.created_ms),
-        config_summary(topic)
+        config_summary(topic),
+        stored.messages,
+        stored.last_timestamp_ms.map_or_else(|| "-".to_string(), format_ms),
     );
     text.push_str(&partitions_table(&description.partitions));
     text

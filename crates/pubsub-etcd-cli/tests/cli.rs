@@ -1482,7 +1482,9 @@ fn consume_serves_group_metrics() {
     let deadline = Instant::now() + DEADLINE;
     let body = loop {
         let body = scrape(port);
-        if body.contains("pubsub_etcd_commit_seconds_count") || Instant::now() > deadline {
+        let complete = body.contains("pubsub_etcd_commit_seconds_count")
+            && body.contains("pubsub_etcd_lag_messages");
+        if complete || Instant::now() > deadline {
             break body;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -1508,6 +1510,13 @@ fn consume_serves_group_metrics() {
         metric(&body, "pubsub_etcd_commit_seconds_count", labels) >= Some(1.0),
         "{body}"
     );
+    for partition in ["partition=\"0\"", "partition=\"1\""] {
+        assert_eq!(
+            metric(&body, "pubsub_etcd_lag_messages", partition),
+            Some(0.0),
+            "{body}"
+        );
+    }
 }
 
 /// At -vv the library's spans show, with their fields and durations.

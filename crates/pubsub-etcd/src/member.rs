@@ -383,6 +383,7 @@ impl Member {
                         }
                     }
                     if ticks % 5 == 0 {
+                        self.report_lag().await;
                         if let Err(Error::TopicDeleted(name)) = self.refresh_topic().await {
                             let _ = self.queue.send(Envelope::Error { error: Error::TopicDeleted(name), epoch: 0 }).await;
                             self.leave_logged().await;
@@ -878,8 +879,41 @@ impl Member {
             }
             state.positions.remove(p);
             state.committed.remove(p);
+            // Another member reports it from now on.
+            telemetry::lag(&self.name, &self.config.group, *p, 0);
         }
         claims
+    }
+
+    /// Publishes each owned partition's lag (stored but not yet delivered)
+    /// to the metrics, from the partition heads: one request per 128 owned
+    /// partitions, every fifth tick (at most every 5 s).
+    async fn report_lag(&self) {
+        let positions: Vec<(u32, u64)> = {
+            let state = self.shared.lock().expect("member state lock");
+            state
+                .owned
+                .iter()
+                .map(|(p, claim)| (*p, state.positions.get(p).copied().unwrap_or(claim.start)))
+                .collect()
+        };
+        if positions.is_empty() {
+            return;
+        }
+        let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+        match self.client.next_offsets(&self.topic, &partitions).await {
+            Ok(nexts) => {
+                for ((p, position), (_, next)) in positions.iter().zip(nexts) {
+                    telemetry::lag(
+                        &self.name,
+                        &self.config.group,
+                        *p,
+                        next.saturating_sub(*position),
+                    );
+                }
+            }
+            Err(error) => tracing::debug!(member = %self.member_id, %error, "reading lag failed"),
+        }
     }
 
     /// The lease expired (or may have): everything owned is lost. Tell the

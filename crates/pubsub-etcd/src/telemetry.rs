@@ -42,7 +42,7 @@ pub const REBALANCES: &str = "pubsub_etcd_rebalances_total";
 /// Partitions a member owns now, by topic and group.
 pub const OWNED_PARTITIONS: &str = "pubsub_etcd_owned_partitions";
 /// Messages stored but not yet delivered, per owned partition, by topic,
-/// group and partition; refreshed at most once a second.
+/// group and partition; refreshed every few seconds (0 once released).
 pub const LAG: &str = "pubsub_etcd_lag_messages";
 /// Partition readers that went back to range reads after a watch broke or
 /// was compacted, by topic.
@@ -159,4 +159,14 @@ pub(crate) fn reader_reconnect(topic: &str) {
 
 pub(crate) fn history_compacted() {
     counter!(HISTORY_COMPACTIONS).increment(1);
+}
+
+pub(crate) fn lag(topic: &str, group: &str, partition: u32, lag: u64) {
+    gauge!(
+        LAG,
+        "topic" => topic.to_string(),
+        "group" => group.to_string(),
+        "partition" => partition.to_string()
+    )
+    .set(lag as f64);
 }

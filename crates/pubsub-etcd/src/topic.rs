@@ -323,6 +323,42 @@ impl Client {
         Ok(infos.remove(0))
     }
 
+    /// The next offset of each of `partitions`, from their heads only
+    /// (etcd's 128 operations per transaction, so one request per 128).
+    pub(crate) async fn next_offsets(
+        &self,
+        topic: &TopicInfo,
+        partitions: &[u32],
+    ) -> Result<Vec<(u32, u64)>> {
+        let mut nexts = Vec::with_capacity(partitions.len());
+        for chunk in partitions.chunks(128) {
+            let ops = chunk
+                .iter()
+                .map(|&p| TxnOp::get(self.keys.head(&topic.name, topic.incarnation, p), None))
+                .collect::<Vec<_>>();
+            let response = self
+                .read_txn("read partition heads", Txn::new().and_then(ops))
+                .await?;
+            for (&p, op) in chunk.iter().zip(response.op_responses()) {
+                let next = match op {
+                    TxnOpResponse::Get(get) => match get.kvs().first() {
+                        Some(kv) => {
+                            let head: pb::PartitionHead = record::decode(
+                                kv.key(),
+                                bytes::Bytes::copy_from_slice(kv.value()),
+                            )?;
+                            head.next_offset
+                        }
+                        None => 0,
+                    },
+                    _ => 0,
+                };
+                nexts.push((p, next));
+            }
+        }
+        Ok(nexts)
+    }
+
     async fn partition_infos(
         &self,
         topic: &TopicInfo,

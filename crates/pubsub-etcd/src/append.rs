@@ -65,6 +65,10 @@ pub(crate) struct PartitionAppender {
     /// Another producer was waiting at our last append: yield before the
     /// next one.
     others_waiting: bool,
+    /// When an append last read the waiting markers: appends read them only
+    /// every `MARKER_CHECK_EVERY` while nobody waits, so an uncontended
+    /// append skips that range read.
+    markers_read_at: Option<Instant>,
 }
 
 /// An append attempt whose transaction may or may not have applied.
@@ -92,6 +96,7 @@ impl PartitionAppender {
             head: None,
             marked_at: None,
             others_waiting: false,
+            markers_read_at: None,
         }
     }
 
@@ -149,14 +154,17 @@ impl PartitionAppender {
                     Err(e) => return Err(e),
                 },
             };
-            if std::mem::take(&mut self.others_waiting) {
+            let others_waited = std::mem::take(&mut self.others_waiting);
+            if others_waited {
                 // Give a starved producer's retry a window to land first.
                 let micros = rand::rng().random_range(0..=YIELD_MAX.as_micros() as u64);
                 tokio::time::sleep(Duration::from_micros(micros)).await;
             }
             batch.base_offset = head.next_offset;
             batch.base_bytes = head.total_bytes;
-            let (txn, new_head) = self.append_txn(&head, &batch, seq, count, bytes, lease);
+            let read_markers = self.should_read_markers(others_waited);
+            let (txn, new_head) =
+                self.append_txn(&head, &batch, seq, count, bytes, lease, read_markers);
             match self
                 .client
                 .timed("append", self.client.kv.clone().txn(txn))
@@ -169,7 +177,10 @@ impl PartitionAppender {
                         ..new_head
                     });
                     self.marked_at = None;
-                    self.others_waiting = self.others_waiting_in(&response);
+                    if read_markers {
+                        self.markers_read_at = Some(Instant::now());
+                        self.others_waiting = self.others_waiting_in(&response);
+                    }
                     return Ok(batch.base_offset);
                 }
                 Ok(response) => {
@@ -253,6 +264,18 @@ impl PartitionAppender {
         self.client.keys.topic(&self.topic)
     }
 
+    /// Whether this append reads the waiting markers: always while another
+    /// producer was seen waiting (so this one keeps yielding until it stops
+    /// waiting), otherwise once per `MARKER_CHECK_EVERY`, which delays the
+    /// first yield to a newly starved producer by at most that long.
+    fn should_read_markers(&self, others_waited: bool) -> bool {
+        others_waited
+            || self
+                .markers_read_at
+                .is_none_or(|at| at.elapsed() >= MARKER_CHECK_EVERY)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn append_txn(
         &self,
         head: &Head,
@@ -261,6 +284,7 @@ impl PartitionAppender {
         count: u64,
         bytes: u64,
         lease: Option<i64>,
+        read_markers: bool,
     ) -> (Txn, Head) {
         let mut producers: Vec<pb::ProducerState> = head
             .producers
@@ -299,7 +323,13 @@ impl PartitionAppender {
                 Compare::create_revision(self.topic_key(), CompareOp::Equal, self.incarnation),
                 Compare::mod_revision(self.head_key(), CompareOp::Equal, head.mod_revision),
             ])
-            .and_then(self.then_ops(batch_key, record::encode(batch), head_value, lease))
+            .and_then(self.then_ops(
+                batch_key,
+                record::encode(batch),
+                head_value,
+                lease,
+                read_markers,
+            ))
             .or_else([
                 TxnOp::get(self.topic_key(), None),
                 TxnOp::get(self.head_key(), None),
@@ -307,14 +337,15 @@ impl PartitionAppender {
         (txn, new_head)
     }
 
-    /// The writes of an append, plus a read of the waiting markers (and the
-    /// removal of ours, once this append ends our starvation).
+    /// The writes of an append, maybe a read of the waiting markers, and
+    /// the removal of ours once this append ends our starvation.
     fn then_ops(
         &self,
         batch_key: String,
         batch_value: Vec<u8>,
         head_value: Vec<u8>,
         lease: Option<i64>,
+        read_markers: bool,
     ) -> Vec<TxnOp> {
         let keys = &self.client.keys;
         let waiting = keys.waiting_prefix(&self.topic, self.incarnation, self.partition);
@@ -325,15 +356,17 @@ impl PartitionAppender {
                 lease.map(|id| PutOptions::new().with_lease(id)),
             ),
             TxnOp::put(self.head_key(), head_value, None),
-            TxnOp::get(
+        ];
+        if read_markers {
+            ops.push(TxnOp::get(
                 waiting.clone(),
                 Some(
                     GetOptions::new()
                         .with_range(prefix_end(&waiting))
                         .with_limit(MAX_MARKERS_READ),
                 ),
-            ),
-        ];
+            ));
+        }
         if self.marked_at.is_some() {
             ops.push(TxnOp::delete(
                 keys.waiting(
@@ -502,6 +535,10 @@ const STARVED_AFTER: u32 = 2;
 const MARKER_FRESH_MS: i64 = 2000;
 /// TTL of a marker's lease: etcd removes a marker its producer abandoned.
 const MARKER_LEASE_SECS: i64 = 5;
+/// How often an append reads the waiting markers while nobody waits. Well
+/// under `MARKER_FRESH_MS` and the starved producer's 1 s refresh, so a
+/// starved producer is seen within a fraction of its marker's life.
+const MARKER_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Markers an append reads at most; a few are enough to know to yield.
 const MAX_MARKERS_READ: i64 = 8;
 /// Longest pause a winning producer takes for a waiting one.

@@ -152,7 +152,7 @@ impl ClientBuilder {
     /// (DESIGN.md, "Automatic history compaction"). Disable it for an etcd
     /// that is compacted already: etcd's `--auto-compaction-*` flags, or
     /// Kubernetes' API server. Default: enabled, every 5 minutes or sooner
-    /// once 100,000 revisions or 128 MiB of history accumulated.
+    /// once 10,000 revisions or 128 MiB of history accumulated.
     pub fn auto_compaction(mut self, policy: AutoCompaction) -> Self {
         self.auto_compaction = policy;
         self

@@ -55,7 +55,7 @@ impl AutoCompaction {
     /// Default interval, as Kubernetes' API server compacts etcd.
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
     /// Default revision budget (see DESIGN.md for how it was chosen).
-    pub const DEFAULT_MAX_REVISIONS: i64 = 100_000;
+    pub const DEFAULT_MAX_REVISIONS: i64 = 10_000;
     /// Default byte budget (see DESIGN.md for how it was chosen).
     pub const DEFAULT_MAX_HISTORY_BYTES: i64 = 128 * 1024 * 1024;
 

@@ -7,13 +7,16 @@ mod common;
 use std::time::Duration;
 
 use common::etcd_proc::{ClusterOptions, EtcdCluster};
-use pubsub_etcd::{AlarmKind, Client, Error, NewTopic, Record, StartOffset};
+use pubsub_etcd::{AlarmKind, AutoCompaction, Client, Error, NewTopic, Record, StartOffset};
 use tokio::time::timeout;
 
 async fn connect(endpoints: Vec<String>) -> Client {
     Client::builder(endpoints)
         .namespace("maint")
         .request_timeout(Duration::from_secs(10))
+        // These tests count revisions around on-demand compactions: no
+        // background writes of the coordinating key in between.
+        .auto_compaction(AutoCompaction::Disabled)
         .connect()
         .await
         .unwrap()

@@ -57,75 +57,45 @@ const RETENTION: u64 = 100_000;
 const WINDOW: usize = 50_000;
 const WARM_UP_REQUESTS: usize = 200;
 
-#[derive(Debug)]
+/// Soak benchmark: a producer at a fixed rate into a topic whose
+/// message-count retention keeps stored data constant, followed by a group
+/// of two; or, with --requests, the latency of each hot-path request.
+#[derive(Debug, clap::Parser)]
 struct Args {
+    /// How long the soak runs, in minutes
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     minutes: u64,
+    /// Messages per second the producer offers
+    #[arg(long, default_value_t = 400_000, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
-    size: usize,
-    auto_compaction: bool,
+    /// Bytes per message (at least 16: the timestamp and sequence number)
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(16..))]
+    size: u64,
+    /// Run with the library's automatic history compaction off
+    #[arg(long)]
+    no_auto_compaction: bool,
+    /// Time each hot-path request instead of soaking
+    #[arg(long)]
     requests: bool,
+    /// With --requests: first bloat etcd's history with this many MiB of overwrites
+    #[arg(long, default_value_t = 0)]
     bloat_mb: u64,
+    /// With --requests: first bloat etcd's history with this many deleted keys
+    #[arg(long, default_value_t = 0)]
     bloat_keys: u64,
-    count: usize,
-}
-
-fn usage() -> BoxError {
-    "usage: bench_soak [--minutes N] [--rate MSGS_PER_S] [--size BYTES] [--no-auto-compaction]\n       \
-     bench_soak --requests [--bloat-mb N] [--bloat-keys N] [--count N]"
-        .into()
-}
-
-fn parse_args() -> Res<Args> {
-    let mut args = Args {
-        minutes: 10,
-        rate: 400_000,
-        size: 100,
-        auto_compaction: true,
-        requests: false,
-        bloat_mb: 0,
-        bloat_keys: 0,
-        count: 2000,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let value = |n: usize| argv.get(i + n).cloned().ok_or_else(usage);
-        match argv[i].as_str() {
-            "--minutes" => args.minutes = value(1)?.parse()?,
-            "--rate" => args.rate = value(1)?.parse()?,
-            "--size" => args.size = value(1)?.parse()?,
-            "--bloat-mb" => args.bloat_mb = value(1)?.parse()?,
-            "--bloat-keys" => args.bloat_keys = value(1)?.parse()?,
-            "--count" => args.count = value(1)?.parse()?,
-            "--no-auto-compaction" => {
-                args.auto_compaction = false;
-                i += 1;
-                continue;
-            }
-            "--requests" => {
-                args.requests = true;
-                i += 1;
-                continue;
-            }
-            "-h" | "--help" => return Err(usage()),
-            other => return Err(format!("unknown argument {other:?}\n{}", usage()).into()),
-        }
-        i += 2;
-    }
-    if args.minutes == 0 || args.rate == 0 || args.size < 16 || args.count == 0 {
-        return Err("--minutes, --rate and --count must be positive, --size at least 16".into());
-    }
-    Ok(args)
+    /// With --requests: requests timed per kind
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
 }
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let namespace = format!("bench-{:016x}", rand::random::<u64>());
-    let policy = if args.auto_compaction {
-        AutoCompaction::default()
-    } else {
+    let policy = if args.no_auto_compaction {
         AutoCompaction::Disabled
+    } else {
+        AutoCompaction::default()
     };
     let client = Client::builder(pubsub_etcd::endpoints_from_env())
         .namespace(&namespace)
@@ -202,7 +172,7 @@ async fn soak(client: &Client, args: &Args) -> Res<()> {
     let sender = tokio::spawn(produce(
         producer.clone(),
         args.rate,
-        args.size,
+        args.size as usize,
         base,
         deadline,
         sent.clone(),
@@ -399,7 +369,7 @@ async fn requests(client: &Client, namespace: &str, args: &Args) -> Res<()> {
     }
     let status = client.history_status().await?;
     let member = &status.members[0];
-    let count = args.count;
+    let count = args.count as usize;
     let mut rows: Vec<(&str, Histogram<u64>)> = Vec::new();
 
     let raw = format!("{namespace}/raw/");

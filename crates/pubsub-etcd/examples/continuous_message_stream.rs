@@ -12,18 +12,21 @@ use std::time::Duration;
 
 use pubsub_etcd::{AutoCommit, Client, NewTopic, Record};
 
+/// The original's continuous message stream: a producer and a group
+/// member with one subscription per partition.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Stop after this many seconds [default: at Ctrl-C]
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Milliseconds between two produced messages
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    every_ms: u64,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut seconds: Option<u64> = None;
-    let mut every_ms: u64 = 200;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--seconds" => seconds = Some(args.next().ok_or("--seconds needs a value")?.parse()?),
-            "--every-ms" => every_ms = args.next().ok_or("--every-ms needs a value")?.parse()?,
-            other => return Err(format!("unknown argument {other:?}").into()),
-        }
-    }
+    let Args { seconds, every_ms } = clap::Parser::parse();
 
     let client = Client::builder(pubsub_etcd::endpoints_from_env())
         .namespace("continuous-message-stream")

@@ -430,7 +430,14 @@ pub enum ConsumeFormat {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("start").multiple(false)))]
 pub struct ConsumeArgs {
-    pub topic: String,
+    /// Topics to read (several are read at once, as `kcat -G g t1 t2`)
+    #[arg(required_unless_present = "include")]
+    pub topics: Vec<String>,
+
+    /// Also read every topic whose whole name matches this regular
+    /// expression, as they exist when the command starts
+    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
+    pub include: Option<regex::Regex>,
 
     /// Join this consumer group and commit each message once printed
     #[arg(long, value_name = "G")]
@@ -609,6 +616,10 @@ fn parse_delimiter(s: &str) -> Result<u8, String> {
         _ if s.len() == 1 => Ok(s.as_bytes()[0]),
         _ => Err("give one character, or one of \\n, \\t, \\r, \\0".into()),
     }
+}
+
+fn parse_regex(s: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| e.to_string())
 }
 
 fn parse_template(s: &str) -> Result<crate::template::Template, String> {

@@ -1540,3 +1540,70 @@ fn verbose_logs_show_the_library_spans() {
     let quiet = ns.run(&["produce", "s"]);
     assert!(!stderr(&quiet).contains("append{"));
 }
+
+/// Several topics at once, named or by a regular expression, alone or as
+/// one group member per topic (as `kcat -G g t1 t2`).
+#[test]
+fn several_topics_at_once() {
+    let ns = Namespace::new();
+    for topic in ["m-one", "m-two", "other"] {
+        ns.ok(&["topic", "create", topic, "--partitions", "2"]);
+        let lines: String = (0..5).map(|i| format!("{topic}-{i}\n")).collect();
+        ns.ok_with(&["produce", topic], lines.as_bytes());
+    }
+    let topics_of = |out: &str| {
+        let mut seen: Vec<String> = lines(out)
+            .iter()
+            .map(|m| m["topic"].as_str().unwrap().to_string())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let named = ns.ok(&[
+        "consume",
+        "m-one",
+        "other",
+        "--from-beginning",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(lines(&named).len(), 10, "{named}");
+    assert_eq!(topics_of(&named), ["m-one", "other"]);
+    let grouped = ns.ok(&[
+        "consume",
+        "--include",
+        "m-.*",
+        "--group",
+        "g",
+        "--exit-at-end",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(lines(&grouped).len(), 10, "{grouped}");
+    assert_eq!(topics_of(&grouped), ["m-one", "m-two"]);
+    let lag = ns.json(&["group", "describe", "g"]);
+    assert!(
+        lag.as_array().unwrap().iter().all(|p| p["lag"] == 0),
+        "{lag}"
+    );
+    let capped = ns.ok(&[
+        "consume",
+        "--include",
+        ".*",
+        "--from-beginning",
+        "--max-messages",
+        "3",
+    ]);
+    assert_eq!(capped.lines().count(), 3, "{capped}");
+    let one = ns.run(&["consume", "m-one", "m-two", "--partition", "0"]);
+    assert_eq!(one.status.code(), Some(1));
+    let none = ns.run(&["consume", "--include", "nothing.*"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        stderr(&none).contains("no topic in namespace"),
+        "{}",
+        stderr(&none)
+    );
+}

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, BufWriter, Stdout, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,9 +28,102 @@ const MAX_BATCH: u64 = 1000;
 
 pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Result<()> {
     // Installed first so that a signal from here on ends the run cleanly.
-    let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+    let signal = shutdown_signal().context("cannot install signal handlers")?;
+    let topics = chosen_topics(client, &args).await?;
+    if args.partition.is_some() && topics.len() > 1 {
+        anyhow::bail!("--partition reads one topic, not {}", topics.len());
+    }
+    // One stop for every topic: a signal, or one topic's run failing.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        signal.await;
+        let _ = on_signal.send(true);
+    });
+    let out = Arc::new(tokio::sync::Mutex::new(MessageWriter::new(
+        args.format,
+        args.format_string.clone(),
+    )));
+    let args = Arc::new(args);
+    let started = std::time::Instant::now();
+    let runs = topics.into_iter().map(|topic| {
+        let (client, args, out, stop) = (client.clone(), args.clone(), out.clone(), stop.clone());
+        let mut stopped = stopped.clone();
+        async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            let result = run_topic(&client, &args, &topic, &out, shutdown).await;
+            if result.is_err() {
+                let _ = stop.send(true);
+            }
+            result
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    let consumed = out.lock().await.count;
+    let mut first_error = None;
+    let mut unassigned = false;
+    for result in results {
+        match result {
+            Ok(assigned) => unassigned |= !assigned,
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    // A failure says so itself, and a closed output pipe ends the run
+    // quietly, as `head` expects: the summary is for runs that ended well.
+    if !quiet && first_error.is_none() {
+        eprintln!(
+            "consumed {consumed} messages in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+        if args.group.is_some() && unassigned && (args.exit_at_end || args.until.is_some()) {
+            eprintln!(
+                "note: this member was given no partitions of some topic: the group's other \
+                 members hold them all"
+            );
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// The topics named, then those `--include` matches, each once.
+async fn chosen_topics(client: &Client, args: &ConsumeArgs) -> anyhow::Result<Vec<String>> {
+    let mut topics = args.topics.clone();
+    if let Some(include) = &args.include {
+        for topic in client.list_topics().await? {
+            if include.is_match(&topic.name) && !topics.contains(&topic.name) {
+                topics.push(topic.name);
+            }
+        }
+        if topics.is_empty() {
+            anyhow::bail!(
+                "no topic in namespace {:?} matches {}",
+                client.namespace(),
+                include.as_str()
+            );
+        }
+    }
+    Ok(topics)
+}
+
+/// Reads one topic into the shared output until it ends; says whether a
+/// group member was ever given partitions of it (always true without one).
+async fn run_topic(
+    client: &Client,
+    args: &ConsumeArgs,
+    topic: &str,
+    out: &tokio::sync::Mutex<MessageWriter>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<bool> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let description = client.describe_topic(&args.topic).await?;
+    let description = client.describe_topic(topic).await?;
     let from_end = match args.offset {
         Some(offset) if offset < 0 => {
             if args.group.is_some() {
@@ -39,12 +133,12 @@ pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Res
         }
         _ => None,
     };
-    let requested = requested_start(&args);
+    let requested = requested_start(args);
     let (mut source, mut tracker) = match &args.group {
         Some(group) => {
             let start = requested.unwrap_or(StartOffset::Earliest);
             let consumer = client
-                .consumer(&args.topic, group)
+                .consumer(topic, group)
                 .auto_commit(AutoCommit::Disabled)
                 .start_offset(start)
                 .join()
@@ -69,7 +163,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Res
                         .iter()
                         .find(|p| p.partition == partition)
                         .ok_or_else(|| Error::PartitionOutOfRange {
-                            topic: args.topic.clone(),
+                            topic: topic.to_string(),
                             partition,
                             partitions: description.topic.partitions,
                         })?;
@@ -85,51 +179,48 @@ pub async fn run(client: &Client, args: ConsumeArgs, quiet: bool) -> anyhow::Res
                 // so that --exit-at-end knows where each partition starts.
                 let from = match from_end {
                     Some(back) => info.next.saturating_sub(back).max(info.earliest),
-                    None => start_position(client, &args.topic, info, start).await?,
+                    None => start_position(client, topic, info, start).await?,
                 };
                 tracker.positions.insert(info.partition, from);
                 starts.push((info.partition, StartOffset::Offset(from)));
             }
-            let reader = client.assign(&args.topic, starts).await?;
+            let reader = client.assign(topic, starts).await?;
             (Source::Assigned(reader), tracker)
         }
     };
-    let started = std::time::Instant::now();
-    let result = consume(client, &args, &mut source, &mut tracker, shutdown.as_mut()).await;
-    // A closed output pipe ends the run quietly, as `head` expects.
-    let closed_pipe = matches!(&result, Err(error) if output::is_broken_pipe(error));
-    if !quiet && !closed_pipe {
-        eprintln!(
-            "consumed {} messages in {:.2}s",
-            tracker.count,
-            started.elapsed().as_secs_f64()
-        );
-        if args.group.is_some()
-            && !source.was_assigned()
-            && (args.exit_at_end || args.until.is_some())
-        {
-            eprintln!(
-                "note: this member was given no partitions: the group's other members hold them all"
-            );
-        }
-    }
+    let run = Run {
+        client,
+        args,
+        topic,
+        out,
+    };
+    let result = consume(&run, &mut source, &mut tracker, shutdown.as_mut()).await;
+    let assigned = args.group.is_none() || source.was_assigned();
     // Leaves the group (releasing its partitions at once) however the loop
     // ended: done, signalled, failed, or its output closed.
     let closed = source.close().await;
     result?;
     closed?;
-    Ok(())
+    Ok(assigned)
+}
+
+/// What one topic's run reads with and writes to.
+struct Run<'a> {
+    client: &'a Client,
+    args: &'a ConsumeArgs,
+    topic: &'a str,
+    /// Shared by every topic's run.
+    out: &'a tokio::sync::Mutex<MessageWriter>,
 }
 
 async fn consume(
-    client: &Client,
-    args: &ConsumeArgs,
+    run: &Run<'_>,
     source: &mut Source,
     tracker: &mut EndTracker,
     shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
     let mut commits = Commits::default();
-    let result = consume_batches(client, args, source, tracker, &mut commits, shutdown).await;
+    let result = consume_batches(run, source, tracker, &mut commits, shutdown).await;
     // What was handed on is committed however the loop ended, so that a
     // retried or pending commit is not lost to a signal or an error.
     let committed = match source {
@@ -147,16 +238,21 @@ async fn consume(
 }
 
 async fn consume_batches(
-    client: &Client,
-    args: &ConsumeArgs,
+    run: &Run<'_>,
     source: &mut Source,
     tracker: &mut EndTracker,
     commits: &mut Commits,
     mut shutdown: Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
-    let mut out = MessageWriter::new(args.format, args.format_string.clone());
-    let mut count = 0u64;
+    let Run {
+        client,
+        args,
+        topic,
+        out,
+    } = *run;
     loop {
+        // --max-messages counts every topic's messages together.
+        let count = out.lock().await.count;
         let room = args
             .max_messages
             .map_or(u64::MAX, |max| max - count.min(max));
@@ -172,7 +268,7 @@ async fn consume_batches(
             () = &mut shutdown => return Ok(()),
             item = source.next() => item,
             () = tokio::time::sleep(IDLE), if exit_at_end => {
-                if tracker.settled(client, &args.topic, source.group()).await? {
+                if tracker.settled(client, topic, source.group()).await? {
                     return Ok(());
                 }
                 continue;
@@ -196,6 +292,7 @@ async fn consume_batches(
         }
         let mut written = BTreeMap::new();
         let mut ended = false;
+        let mut out = out.lock().await;
         let mut reassigned = Vec::new();
         let mut failure = None;
         for item in batch {
@@ -211,15 +308,19 @@ async fn consume_batches(
                     if tracker.past_bound(&message, args.until) {
                         continue;
                     }
+                    // Another topic may have filled --max-messages meanwhile.
+                    if args.max_messages.is_some_and(|max| out.count >= max) {
+                        continue;
+                    }
                     out.write(&message)?;
                     tracker.delivered(&message);
                     written.insert(message.partition, message.offset + 1);
-                    count += 1;
                 }
             }
         }
         // Committed only once flushed: at-least-once.
         out.flush()?;
+        drop(out);
         if let Source::Group(consumer, ..) = source {
             commits.add(written);
             commits.commit(consumer).await?;
@@ -443,8 +544,6 @@ struct EndTracker {
     scope: Vec<u32>,
     /// Partitions stopped at `--until`.
     stopped: HashSet<u32>,
-    /// Messages handed on.
-    count: u64,
 }
 
 impl EndTracker {
@@ -455,7 +554,6 @@ impl EndTracker {
             start,
             scope,
             stopped: HashSet::new(),
-            count: 0,
         }
     }
 
@@ -466,7 +564,6 @@ impl EndTracker {
 
     fn delivered(&mut self, message: &Message) {
         self.positions.insert(message.partition, message.offset + 1);
-        self.count += 1;
     }
 
     /// Whether `message` lies at or after the `--until` bound of its
@@ -549,6 +646,8 @@ impl EndTracker {
 /// Writes messages in the chosen format; the caller flushes before it
 /// commits, so that what a group commits has really been handed on.
 struct MessageWriter {
+    /// Messages written so far, over every topic.
+    count: u64,
     format: ConsumeFormat,
     /// `--format-string`, which replaces `format`.
     template: Option<Template>,
@@ -558,6 +657,7 @@ struct MessageWriter {
 impl MessageWriter {
     fn new(format: ConsumeFormat, template: Option<Template>) -> Self {
         MessageWriter {
+            count: 0,
             format,
             template,
             out: output::stdout(),
@@ -565,6 +665,7 @@ impl MessageWriter {
     }
 
     fn write(&mut self, message: &Message) -> io::Result<()> {
+        self.count += 1;
         if let Some(template) = &self.template {
             // The format string says where lines end.
             return template.write(&mut self.out, message);

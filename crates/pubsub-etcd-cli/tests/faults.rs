@@ -262,11 +262,12 @@ fn status_reports_health_and_fails_on_an_alarm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let first: String = (0..10).map(|i| format!("k:m{i}\n")).collect();
     produce
         .stdin
         .take()
         .unwrap()
-        .write_all(b"k:first\n")
+        .write_all(first.as_bytes())
         .unwrap();
     assert!(wait(&mut produce).success());
 
@@ -285,7 +286,7 @@ fn status_reports_health_and_fails_on_an_alarm() {
     assert!(member["db_size"].as_u64() > Some(0), "{report}");
     assert!(member["raft_index"].as_u64() > Some(0), "{report}");
     assert_eq!(report["topics"][0]["name"], "t", "{report}");
-    assert_eq!(report["topics"][0]["stored_messages"], 1, "{report}");
+    assert_eq!(report["topics"][0]["stored_messages"], 10, "{report}");
     assert!(
         report["topics"][0]["newest_age_ms"].as_i64() >= Some(0),
         "{report}"
@@ -324,6 +325,29 @@ fn status_reports_health_and_fails_on_an_alarm() {
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["etcd"]["alarms"][0]["alarm"], "NOSPACE", "{report}");
     assert!(String::from_utf8_lossy(&alarmed.stderr).contains("alarm NOSPACE"));
+
+    // A truncation that must rewrite a batch cannot finish under NOSPACE,
+    // and says exactly how far it got.
+    let truncated = command(
+        &endpoint,
+        &[
+            "topic",
+            "truncate",
+            "t",
+            "--partition",
+            "0",
+            "--before",
+            "5",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(truncated.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&truncated.stderr);
+    assert!(
+        said.contains("stopped half-way") && said.contains("could not be rewritten"),
+        "{said}"
+    );
 }
 
 fn wait(child: &mut Child) -> std::process::ExitStatus {

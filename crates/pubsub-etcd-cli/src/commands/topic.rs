@@ -115,7 +115,27 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             before,
             format,
         } => {
-            let info = client.truncate_partition(&name, partition, before).await?;
+            let info = match client.truncate_partition(&name, partition, before).await {
+                Ok(info) => info,
+                // The whole batches below were deleted (deletes work under
+                // NOSPACE); rewriting the one holding `before` is a write.
+                Err(error @ Error::QuotaExceeded { .. }) => {
+                    let done = client.describe_topic(&name).await?;
+                    let earliest = done
+                        .partitions
+                        .iter()
+                        .find(|p| p.partition == partition)
+                        .map_or(0, |p| p.earliest);
+                    anyhow::bail!(
+                        "truncation of partition {partition} of topic {name:?} stopped half-way: \
+                         every batch below offset {earliest} is deleted, but the batch holding \
+                         offsets {earliest}..{before} could not be rewritten ({error}); \
+                         free space (pubsub-etcd admin compact --defrag, then admin disarm) \
+                         and run it again to finish"
+                    );
+                }
+                Err(error) => return Err(error.into()),
+            };
             match format.format {
                 Format::Json => output::print_json(&json!({
                     "topic": name,

@@ -98,6 +98,9 @@ pub enum Command {
     /// etcd maintenance: history compaction, defragmentation, alarms
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Measure throughput and latency, optionally next to raw etcd
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
 }
@@ -452,6 +455,54 @@ pub enum Shell {
 pub struct CompletionsArgs {
     #[arg(value_enum)]
     pub shell: Shell,
+}
+
+/// Each benchmark runs in a namespace of its own, `<NS>-bench-<random>`,
+/// deleted at the end, also after an error or Ctrl-C.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Producer throughput and send latency (enqueue to stored), up to
+    /// 50,000 messages in flight per producer
+    Produce(BenchProduceArgs),
+}
+
+/// Options every benchmark takes.
+#[derive(Debug, Args)]
+pub struct BenchOptions {
+    /// Also run the raw etcd baseline (raw puts; put to watch; range gets)
+    /// against the same etcd, and print pubsub-etcd/raw ratios [default: off]
+    #[arg(long)]
+    pub compare_raw: bool,
+
+    /// Output format: a table, or one JSON summary object
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchProduceArgs {
+    /// Messages to send, over all producers
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the benchmark topic
+    #[arg(long, value_name = "P", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// Producers sending at once, each with its own batching
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub producers: u32,
+
+    /// Messages per second over all producers [default: as fast as possible]
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

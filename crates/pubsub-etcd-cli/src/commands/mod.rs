@@ -1,6 +1,7 @@
 //! What each command does, one module per command group.
 
 mod admin;
+mod bench;
 mod completions;
 mod consume;
 mod group;
@@ -22,6 +23,9 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
     if let Command::Completions(args) = &cli.command {
         return completions::run(args);
     }
+    if let Command::Bench(command) = cli.command {
+        return bench::run(cli.connection, credentials, command).await;
+    }
     let client = connect(&cli.connection, credentials).await?;
     let result = match cli.command {
         Command::Topic(command) => topic::run(&client, command).await,
@@ -30,7 +34,7 @@ pub async fn run(cli: Cli, credentials: Option<(String, String)>) -> anyhow::Res
         Command::Group(command) => group::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
-        Command::Completions(_) => unreachable!("handled before connecting"),
+        Command::Completions(_) | Command::Bench(_) => unreachable!("handled before connecting"),
     };
     match result {
         Err(error) => Err(with_topic_hint(&client, error).await),

@@ -1,0 +1,214 @@
+//! Runs `pubsub-etcd bench` end to end with tiny sizes against the etcd in
+//! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`), checks the JSON
+//! summary's shape and that the benchmark left no key behind.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::GetOptions;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
+/// Only keeps a hung benchmark from hanging the suite.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A namespace no other test uses; benchmarks run next to it, in
+/// `<name>-bench-<random>`.
+fn namespace() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "bench-test-{}-{nanos:08x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn command(namespace: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["--namespace", namespace, "--timeout", "10s", "bench"])
+        .args(args)
+        .env_remove("PUBSUB_ETCD_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn wait(mut child: std::process::Child) -> Output {
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the benchmark took over {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs a benchmark that must succeed with `--format json`; returns its summary.
+fn bench_json(namespace: &str, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["--format", "json"]);
+    let output = wait(
+        command(namespace, &args)
+            .spawn()
+            .expect("the binary starts"),
+    );
+    assert!(
+        output.status.success(),
+        "bench {args:?} failed with {:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+    serde_json::from_str(&stdout).expect("stdout is one JSON document")
+}
+
+/// Keys whose name starts with `prefix`, in the whole etcd.
+fn keys_under(prefix: &str) -> i64 {
+    let endpoints = pubsub_etcd::endpoints_from_env();
+    let prefix = prefix.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let mut etcd = etcd_client::Client::connect(endpoints, None).await.unwrap();
+            etcd.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .unwrap()
+            .count()
+        })
+}
+
+fn assert_bench_namespace(summary: &Value, namespace: &str, bench: &str) {
+    assert_eq!(summary["bench"], bench, "{summary}");
+    let used = summary["namespace"]
+        .as_str()
+        .expect("namespace is a string");
+    assert!(
+        used.starts_with(&format!("{namespace}-bench-")),
+        "{used} is not next to {namespace}"
+    );
+    // The prefix without '/' covers the benchmark's namespace too.
+    assert_eq!(
+        keys_under(namespace),
+        0,
+        "keys left behind under {namespace}"
+    );
+}
+
+fn assert_number(value: &Value, what: &str) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"))
+}
+
+fn assert_latency(latency: &Value, samples: u64, what: &str) {
+    assert_eq!(latency["samples"], samples, "{what}: {latency}");
+    let mut previous = 0.0;
+    for q in ["p50", "p95", "p99", "p99_9", "max"] {
+        let ms = assert_number(&latency[q], &format!("{what}.{q}"));
+        assert!(
+            ms >= previous,
+            "{what}: {q} below the previous percentile: {latency}"
+        );
+        previous = ms;
+    }
+}
+
+#[test]
+fn produce_with_raw_baseline_reports_json_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "produce",
+            "--messages",
+            "300",
+            "--size",
+            "64",
+            "--partitions",
+            "3",
+            "--producers",
+            "2",
+            "--compare-raw",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "produce");
+    let settings = &summary["settings"];
+    assert_eq!(settings["messages"], 300);
+    assert_eq!(settings["size"], 64);
+    assert_eq!(settings["partitions"], 3);
+    assert_eq!(settings["producers"], 2);
+    assert_eq!(settings["rate"], Value::Null);
+    for side in ["pubsub", "raw"] {
+        let t = &summary[side];
+        assert_eq!(t["messages"], 300, "{side}: {t}");
+        assert_eq!(t["errors"], 0, "{side}: {t}");
+        assert!(assert_number(&t["msgs_per_sec"], side) > 0.0);
+        let mb = assert_number(&t["mb_per_sec"], side);
+        let msgs = assert_number(&t["msgs_per_sec"], side);
+        assert!((mb - msgs * 64.0 / 1e6).abs() < 1e-9, "{side}: {t}");
+        assert_latency(&t["latency_ms"], 300, side);
+    }
+    let ratio = &summary["ratio"];
+    let expected = assert_number(&summary["pubsub"]["msgs_per_sec"], "pubsub")
+        / assert_number(&summary["raw"]["msgs_per_sec"], "raw");
+    assert!((assert_number(&ratio["msgs_per_sec"], "ratio") - expected).abs() < 1e-9);
+    assert_number(&ratio["latency_p50"], "ratio.latency_p50");
+    assert_number(&ratio["latency_p99"], "ratio.latency_p99");
+}
+
+#[test]
+fn produce_at_a_rate_without_baseline_prints_a_table() {
+    let ns = namespace();
+    let output = wait(
+        command(&ns, &["produce", "--messages", "40", "--rate", "100"])
+            .spawn()
+            .unwrap(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("40 messages of 100 B, 8 partitions"),
+        "{text}"
+    );
+    assert!(text.contains("100 msgs/s"), "{text}");
+    assert!(text.contains("pubsub-etcd"), "{text}");
+    assert!(
+        !text.contains("raw etcd"),
+        "no baseline without --compare-raw: {text}"
+    );
+    // 40 messages at 100/s cannot take less than the pacing allows.
+    let json = bench_json(&ns, &["produce", "--messages", "40", "--rate", "100"]);
+    let seconds = assert_number(&json["pubsub"]["seconds"], "seconds");
+    assert!(
+        seconds >= 0.35,
+        "40 messages at 100/s took only {seconds} s"
+    );
+    assert_eq!(json["raw"], Value::Null);
+    assert_eq!(json["ratio"], Value::Null);
+    assert_eq!(keys_under(&ns), 0);
+}
+
+#[test]
+fn bad_options_are_refused_before_connecting() {
+    let output = wait(
+        command(&namespace(), &["produce", "--messages", "0"])
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--messages"), "{stderr}");
+}

@@ -464,6 +464,8 @@ pub enum BenchCommand {
     /// Producer throughput and send latency (enqueue to stored), up to
     /// 50,000 messages in flight per producer
     Produce(BenchProduceArgs),
+    /// Send-to-delivery latency through a consumer group at a fixed rate
+    Latency(BenchLatencyArgs),
 }
 
 /// Options every benchmark takes.
@@ -503,6 +505,36 @@ pub struct BenchProduceArgs {
 
     #[command(flatten)]
     pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLatencyArgs {
+    /// Messages per second
+    #[arg(long, value_name = "R", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rate: u64,
+
+    /// Seconds measured, after a 1 s warm-up that is not
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+
+    /// Value size of each message, at least 16 (the sequence number and
+    /// send time it carries), e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_stamp_size)]
+    pub size: u32,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+fn parse_stamp_size(s: &str) -> Result<u32, String> {
+    let size = parse_message_bytes(s)?;
+    if size < 16 {
+        return Err(
+            "must be at least 16 bytes: each message carries its sequence number and send time"
+                .into(),
+        );
+    }
+    Ok(size)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -212,3 +212,63 @@ fn bad_options_are_refused_before_connecting() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--messages"), "{stderr}");
 }
+
+fn assert_counts(side: &Value, sent: u64, what: &str) {
+    assert_eq!(side["sent"], sent, "{what}: {side}");
+    assert_eq!(side["received"], sent, "{what}: {side}");
+    assert_eq!(side["lost"], 0, "{what}: {side}");
+    assert_eq!(side["anomalies"], 0, "{what}: {side}");
+    assert_eq!(side["write_errors"], 0, "{what}: {side}");
+    assert!(assert_number(&side["achieved_rate"], what) > 0.0);
+}
+
+#[test]
+fn latency_with_raw_baseline_reports_json_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "latency",
+            "--rate",
+            "40",
+            "--seconds",
+            "1",
+            "--size",
+            "16",
+            "--compare-raw",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "latency");
+    let settings = &summary["settings"];
+    assert_eq!(settings["rate"], 40);
+    assert_eq!(settings["seconds"], 1);
+    assert_eq!(settings["warm_up_seconds"], 1);
+    assert_eq!(settings["size"], 16);
+    // 40 warm-up messages, then 40 measured ones.
+    for side in ["pubsub", "raw"] {
+        assert_counts(&summary[side], 80, side);
+        assert_latency(&summary[side]["delivery_ms"], 40, side);
+        assert_latency(&summary[side]["ack_ms"], 40, side);
+    }
+    assert_number(&summary["ratio"]["delivery_p50"], "ratio.delivery_p50");
+    assert_number(&summary["ratio"]["delivery_p99"], "ratio.delivery_p99");
+}
+
+#[test]
+fn latency_without_baseline_prints_a_table() {
+    let ns = namespace();
+    let output = wait(
+        command(&ns, &["latency", "--rate", "20", "--seconds", "1"])
+            .spawn()
+            .unwrap(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("20 msgs/s of 100 B for 1 s"), "{text}");
+    assert!(text.contains("pubsub-etcd send→delivery"), "{text}");
+    assert!(!text.contains("put→watch"), "{text}");
+    assert_eq!(keys_under(&ns), 0);
+    let small = wait(command(&ns, &["latency", "--size", "15"]).spawn().unwrap());
+    assert_eq!(small.status.code(), Some(2), "{small:?}");
+    assert!(String::from_utf8_lossy(&small.stderr).contains("at least 16 bytes"));
+}

@@ -7,6 +7,7 @@
 //! benchmark writes far more than the commands a person runs, and must not
 //! leave it behind in someone's namespace.
 
+mod latency;
 mod produce;
 
 use std::io::IsTerminal as _;
@@ -84,6 +85,10 @@ async fn dispatch(
         BenchCommand::Produce(args) => {
             let format = args.options.format;
             render(produce::run(client, &args).await?, namespace, format)
+        }
+        BenchCommand::Latency(args) => {
+            let format = args.options.format;
+            render(latency::run(client, &args).await?, namespace, format)
         }
     }
 }

@@ -464,6 +464,9 @@ pub enum BenchCommand {
     /// Producer throughput and send latency (enqueue to stored), up to
     /// 50,000 messages in flight per producer
     Produce(BenchProduceArgs),
+    /// Catch-up rate of one group member over a backlog it first produces,
+    /// and the peak RSS while catching up
+    Consume(BenchConsumeArgs),
     /// Send-to-delivery latency through a consumer group at a fixed rate
     Latency(BenchLatencyArgs),
 }
@@ -502,6 +505,28 @@ pub struct BenchProduceArgs {
     /// Messages per second over all producers [default: as fast as possible]
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchConsumeArgs {
+    /// Messages in the backlog
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the benchmark topic
+    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// Messages the consumer reads per fetch [default: the library's default]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub fetch_messages: Option<u64>,
 
     #[command(flatten)]
     pub options: BenchOptions,

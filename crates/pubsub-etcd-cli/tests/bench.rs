@@ -272,3 +272,123 @@ fn latency_without_baseline_prints_a_table() {
     assert_eq!(small.status.code(), Some(2), "{small:?}");
     assert!(String::from_utf8_lossy(&small.stderr).contains("at least 16 bytes"));
 }
+
+fn assert_memory(memory: &Value, what: &str) {
+    assert_eq!(memory["peak_reset"], true, "{what}: {memory}");
+    assert!(assert_number(&memory["rss_start_bytes"], what) > 0.0);
+    assert!(assert_number(&memory["peak_rss_bytes"], what) > 0.0);
+}
+
+#[test]
+fn consume_with_raw_baseline_reports_json_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "consume",
+            "--messages",
+            "500",
+            "--size",
+            "40",
+            "--partitions",
+            "3",
+            "--fetch-messages",
+            "50",
+            "--compare-raw",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "consume");
+    let settings = &summary["settings"];
+    assert_eq!(settings["messages"], 500);
+    assert_eq!(settings["size"], 40);
+    assert_eq!(settings["partitions"], 3);
+    assert_eq!(settings["fetch_messages"], 50);
+    assert!(assert_number(&summary["backlog"]["msgs_per_sec"], "backlog") > 0.0);
+    let pubsub = &summary["pubsub"];
+    assert_eq!(pubsub["messages"], 500, "{pubsub}");
+    assert_eq!(pubsub["bytes"], 500 * 40, "{pubsub}");
+    assert_eq!(pubsub["out_of_order"], 0, "{pubsub}");
+    assert!(assert_number(&pubsub["first_message_ms"], "first_message_ms") > 0.0);
+    assert!(assert_number(&pubsub["msgs_per_sec"], "pubsub") > 0.0);
+    assert_memory(&pubsub["memory"], "pubsub");
+    let raw = &summary["raw"];
+    assert_eq!(raw["page"], 32, "{raw}");
+    // At least one batch per partition, and the stored batches hold the values.
+    assert!(raw["keys"].as_u64().unwrap() >= 3, "{raw}");
+    assert!(raw["bytes"].as_u64().unwrap() >= 500 * 40, "{raw}");
+    assert!(raw["requests"].as_u64().unwrap() >= 1, "{raw}");
+    assert_memory(&raw["memory"], "raw");
+    let expected = assert_number(&pubsub["msgs_per_sec"], "pubsub")
+        / assert_number(&raw["msgs_per_sec"], "raw");
+    assert!((assert_number(&summary["ratio"]["msgs_per_sec"], "ratio") - expected).abs() < 1e-9);
+}
+
+#[test]
+fn consume_without_baseline_prints_a_table() {
+    let ns = namespace();
+    let output = wait(
+        command(&ns, &["consume", "--messages", "100"])
+            .spawn()
+            .unwrap(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("backlog of 100 messages of 100 B in 1 partition(s)"),
+        "{text}"
+    );
+    assert!(text.contains("pubsub-etcd catch-up"), "{text}");
+    assert!(!text.contains("range gets  "), "{text}");
+    assert_eq!(keys_under(&ns), 0);
+}
+
+#[test]
+fn a_failing_benchmark_still_deletes_its_namespace() {
+    let ns = namespace();
+    // The topic is created, then the first message is refused as too large.
+    let output = wait(
+        command(&ns, &["produce", "--messages", "10", "--size", "2MiB"])
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("exceeds the limit"), "{stderr}");
+    assert!(stderr.contains("stopped, its keys deleted"), "{stderr}");
+    assert_eq!(keys_under(&ns), 0);
+}
+
+#[test]
+fn an_interrupted_benchmark_deletes_its_namespace() {
+    let ns = namespace();
+    let child = command(
+        &ns,
+        &[
+            "latency",
+            "--rate",
+            "50",
+            "--seconds",
+            "60",
+            "--compare-raw",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while keys_under(&ns) == 0 {
+        assert!(started.elapsed() < DEADLINE, "the benchmark wrote nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let it send for a while, so that deliveries are in flight.
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = wait(child);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(keys_under(&ns), 0);
+}

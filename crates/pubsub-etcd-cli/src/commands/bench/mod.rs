@@ -7,6 +7,7 @@
 //! benchmark writes far more than the commands a person runs, and must not
 //! leave it behind in someone's namespace.
 
+mod consume;
 mod latency;
 mod produce;
 
@@ -58,7 +59,11 @@ pub async fn run(
     let result = match (outcome, cleaned) {
         (Ok(result), Ok(())) => result,
         (Ok(_), Err(cleanup)) => return Err(cleanup),
-        (Err(e), Ok(())) => return Err(e.context(format!("bench namespace {namespace:?} deleted"))),
+        (Err(e), Ok(())) => {
+            return Err(e.context(format!(
+                "bench in namespace {namespace:?} stopped, its keys deleted"
+            )))
+        }
         (Err(e), Err(cleanup)) => {
             return Err(e.context(output::render_error(&cleanup)));
         }
@@ -85,6 +90,10 @@ async fn dispatch(
         BenchCommand::Produce(args) => {
             let format = args.options.format;
             render(produce::run(client, &args).await?, namespace, format)
+        }
+        BenchCommand::Consume(args) => {
+            let format = args.options.format;
+            render(consume::run(client, &args).await?, namespace, format)
         }
         BenchCommand::Latency(args) => {
             let format = args.options.format;

@@ -30,6 +30,9 @@ use crate::output;
 /// ended (e.g. a consumer's last commit after Ctrl-C) are swept once more
 /// after this long.
 const SETTLE: Duration = Duration::from_secs(1);
+/// The longest cleaning up may take: with etcd gone it would wait forever,
+/// and Ctrl-C no longer ends the process once its handler is installed.
+const CLEAN_UP: Duration = Duration::from_secs(30);
 
 /// What a benchmark reports: one JSON object, or text for people.
 trait Summary: Serialize {
@@ -55,7 +58,13 @@ pub async fn run(
         outcome = dispatch(&client, &namespace, command) => outcome,
         () = interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
-    let cleaned = clean_up(&client, &namespace).await;
+    let cleaned = tokio::time::timeout(CLEAN_UP, clean_up(&client, &namespace))
+        .await
+        .map_err(|_| anyhow::anyhow!("etcd did not answer within {CLEAN_UP:?}"))
+        .and_then(|deleted| deleted.map_err(anyhow::Error::from))
+        .with_context(|| {
+            format!("cannot delete the bench namespace; `etcdctl del --prefix {namespace}/` does")
+        });
     let result = match (outcome, cleaned) {
         (Ok(result), Ok(())) => result,
         (Ok(_), Err(cleanup)) => return Err(cleanup),
@@ -129,26 +138,21 @@ async fn interrupted() {
 
 /// Deletes every key of the benchmark's namespace, twice if the first
 /// sweep left some: tasks of a benchmark cut short may still write briefly.
-async fn clean_up(client: &Client, namespace: &str) -> anyhow::Result<()> {
+async fn clean_up(client: &Client, namespace: &str) -> Result<(), etcd_client::Error> {
     let prefix = format!("{namespace}/");
     let mut kv = client.etcd().kv_client();
     let delete = || DeleteOptions::new().with_prefix();
-    kv.delete(prefix.clone(), Some(delete()))
-        .await
-        .with_context(|| format!("cannot delete the bench namespace {namespace:?}"))?;
+    kv.delete(prefix.clone(), Some(delete())).await?;
     let left = kv
         .get(
             prefix.clone(),
             Some(GetOptions::new().with_prefix().with_count_only()),
         )
-        .await
-        .with_context(|| format!("cannot check the bench namespace {namespace:?}"))?
+        .await?
         .count();
     if left > 0 {
         tokio::time::sleep(SETTLE).await;
-        kv.delete(prefix, Some(delete()))
-            .await
-            .with_context(|| format!("cannot delete the bench namespace {namespace:?}"))?;
+        kv.delete(prefix, Some(delete())).await?;
     }
     Ok(())
 }

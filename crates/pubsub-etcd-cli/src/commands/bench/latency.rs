@@ -112,6 +112,12 @@ fn read_stamp(value: &[u8]) -> Option<(u64, u64)> {
     Some((seq, sent))
 }
 
+/// Drops the tasks that have finished: a `JoinSet` keeps them until joined,
+/// which over a long run would hold one per message sent.
+fn reap(tasks: &mut JoinSet<()>) {
+    while tasks.try_join_next().is_some() {}
+}
+
 fn nanos_since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
@@ -267,6 +273,7 @@ async fn pubsub_latency(client: &Client, args: &BenchLatencyArgs) -> anyhow::Res
             Err(e) => acks.failed(seq, e),
         }
         bar.inc(1);
+        reap(&mut pending);
     }
     let achieved_rate = total as f64 / base.elapsed().as_secs_f64();
     while pending.join_next().await.is_some() {}
@@ -346,6 +353,7 @@ async fn raw_latency(client: &Client, args: &BenchLatencyArgs) -> anyhow::Result
             }
         });
         bar.inc(1);
+        reap(&mut pending);
     }
     let achieved_rate = total as f64 / base.elapsed().as_secs_f64();
     while pending.join_next().await.is_some() {}

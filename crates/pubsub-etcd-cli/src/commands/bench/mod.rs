@@ -65,36 +65,28 @@ pub async fn run(
         .with_context(|| {
             format!("cannot delete the bench namespace; `etcdctl del --prefix {namespace}/` does")
         });
-    let result = match (outcome, cleaned) {
-        (Ok(result), Ok(())) => result,
-        (Ok(_), Err(cleanup)) => return Err(cleanup),
-        (Err(e), Ok(())) => {
-            return Err(e.context(format!(
-                "bench in namespace {namespace:?} stopped, its keys deleted"
-            )))
+    match (outcome, cleaned) {
+        (Ok(summary), cleaned) => {
+            // The measurements stand even when the cleanup failed.
+            output::print_text(&summary)?;
+            cleaned
         }
-        (Err(e), Err(cleanup)) => {
-            return Err(e.context(output::render_error(&cleanup)));
-        }
-    };
-    match result {
-        Printed::Json(json) => output::print_text(&format!("{json}\n")),
-        Printed::Text(text) => output::print_text(&text),
+        (Err(e), Ok(())) => Err(e.context(format!(
+            "bench in namespace {namespace:?} stopped, its keys deleted"
+        ))),
+        (Err(e), Err(cleanup)) => Err(anyhow::anyhow!(
+            "{}; {}",
+            output::render_error(&e),
+            output::render_error(&cleanup)
+        )),
     }
-}
-
-/// A finished benchmark's output, rendered before cleaning up so that
-/// nothing is printed for a run whose keys could not be deleted.
-enum Printed {
-    Json(String),
-    Text(String),
 }
 
 async fn dispatch(
     client: &Client,
     namespace: &str,
     command: BenchCommand,
-) -> anyhow::Result<Printed> {
+) -> anyhow::Result<String> {
     match command {
         BenchCommand::Produce(args) => {
             let format = args.options.format;
@@ -111,7 +103,8 @@ async fn dispatch(
     }
 }
 
-fn render<S: Summary>(summary: S, namespace: &str, format: Format) -> anyhow::Result<Printed> {
+/// The summary as printed: one JSON line, or the tables.
+fn render<S: Summary>(summary: S, namespace: &str, format: Format) -> anyhow::Result<String> {
     #[derive(Serialize)]
     struct Document<'a, S> {
         bench: &'static str,
@@ -120,12 +113,15 @@ fn render<S: Summary>(summary: S, namespace: &str, format: Format) -> anyhow::Re
         summary: &'a S,
     }
     Ok(match format {
-        Format::Json => Printed::Json(serde_json::to_string(&Document {
-            bench: S::BENCH,
-            namespace,
-            summary: &summary,
-        })?),
-        Format::Table => Printed::Text(summary.text(namespace)),
+        Format::Json => {
+            let document = Document {
+                bench: S::BENCH,
+                namespace,
+                summary: &summary,
+            };
+            format!("{}\n", serde_json::to_string(&document)?)
+        }
+        Format::Table => summary.text(namespace),
     })
 }
 

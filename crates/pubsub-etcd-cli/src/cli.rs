@@ -524,7 +524,7 @@ pub struct BenchConsumeArgs {
     #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
     pub partitions: u32,
 
-    /// Messages the consumer reads per fetch [default: the library's default]
+    /// Messages the consumer reads per etcd request while catching up [default: 1000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fetch_messages: Option<u64>,
 

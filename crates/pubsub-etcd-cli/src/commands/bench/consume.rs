@@ -318,7 +318,7 @@ impl Summary for ConsumeSummary {
     fn text(&self, namespace: &str) -> String {
         let s = &self.settings;
         let fetch = s.fetch_messages.map_or_else(
-            || "default fetch size".to_string(),
+            || "default fetch (1000 messages)".to_string(),
             |m| format!("fetch {m}"),
         );
         let mut text = format!(

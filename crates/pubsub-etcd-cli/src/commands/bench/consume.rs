@@ -321,9 +321,14 @@ impl Summary for ConsumeSummary {
             || "default fetch (1000 messages)".to_string(),
             |m| format!("fetch {m}"),
         );
+        let raw = if self.raw.is_some() {
+            format!("; raw: range gets of {RAW_PAGE} keys")
+        } else {
+            String::new()
+        };
         let mut text = format!(
             "bench consume: backlog of {} messages of {} B in {} partition(s), 1 group member, \
-             {fetch}; raw: range gets of {RAW_PAGE} keys; namespace {namespace}\n\
+             {fetch}{raw}; namespace {namespace}\n\
              backlog produced at {:.0} msgs/s, {:.2} MB/s ({:.2} s)\n\n",
             s.messages,
             s.size,

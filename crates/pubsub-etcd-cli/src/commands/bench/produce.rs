@@ -276,15 +276,15 @@ impl Summary for ProduceSummary {
             || "as fast as possible".to_string(),
             |r| format!("{r} msgs/s"),
         );
+        let raw = if self.raw.is_some() {
+            format!("; raw: {} puts in flight", s.raw_in_flight)
+        } else {
+            String::new()
+        };
         let mut text = format!(
             "bench produce: {} messages of {} B, {} partitions, {} producer(s) with up to {} \
-             in flight each, {rate}; raw: {} puts in flight; namespace {namespace}\n\n",
-            s.messages,
-            s.size,
-            s.partitions,
-            s.producers,
-            s.in_flight_per_producer,
-            s.raw_in_flight
+             in flight each, {rate}{raw}; namespace {namespace}\n\n",
+            s.messages, s.size, s.partitions, s.producers, s.in_flight_per_producer
         );
         let mut table = Table::new([
             "", "msgs/s", "MB/s", "errors", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms",
@@ -312,7 +312,14 @@ impl Summary for ProduceSummary {
             table.row(cells);
         }
         text.push_str(&table.render());
-        text.push_str("\nLatency: enqueue (raw: put call) to stored. MB = 10^6 bytes of values.\n");
+        let baseline = if self.raw.is_some() {
+            " (raw: put call)"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "\nLatency: enqueue{baseline} to stored. MB = 10^6 bytes of values.\n"
+        ));
         text
     }
 }

@@ -395,3 +395,39 @@ fn an_interrupted_benchmark_deletes_its_namespace() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(keys_under(&ns), 0);
 }
+
+#[test]
+fn every_bench_option_documents_its_default() {
+    for bench in ["produce", "consume", "latency"] {
+        let output = Command::new(BIN)
+            .args(["bench", bench, "--help"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let help = String::from_utf8(output.stdout).unwrap();
+        // The benchmark's own options come before the global sections.
+        let own = help
+            .split_once("Options:")
+            .and_then(|(_, rest)| rest.split_once("Connection:"))
+            .map(|(own, _)| own)
+            .unwrap_or_else(|| panic!("no option sections in: {help}"));
+        let mut options = 0;
+        for entry in own.split("\n      --").skip(1) {
+            let name = entry.split_whitespace().next().unwrap();
+            if name == "help" || name == "version" {
+                continue;
+            }
+            options += 1;
+            // -h and -V start their own entries; cut them off.
+            let entry = entry.split("\n  -").next().unwrap();
+            assert!(
+                entry.contains("[default: "),
+                "bench {bench} --{name} does not say its default:\n{entry}"
+            );
+        }
+        assert!(
+            options >= 4,
+            "bench {bench}: only {options} options in: {own}"
+        );
+    }
+}

@@ -114,6 +114,9 @@ pub enum Command {
     /// Health of etcd and this namespace: members, space, alarms, topics,
     /// groups; exits 1 when an alarm is raised or space runs low
     Status(StatusArgs),
+    /// Measure throughput and latency, optionally next to raw etcd
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
 }
@@ -159,6 +162,7 @@ pub enum Format {
 pub struct MetricsArg {
     /// Serve the library's metrics in the Prometheus text format at
     /// http://ADDR/metrics while the command runs, e.g. 127.0.0.1:9000
+    /// [default: not served]
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -568,6 +572,124 @@ pub enum Shell {
 pub struct CompletionsArgs {
     #[arg(value_enum)]
     pub shell: Shell,
+}
+
+/// Each benchmark runs in a namespace of its own, `<NS>-bench-<random>`,
+/// deleted at the end, also after an error or Ctrl-C.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Producer throughput and send latency (enqueue to stored), up to
+    /// 50,000 messages in flight per producer
+    Produce(BenchProduceArgs),
+    /// Catch-up rate of one group member over a backlog it first produces,
+    /// and the peak RSS while catching up
+    Consume(BenchConsumeArgs),
+    /// Send-to-delivery latency through a consumer group at a fixed rate
+    Latency(BenchLatencyArgs),
+}
+
+/// Options every benchmark takes.
+#[derive(Debug, Args)]
+pub struct BenchOptions {
+    /// Also run the raw etcd baseline (raw puts; put to watch; range gets)
+    /// against the same etcd, and print pubsub-etcd/raw ratios [default: off]
+    #[arg(long)]
+    pub compare_raw: bool,
+
+    /// Output format: a table, or one JSON summary object
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+
+    #[command(flatten)]
+    pub metrics: MetricsArg,
+}
+
+impl BenchCommand {
+    pub fn options(&self) -> &BenchOptions {
+        match self {
+            BenchCommand::Produce(args) => &args.options,
+            BenchCommand::Consume(args) => &args.options,
+            BenchCommand::Latency(args) => &args.options,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchProduceArgs {
+    /// Messages to send, over all producers
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the benchmark topic
+    #[arg(long, value_name = "P", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// Producers sending at once, each with its own batching
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub producers: u32,
+
+    /// Messages per second over all producers [default: as fast as possible]
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchConsumeArgs {
+    /// Messages in the backlog
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the benchmark topic
+    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// Messages the consumer reads per etcd request while catching up [default: 1000]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub fetch_messages: Option<u64>,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLatencyArgs {
+    /// Messages per second
+    #[arg(long, value_name = "R", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rate: u64,
+
+    /// Seconds measured, after a 1 s warm-up that is not
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+
+    /// Value size of each message, at least 16 (the sequence number and
+    /// send time it carries), e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_stamp_size)]
+    pub size: u32,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+fn parse_stamp_size(s: &str) -> Result<u32, String> {
+    let size = parse_message_bytes(s)?;
+    if size < 16 {
+        return Err(
+            "must be at least 16 bytes: each message carries its sequence number and send time"
+                .into(),
+        );
+    }
+    Ok(size)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

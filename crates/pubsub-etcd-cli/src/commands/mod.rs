@@ -1,6 +1,7 @@
 //! What each command does, one module per command group.
 
 mod admin;
+mod bench;
 mod completions;
 mod consume;
 mod context;
@@ -41,10 +42,14 @@ pub async fn run(
     let metrics = match &cli.command {
         Command::Produce(args) => args.metrics.metrics_addr,
         Command::Consume(args) => args.metrics.metrics_addr,
+        Command::Bench(command) => command.options().metrics.metrics_addr,
         _ => None,
     };
     if let Some(addr) = metrics {
         serve_metrics(addr)?;
+    }
+    if let Command::Bench(command) = cli.command {
+        return bench::run(cli.connection, credentials, command).await;
     }
     let client = connect(&cli.connection, credentials).await?;
     let result = match cli.command {
@@ -55,7 +60,7 @@ pub async fn run(
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
         Command::Status(args) => status::run(&client, args).await,
-        Command::Completions(_) | Command::Context(_) => {
+        Command::Completions(_) | Command::Context(_) | Command::Bench(_) => {
             unreachable!("handled before connecting")
         }
     };

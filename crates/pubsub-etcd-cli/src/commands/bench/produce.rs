@@ -1,0 +1,325 @@
+//! `bench produce`: producer throughput and send latency; raw etcd puts as
+//! the baseline.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use pubsub_etcd::{Bytes, Client, NewTopic, Producer, Record};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{
+    cell, histogram, megabytes_per_second, micros_since, progress, ratio, record, share, Pacer,
+    Percentiles, Summary,
+};
+use crate::cli::BenchProduceArgs;
+use crate::output::Table;
+
+const TOPIC: &str = "produce";
+/// Records one producer keeps in flight (enqueued, not yet stored).
+const WINDOW: u32 = 50_000;
+/// Raw puts in flight in the baseline.
+const RAW_IN_FLIGHT: u64 = 64;
+
+#[derive(Debug, Serialize)]
+pub struct ProduceSummary {
+    settings: Settings,
+    pubsub: Throughput,
+    raw: Option<Throughput>,
+    ratio: Option<Ratio>,
+}
+
+#[derive(Debug, Serialize)]
+struct Settings {
+    messages: u64,
+    size: u32,
+    partitions: u32,
+    producers: u32,
+    rate: Option<u64>,
+    in_flight_per_producer: u32,
+    raw_in_flight: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    /// Messages stored.
+    messages: u64,
+    /// Messages that failed.
+    errors: u64,
+    seconds: f64,
+    msgs_per_sec: f64,
+    mb_per_sec: f64,
+    /// Enqueue (or put call) to stored, for each stored message.
+    latency_ms: Percentiles,
+}
+
+/// pubsub-etcd divided by raw etcd.
+#[derive(Debug, Serialize)]
+struct Ratio {
+    msgs_per_sec: Option<f64>,
+    latency_p50: Option<f64>,
+    latency_p99: Option<f64>,
+}
+
+pub async fn run(client: &Client, args: &BenchProduceArgs) -> anyhow::Result<ProduceSummary> {
+    let value = Bytes::from(vec![b'x'; args.size as usize]);
+    client
+        .create_topic(NewTopic::new(TOPIC, args.partitions))
+        .await?;
+    let pubsub = produce(client, args, &value).await?;
+    let raw = if args.options.compare_raw {
+        Some(raw_puts(client, args, &value).await?)
+    } else {
+        None
+    };
+    let ratio = raw.as_ref().map(|raw| Ratio {
+        msgs_per_sec: ratio(pubsub.msgs_per_sec, raw.msgs_per_sec),
+        latency_p50: pubsub
+            .latency_ms
+            .p50
+            .zip(raw.latency_ms.p50)
+            .and_then(|(a, b)| ratio(a, b)),
+        latency_p99: pubsub
+            .latency_ms
+            .p99
+            .zip(raw.latency_ms.p99)
+            .and_then(|(a, b)| ratio(a, b)),
+    });
+    Ok(ProduceSummary {
+        settings: Settings {
+            messages: args.messages,
+            size: args.size,
+            partitions: args.partitions,
+            producers: args.producers,
+            rate: args.rate,
+            in_flight_per_producer: WINDOW,
+            raw_in_flight: RAW_IN_FLIGHT,
+        },
+        pubsub,
+        raw,
+        ratio,
+    })
+}
+
+/// What the tasks of one case share.
+struct Tally {
+    latency: Mutex<Histogram<u64>>,
+    errors: Mutex<(u64, Option<String>)>,
+    progress: ProgressBar,
+}
+
+impl Tally {
+    fn new(len: u64, what: &'static str) -> Arc<Self> {
+        Arc::new(Tally {
+            latency: Mutex::new(histogram()),
+            errors: Mutex::new((0, None)),
+            progress: progress(len, what),
+        })
+    }
+
+    fn failed(&self, error: impl ToString) {
+        let mut errors = self.errors.lock().expect("errors lock");
+        errors.0 += 1;
+        errors.1.get_or_insert_with(|| error.to_string());
+        self.progress.inc(1);
+    }
+
+    fn stored(&self, micros: u64) {
+        record(&self.latency, micros);
+        self.progress.inc(1);
+    }
+
+    fn throughput(&self, started: Instant, size: u32) -> Throughput {
+        self.progress.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let latency = self.latency.lock().expect("histogram lock");
+        let messages = latency.len();
+        let (errors, first) = self.errors.lock().expect("errors lock").clone();
+        if let Some(first) = first {
+            eprintln!("warning: {errors} sends failed; the first: {first}");
+        }
+        Throughput {
+            messages,
+            errors,
+            seconds,
+            msgs_per_sec: messages as f64 / seconds,
+            mb_per_sec: megabytes_per_second(messages * u64::from(size), seconds),
+            latency_ms: Percentiles::of(&latency),
+        }
+    }
+}
+
+async fn produce(
+    client: &Client,
+    args: &BenchProduceArgs,
+    value: &Bytes,
+) -> anyhow::Result<Throughput> {
+    let mut producers = Vec::new();
+    for _ in 0..args.producers {
+        producers.push(client.producer(TOPIC).build().await?);
+    }
+    let tally = Tally::new(args.messages, "produce");
+    let per_producer = args.rate.map(|r| r as f64 / f64::from(args.producers));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, producer) in producers.iter().enumerate() {
+        let count = share(args.messages, u64::from(args.producers), i as u64);
+        tasks.spawn(send(
+            producer.clone(),
+            count,
+            value.clone(),
+            Pacer::new(per_producer),
+            tally.clone(),
+        ));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let throughput = tally.throughput(started, args.size);
+    for producer in producers {
+        producer.close().await?;
+    }
+    if throughput.errors == 0 {
+        // The partitions must hold exactly what was acknowledged.
+        let stored: u64 = client
+            .describe_topic(TOPIC)
+            .await?
+            .partitions
+            .iter()
+            .map(|p| p.next - p.earliest)
+            .sum();
+        anyhow::ensure!(
+            stored == throughput.messages,
+            "{} messages were acknowledged but {stored} are stored",
+            throughput.messages
+        );
+    }
+    Ok(throughput)
+}
+
+/// Sends `count` records, up to `WINDOW` in flight; each one's latency is
+/// taken when its delivery resolves, not when this task gets to it.
+async fn send(
+    producer: Producer,
+    count: u64,
+    value: Bytes,
+    mut pacer: Option<Pacer>,
+    tally: Arc<Tally>,
+) -> anyhow::Result<()> {
+    let window = Arc::new(Semaphore::new(WINDOW as usize));
+    for _ in 0..count {
+        Pacer::tick(&mut pacer).await;
+        let permit = window.clone().acquire_owned().await?;
+        let sent = Instant::now();
+        let delivery = producer.enqueue(Record::new(value.clone())).await?;
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            match delivery.await {
+                Ok(_) => tally.stored(micros_since(sent)),
+                Err(e) => tally.failed(e),
+            }
+            drop(permit);
+        });
+    }
+    // Every delivery has resolved once all permits are back.
+    let _all = window.acquire_many(WINDOW).await?;
+    Ok(())
+}
+
+/// The baseline: one raw put per message, `RAW_IN_FLIGHT` at a time.
+async fn raw_puts(
+    client: &Client,
+    args: &BenchProduceArgs,
+    value: &Bytes,
+) -> anyhow::Result<Throughput> {
+    let tally = Tally::new(args.messages, "raw put");
+    let per_worker = args.rate.map(|r| r as f64 / RAW_IN_FLIGHT as f64);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for worker in 0..RAW_IN_FLIGHT {
+        let count = share(args.messages, RAW_IN_FLIGHT, worker);
+        let mut kv = client.etcd().kv_client();
+        let value = value.to_vec();
+        let prefix = format!("{}/raw-puts/{worker:02}/", client.namespace());
+        let mut pacer = Pacer::new(per_worker);
+        let tally = tally.clone();
+        tasks.spawn(async move {
+            for i in 0..count {
+                Pacer::tick(&mut pacer).await;
+                let sent = Instant::now();
+                match kv
+                    .put(format!("{prefix}{i:012}"), value.clone(), None)
+                    .await
+                {
+                    Ok(_) => tally.stored(micros_since(sent)),
+                    Err(e) => tally.failed(e),
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a raw put task failed")?;
+    }
+    Ok(tally.throughput(started, args.size))
+}
+
+impl Summary for ProduceSummary {
+    const BENCH: &'static str = "produce";
+
+    fn text(&self, namespace: &str) -> String {
+        let s = &self.settings;
+        let rate = s.rate.map_or_else(
+            || "as fast as possible".to_string(),
+            |r| format!("{r} msgs/s"),
+        );
+        let raw = if self.raw.is_some() {
+            format!("; raw: {} puts in flight", s.raw_in_flight)
+        } else {
+            String::new()
+        };
+        let mut text = format!(
+            "bench produce: {} messages of {} B, {} partitions, {} producer(s) with up to {} \
+             in flight each, {rate}{raw}; namespace {namespace}\n\n",
+            s.messages, s.size, s.partitions, s.producers, s.in_flight_per_producer
+        );
+        let mut table = Table::new([
+            "", "msgs/s", "MB/s", "errors", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms",
+        ]);
+        let row = |name: &str, t: &Throughput| {
+            let mut cells = vec![
+                name.to_string(),
+                format!("{:.0}", t.msgs_per_sec),
+                format!("{:.2}", t.mb_per_sec),
+                t.errors.to_string(),
+            ];
+            cells.extend(t.latency_ms.cells());
+            cells
+        };
+        table.row(row("pubsub-etcd", &self.pubsub));
+        if let Some(raw) = &self.raw {
+            table.row(row("raw etcd put", raw));
+            let mut cells = vec![
+                "pubsub/raw".to_string(),
+                cell(ratio(self.pubsub.msgs_per_sec, raw.msgs_per_sec)),
+                cell(ratio(self.pubsub.mb_per_sec, raw.mb_per_sec)),
+                "-".to_string(),
+            ];
+            cells.extend(self.pubsub.latency_ms.ratio(&raw.latency_ms));
+            table.row(cells);
+        }
+        text.push_str(&table.render());
+        let baseline = if self.raw.is_some() {
+            " (raw: put call)"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "\nLatency: enqueue{baseline} to stored. MB = 10^6 bytes of values.\n"
+        ));
+        text
+    }
+}

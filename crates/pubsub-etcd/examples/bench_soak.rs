@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Soak: one producer sends `--rate` messages/s (default 400,000: half of
-//! what bench_produce case (b) measured on a fresh etcd, 892k/s) of `--size`
+//! what one producer measured on a fresh etcd, 892k/s) of `--size`
 //! bytes into a 4-partition topic whose message-count retention (100,000 per
 //! partition) keeps the stored data constant, while a consumer group of two
 //! members follows it. Each payload carries its send time, so every delivery

@@ -1,15 +1,16 @@
 //! `bench produce`: producer throughput and send latency; raw etcd puts as
 //! the baseline.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use pubsub_etcd::{Bytes, Client, NewTopic, Producer, Record};
+use pubsub_etcd::{Bytes, Client, Delivery, NewTopic, Producer, Record};
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
@@ -201,8 +202,11 @@ async fn produce(
     Ok(throughput)
 }
 
-/// Sends `count` records, up to `WINDOW` in flight; each one's latency is
-/// taken when its delivery resolves, not when this task gets to it.
+/// Sends `count` records, up to `WINDOW` in flight. Acknowledgements are
+/// collected in send order, the ready ones after every enqueue, so a
+/// latency is from enqueue to the acknowledgement seen in that order. No
+/// task or future set per message: either cost half the throughput or more
+/// on two cores.
 async fn send(
     producer: Producer,
     count: u64,
@@ -210,23 +214,33 @@ async fn send(
     mut pacer: Option<Pacer>,
     tally: Arc<Tally>,
 ) -> anyhow::Result<()> {
-    let window = Arc::new(Semaphore::new(WINDOW as usize));
+    let mut pending: VecDeque<(Instant, Delivery)> = VecDeque::with_capacity(WINDOW as usize);
+    let settle = |sent: Instant, outcome: pubsub_etcd::Result<(u32, u64)>| match outcome {
+        Ok(_) => tally.stored(micros_since(sent)),
+        Err(e) => tally.failed(e),
+    };
     for _ in 0..count {
         Pacer::tick(&mut pacer).await;
-        let permit = window.clone().acquire_owned().await?;
-        let sent = Instant::now();
-        let delivery = producer.enqueue(Record::new(value.clone())).await?;
-        let tally = tally.clone();
-        tokio::spawn(async move {
-            match delivery.await {
-                Ok(_) => tally.stored(micros_since(sent)),
-                Err(e) => tally.failed(e),
+        while let Some((sent, delivery)) = pending.front_mut() {
+            match delivery.now_or_never() {
+                Some(outcome) => {
+                    settle(*sent, outcome);
+                    pending.pop_front();
+                }
+                None => break,
             }
-            drop(permit);
-        });
+        }
+        if pending.len() >= WINDOW as usize {
+            if let Some((sent, delivery)) = pending.pop_front() {
+                settle(sent, delivery.await);
+            }
+        }
+        let sent = Instant::now();
+        pending.push_back((sent, producer.enqueue(Record::new(value.clone())).await?));
     }
-    // Every delivery has resolved once all permits are back.
-    let _all = window.acquire_many(WINDOW).await?;
+    for (sent, delivery) in pending {
+        settle(sent, delivery.await);
+    }
     Ok(())
 }
 

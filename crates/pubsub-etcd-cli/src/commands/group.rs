@@ -14,20 +14,9 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
             let groups = client.list_groups().await?;
             let mut rows = Vec::with_capacity(groups.len());
             for (group, topics) in &groups {
-                let mut lag = 0u64;
-                let mut members = BTreeSet::new();
-                for topic in topics {
-                    for partition in client.group_lag(topic, group).await? {
-                        lag += partition.lag;
-                        members.extend(partition.owner);
-                    }
-                }
-                let state = if members.is_empty() {
-                    "empty"
-                } else {
-                    "active"
-                };
-                rows.push((group, topics, state, members.len(), lag));
+                let (members, lag) = group_members_and_lag(client, group, topics).await?;
+                let state = if members == 0 { "empty" } else { "active" };
+                rows.push((group, topics, state, members, lag));
             }
             match format.format {
                 Format::Json => {
@@ -286,4 +275,22 @@ fn similar_groups<'a>(name: &str, groups: impl Iterator<Item = &'a String>) -> S
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
+}
+
+/// How many members own partitions of `group` on `topics`, and the group's
+/// total lag over them.
+pub(super) async fn group_members_and_lag(
+    client: &Client,
+    group: &str,
+    topics: &BTreeSet<String>,
+) -> pubsub_etcd::Result<(usize, u64)> {
+    let mut lag = 0u64;
+    let mut owners = BTreeSet::new();
+    for topic in topics {
+        for partition in client.group_lag(topic, group).await? {
+            lag += partition.lag;
+            owners.extend(partition.owner);
+        }
+    }
+    Ok((owners.len(), lag))
 }

@@ -2,12 +2,12 @@
 //! of `nats server check` and `etcdctl endpoint status`, usable as a
 //! monitoring probe: it exits 1 when something needs a person.
 
-use std::collections::BTreeSet;
-
 use pubsub_etcd::Client;
 use serde_json::json;
 
 use super::admin::{alarm_name, member_id};
+use super::group::group_members_and_lag;
+use super::topic::Stored;
 use crate::cli::{Format, StatusArgs};
 use crate::output::{self, or_dash, Table};
 
@@ -68,41 +68,22 @@ pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
     let mut topics = Vec::new();
     for topic in client.list_topics().await? {
         let description = client.describe_topic(&topic.name).await?;
-        let mut stored = 0u64;
-        let mut newest: Option<i64> = None;
-        for p in &description.partitions {
-            stored += p.next - p.earliest;
-            if p.next > p.earliest {
-                let last = client
-                    .fetch(&topic.name, p.partition, p.next - 1, 1)
-                    .await?;
-                if let Some(m) = last.messages.first() {
-                    newest = newest.max(Some(m.timestamp));
-                }
-            }
-        }
+        let stored = Stored::of(client, &description).await?;
         topics.push(json!({
             "name": topic.name,
             "partitions": topic.partitions,
-            "stored_messages": stored,
-            "newest_age_ms": newest.map(|t| (now - t).max(0)),
+            "stored_messages": stored.messages,
+            "newest_age_ms": stored.last_timestamp_ms.map(|t| (now - t).max(0)),
         }));
     }
 
     let mut groups = Vec::new();
     for (group, group_topics) in client.list_groups().await? {
-        let mut lag = 0u64;
-        let mut owners = BTreeSet::new();
-        for topic in &group_topics {
-            for partition in client.group_lag(topic, &group).await? {
-                lag += partition.lag;
-                owners.extend(partition.owner);
-            }
-        }
+        let (members, lag) = group_members_and_lag(client, &group, &group_topics).await?;
         groups.push(json!({
             "group": group,
             "topics": group_topics,
-            "members": owners.len(),
+            "members": members,
             "lag": lag,
         }));
     }

@@ -236,13 +236,16 @@ fn topic_json(topic: &TopicInfo) -> serde_json::Value {
 
 /// What a topic holds now: the offsets still stored (deleted and expired
 /// records inside them are counted too) and the newest message's time.
-struct Stored {
-    messages: u64,
-    last_timestamp_ms: Option<i64>,
+pub(super) struct Stored {
+    pub(super) messages: u64,
+    pub(super) last_timestamp_ms: Option<i64>,
 }
 
 impl Stored {
-    async fn of(client: &Client, description: &TopicDescription) -> anyhow::Result<Stored> {
+    pub(super) async fn of(
+        client: &Client,
+        description: &TopicDescription,
+    ) -> anyhow::Result<Stored> {
         let mut stored = Stored {
             messages: 0,
             last_timestamp_ms: None,

@@ -114,11 +114,31 @@ pub enum Command {
     /// Health of etcd and this namespace: members, space, alarms, topics,
     /// groups; exits 1 when an alarm is raised or space runs low
     Status(StatusArgs),
+    /// Serve a web console of this namespace (read-only unless --allow-writes)
+    Console(ConsoleArgs),
     /// Measure throughput and latency, optionally next to raw etcd
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address to serve the console on; loopback unless told otherwise
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Enable the write endpoints (produce); needs --auth-token
+    #[arg(long)]
+    pub allow_writes: bool,
+    /// Token every write must carry as `Authorization: Bearer TOKEN`
+    #[arg(
+        long,
+        env = "PUBSUB_ETCD_CONSOLE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub auth_token: Option<String>,
 }
 
 #[derive(Debug, Args)]

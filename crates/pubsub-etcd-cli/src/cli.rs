@@ -139,18 +139,27 @@ pub struct ConsoleArgs {
         hide_env_values = true
     )]
     pub auth_token: Option<String>,
+    #[command(flatten)]
+    pub limits: HealthLimits,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    pub limits: HealthLimits,
+    #[command(flatten)]
+    pub format: FormatArg,
+}
+
+/// What `status` and the console's overview judge etcd's health against.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HealthLimits {
     /// etcd's --quota-backend-bytes, which etcd does not report
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "2GiB")]
     pub quota: u64,
-    /// Fail when a member's database leaves less than this share of the quota free, in percent
+    /// Report a problem when a member's database leaves less than this share of the quota free, in percent
     #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
     pub min_headroom: f64,
-    #[command(flatten)]
-    pub format: FormatArg,
 }
 
 #[derive(Debug, Subcommand)]

@@ -121,6 +121,9 @@ fn overview_and_topic_show_what_etcd_holds() {
     assert_eq!(overview["topics"][0]["name"], "t");
     assert_eq!(overview["topics"][0]["partitions"], 3);
     assert!(!overview["etcd"]["members"].as_array().unwrap().is_empty());
+    // The overview is status's report, problems and quota included.
+    assert!(overview["problems"].is_array(), "{overview}");
+    assert_eq!(overview["etcd"]["quota_bytes"], 2u64 << 30);
     let (status, topic) = console.request("GET", "/api/topics/t", &[], "");
     assert_eq!(status, 200, "{topic}");
     assert_eq!(topic["partitions"].as_array().unwrap().len(), 3);

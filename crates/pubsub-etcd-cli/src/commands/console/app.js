@@ -45,8 +45,9 @@ async function overview() {
   const o = await api("/api/overview");
   main.replaceChildren(
     el("h2", "etcd"),
-    table(["member", "endpoint", "leader", "db size", "in use", "error"],
-      o.etcd.members.map((m) => [m.name, m.endpoint, m.leader, m.db_size, m.db_size_in_use, m.error])),
+    el("p", o.problems.length ? "problems: " + o.problems.join("; ") : "no problems"),
+    table(["member", "endpoint", "leader", "db size", "in use", "quota free %", "error"],
+      o.etcd.members.map((m) => [m.name, m.endpoint, m.leader, m.db_size, m.db_size_in_use, m.headroom_pct, m.error])),
     el("p", o.etcd.alarms.length ? "alarms: " + o.etcd.alarms.map((a) => a.alarm).join(", ") : "no alarms"),
     el("h2", "topics (" + o.topics.length + ")"),
     table(["topic", "partitions", "stored messages"],

@@ -19,10 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::admin::{alarm_name, member_id};
-use super::group::group_members_and_lag;
 use super::topic::Stored;
-use crate::cli::ConsoleArgs;
+use crate::cli::{ConsoleArgs, HealthLimits};
 
 const INDEX: &str = include_str!("index.html");
 const APP_JS: &str = include_str!("app.js");
@@ -34,6 +32,7 @@ struct Console {
     client: Client,
     allow_writes: bool,
     token: Option<String>,
+    limits: HealthLimits,
     overview: Mutex<Option<(Instant, Value)>>,
 }
 
@@ -45,6 +44,7 @@ pub async fn run(client: &Client, args: ConsoleArgs) -> anyhow::Result<()> {
         client: client.clone(),
         allow_writes: args.allow_writes,
         token: args.auth_token,
+        limits: args.limits,
         overview: Mutex::new(None),
     });
     let app = router(state);
@@ -114,66 +114,9 @@ async fn overview(State(console): State<Arc<Console>>) -> Result<Json<Value>, Ap
             return Ok(Json(value.clone()));
         }
     }
-    let value = read_overview(&console.client).await?;
+    let (value, _problems) = super::status::report(&console.client, console.limits).await?;
     *cached = Some((Instant::now(), value.clone()));
     Ok(Json(value))
-}
-
-async fn read_overview(client: &Client) -> anyhow::Result<Value> {
-    let history = client.history_status().await?;
-    let alarms = client.alarms().await?;
-    let members: Vec<Value> = history
-        .members
-        .iter()
-        .map(|m| {
-            json!({
-                "member_id": member_id(m.member_id),
-                "name": m.name,
-                "endpoint": m.endpoint,
-                "leader": m.leader,
-                "db_size": m.db_size,
-                "db_size_in_use": m.db_size_in_use,
-                "error": m.error,
-            })
-        })
-        .collect();
-    let mut topics = Vec::new();
-    for topic in client.list_topics().await? {
-        let description = client.describe_topic(&topic.name).await?;
-        let stored: u64 = description
-            .partitions
-            .iter()
-            .map(|p| p.next - p.earliest)
-            .sum();
-        topics.push(json!({
-            "name": topic.name,
-            "partitions": topic.partitions,
-            "stored_messages": stored,
-        }));
-    }
-    let mut groups = Vec::new();
-    for (group, group_topics) in client.list_groups().await? {
-        let (members, lag) = group_members_and_lag(client, &group, &group_topics).await?;
-        groups.push(json!({
-            "group": group,
-            "topics": group_topics,
-            "members": members,
-            "lag": lag,
-        }));
-    }
-    Ok(json!({
-        "namespace": client.namespace(),
-        "etcd": {
-            "revision": history.revision,
-            "members": members,
-            "alarms": alarms.iter().map(|a| json!({
-                "member_id": member_id(a.member_id),
-                "alarm": alarm_name(a.kind),
-            })).collect::<Vec<_>>(),
-        },
-        "topics": topics,
-        "groups": groups,
-    }))
 }
 
 async fn topic(

@@ -248,6 +248,10 @@ mod tests {
                 all.push(keys.owner(topic, group, 0));
                 all.push(keys.offset(topic, group, 0));
             }
+            for queue in ["q", "queues", "q-b"] {
+                all.push(keys.queue_prefix(topic, queue));
+                all.push(keys.queue_partition(topic, queue, 0));
+            }
         }
         all
     }
@@ -263,6 +267,7 @@ mod tests {
             "data",
             "topics",
             "groups",
+            "queues",
             "foo",
             "g",
             "t",

@@ -19,7 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::topic::Stored;
+use super::group::group_lags;
+use super::topic::{describe_json, Stored};
 use crate::cli::{ConsoleArgs, HealthLimits};
 
 const INDEX: &str = include_str!("index.html");
@@ -126,30 +127,14 @@ async fn topic(
     let client = &console.client;
     let description = client.describe_topic(&name).await?;
     let stored = Stored::of(client, &description).await?;
-    Ok(Json(json!({
-        "name": description.topic.name,
-        "partitions": description.partitions,
-        "config": description.topic.config,
-        "created_ms": description.topic.created_ms,
-        "stored_messages": stored.messages,
-        "last_timestamp_ms": stored.last_timestamp_ms,
-    })))
+    Ok(Json(describe_json(&description, &stored)))
 }
 
 async fn group(
     State(console): State<Arc<Console>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let client = &console.client;
-    let topics = client
-        .list_groups()
-        .await?
-        .remove(&name)
-        .ok_or_else(|| pubsub_etcd::Error::GroupNotFound(name.clone()))?;
-    let mut lags = Vec::new();
-    for topic in &topics {
-        lags.extend(client.group_lag(topic, &name).await?);
-    }
+    let lags = group_lags(&console.client, &name, None).await?;
     Ok(Json(json!({ "group": name, "partitions": lags })))
 }
 

@@ -165,18 +165,11 @@ stop_throwaway_etcd() {
     rm -rf -- "$throwaway_state"
 }
 
-# Sets `common_flags` to the flags every etcd the scripts start gets, plus
-# --quota-backend-bytes when $1 is set. Periodic compaction keeps the
-# revision history (and thus the db) bounded on long runs; a small snapshot
-# count keeps the write-ahead log small.
+# Sets `common_flags` to the flags every etcd the scripts start gets (one
+# per line in scripts/lib/etcd-flags, which the test harness reads too),
+# plus --quota-backend-bytes when $1 is set.
 etcd_common_flags() {
-    common_flags=(
-        --auto-compaction-mode=periodic
-        --auto-compaction-retention=10m
-        --snapshot-count=10000
-        --logger=zap
-        --log-outputs=stderr
-    )
+    mapfile -t common_flags < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[0]}")/etcd-flags")
     if [[ -n "${1:-}" ]]; then
         common_flags+=(--quota-backend-bytes="$1")
     fi

@@ -4,36 +4,19 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::etcd_proc::EtcdCluster;
+use common::etcd_proc::{self, EtcdCluster};
 use common::group::send_all;
 use pubsub_etcd::{AutoCommit, Client, Error, NewTopic, Record};
 use tokio::time::timeout;
 
-/// Runs etcdctl against `endpoint` (as root once auth is on).
+/// Runs etcdctl against `endpoint` (as root once auth is on), failing the
+/// test if it fails.
 fn etcdctl(endpoint: &str, root: bool, args: &[&str]) {
-    let mut cmd = Command::new("etcdctl");
-    cmd.arg(format!("--endpoints={endpoint}"));
-    if root {
-        cmd.arg("--user=root:root-secret");
-    }
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ETCDCTL_") {
-            cmd.env_remove(&key);
-        }
-    }
-    let output = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("etcdctl runs");
-    assert!(
-        output.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let user = root.then_some("--user=root:root-secret");
+    let args: Vec<&str> = user.iter().chain(args).copied().collect();
+    etcd_proc::etcdctl_ok(endpoint, &args);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

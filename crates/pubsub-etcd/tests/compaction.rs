@@ -7,11 +7,10 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::etcd_proc::EtcdCluster;
+use common::etcd_proc::{etcdctl_ok, EtcdCluster};
 use common::group::{send_all, within};
 use etcd_client::{EventType, GetOptions};
 use pubsub_etcd::{
@@ -287,26 +286,6 @@ impl Write for Sink {
     }
 }
 
-fn etcdctl(endpoint: &str, args: &[&str]) {
-    let mut cmd = Command::new("etcdctl");
-    cmd.arg(format!("--endpoints={endpoint}"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("ETCDCTL_") {
-            cmd.env_remove(&key);
-        }
-    }
-    let output = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("etcdctl runs");
-    assert!(
-        output.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// A user confined to its namespace by RBAC is refused the coordinating
 /// key: its client logs that once and carries on producing and consuming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,9 +293,9 @@ async fn a_client_refused_by_rbac_logs_once_and_carries_on() {
     let logs = captured_logs();
     let cluster = EtcdCluster::start(1);
     let ep = cluster.endpoint(0);
-    etcdctl(&ep, &["user", "add", "root:root-secret"]);
-    etcdctl(&ep, &["role", "add", "app1"]);
-    etcdctl(
+    etcdctl_ok(&ep, &["user", "add", "root:root-secret"]);
+    etcdctl_ok(&ep, &["role", "add", "app1"]);
+    etcdctl_ok(
         &ep,
         &[
             "role",
@@ -327,9 +306,9 @@ async fn a_client_refused_by_rbac_logs_once_and_carries_on() {
             "app1/",
         ],
     );
-    etcdctl(&ep, &["user", "add", "alice:alice-secret"]);
-    etcdctl(&ep, &["user", "grant-role", "alice", "app1"]);
-    etcdctl(&ep, &["auth", "enable"]);
+    etcdctl_ok(&ep, &["user", "add", "alice:alice-secret"]);
+    etcdctl_ok(&ep, &["user", "grant-role", "alice", "app1"]);
+    etcdctl_ok(&ep, &["auth", "enable"]);
 
     let interval = Duration::from_millis(300);
     let alice = Client::builder([ep.clone()])

@@ -17,18 +17,7 @@ use pubsub_etcd::{
     MAX_NAME_LEN, MAX_PARTITIONS,
 };
 
-use common::ns;
-
-/// Upper bound for any single library call in these tests: a call that takes
-/// longer has hung.
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Awaits `f`, failing the test if it takes longer than [`CALL_TIMEOUT`].
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {CALL_TIMEOUT:?}"))
-}
+use common::{bounded, now_ms, ns};
 
 /// Every message of a partition, read page by page with `fetch`.
 async fn read_all(client: &Client, topic: &str, partition: u32) -> Vec<Message> {
@@ -1285,13 +1274,6 @@ async fn records_round_trip_and_fetch_positions() {
     let fetched = client.fetch("t", 0, 1000, 10).await.unwrap();
     assert!(fetched.messages.is_empty());
     producer.close().await.unwrap();
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,24 +3,20 @@
 
 mod common;
 
-use common::etcd_proc::{ClusterOptions, EtcdCluster};
+use common::etcd_proc::{self, ClusterOptions, EtcdCluster};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-/// Run etcdctl against one endpoint (caller's ETCDCTL_* must not interfere).
+/// etcdctl with a short command timeout: these checks ask paused and
+/// stopped members too, and must give up quickly.
 fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new("etcdctl");
-    cmd.arg(format!("--endpoints={endpoint}"))
-        .args(["--dial-timeout=1s", "--command-timeout=2s"])
-        .args(args)
-        .stdin(Stdio::null());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCDCTL_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.output().expect("run etcdctl")
+    let args: Vec<&str> = ["--command-timeout=2s"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    etcd_proc::etcdctl(endpoint, &args)
 }
 
 fn put(endpoint: &str, key: &str, value: &str) {

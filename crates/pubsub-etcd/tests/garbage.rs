@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
@@ -17,16 +16,7 @@ use pubsub_etcd::{AssignedReader, Bytes, Client, Error, Message, NewTopic, Recor
 
 use common::etcd_proc::EtcdCluster;
 use common::ns::{self, Namespace};
-
-/// Upper bound for any single library call here: longer means it hung.
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Awaits `f`, failing the test if it takes longer than [`CALL_TIMEOUT`].
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {CALL_TIMEOUT:?}"))
-}
+use common::{bounded, CALL_TIMEOUT};
 
 /// Puts `value` at `<ns>/<suffix>` with a raw etcd connection.
 async fn put_raw(client: &Client, ns: &Namespace, suffix: &str, value: impl Into<Vec<u8>>) {

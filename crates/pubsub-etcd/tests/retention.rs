@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use common::group::send_all;
+use common::now_ms;
 use common::ns::Namespace;
 use pubsub_etcd::{
     AutoCommit, CleanupPolicy, Client, Event, Message, NewTopic, Producer, Record, StartOffset,
@@ -403,7 +404,7 @@ async fn retention_age_and_sweep_after_config_change() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = batch_producer(&client, "t").await;
-    let old = pubsub_now() - 3_600_000;
+    let old = now_ms() - 3_600_000;
     for _ in 0..3 {
         send_one_batch(
             &producer,
@@ -457,13 +458,6 @@ async fn retention_age_and_sweep_after_config_change() {
         (report.partitions[0].earliest, report.partitions[0].next),
         (18, 25)
     );
-}
-
-fn pubsub_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Records with a time to live disappear at their deadline while a reader

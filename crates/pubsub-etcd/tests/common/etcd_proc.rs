@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -255,13 +255,8 @@ impl EtcdCluster {
             format!("--initial-cluster={initial_cluster}"),
             format!("--initial-cluster-state={cluster_state}"),
             format!("--initial-cluster-token={}", self.token),
-            // Same as scripts/etcd-up.sh.
-            "--auto-compaction-mode=periodic".into(),
-            "--auto-compaction-retention=10m".into(),
-            "--snapshot-count=10000".into(),
-            "--logger=zap".into(),
-            "--log-outputs=stderr".into(),
         ];
+        args.extend(common_flags());
         if let Some(q) = self.opts.quota_backend_bytes {
             args.push(format!("--quota-backend-bytes={q}"));
         }
@@ -445,6 +440,41 @@ fn spawn_watchdog(root: &Path) -> Option<Child> {
         .stderr(Stdio::null())
         .spawn()
         .ok()
+}
+
+/// The flags the scripts give every etcd too (scripts/lib/etcd-flags).
+fn common_flags() -> impl Iterator<Item = String> {
+    include_str!("../../../../scripts/lib/etcd-flags")
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(String::from)
+}
+
+/// Runs etcdctl against `endpoint` with `args` (later flags override the
+/// defaults given here) and returns what it printed.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.arg(format!("--endpoints={endpoint}"))
+        .args(["--dial-timeout=1s", "--command-timeout=10s"])
+        .args(args)
+        .stdin(Stdio::null());
+    clean_env(&mut cmd);
+    cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run `etcdctl` ({e}); install it with scripts/install-deps.sh")
+    })
+}
+
+/// [`etcdctl`], failing the test with etcdctl's error output unless it
+/// succeeded.
+pub fn etcdctl_ok(endpoint: &str, args: &[&str]) -> Output {
+    let output = etcdctl(endpoint, args);
+    assert!(
+        output.status.success(),
+        "etcdctl {args:?} at {endpoint}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// etcd and etcdctl read `ETCD_*` / `ETCDCTL_*` variables as configuration;

@@ -5,6 +5,7 @@
 //! [`Namespace`] deletes every key under `<ns>/`, also when the test panics,
 //! so tests can run in parallel and leave nothing behind.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pubsub_etcd::Client;
@@ -63,6 +64,9 @@ impl Default for Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
+        if NO_ETCD.load(Ordering::Relaxed) {
+            return;
+        }
         // A thread with its own runtime: blocking on the cleanup is then safe
         // from inside any tokio runtime (even a current-thread one, which
         // cannot drive a future while it is blocked here).
@@ -105,14 +109,32 @@ pub fn delete_prefix_blocking(prefix: &str) -> Result<(), String> {
     })
 }
 
+/// Set once a test found no etcd, so that dropping namespaces does not add
+/// a cleanup warning per test to the one message that matters.
+static NO_ETCD: AtomicBool = AtomicBool::new(false);
+
 /// A client for an existing namespace (e.g. one a parent test process
-/// created), with default settings. Panics when etcd is unreachable.
+/// created), with default settings. When etcd is unreachable the test fails
+/// with how to run the suite, since a plain `cargo test` starts no etcd.
 pub async fn connect(namespace: &str) -> Client {
-    Client::builder(endpoints())
+    match Client::builder(endpoints())
         .namespace(namespace)
         .connect()
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to etcd at {:?}: {e}", endpoints()))
+    {
+        Ok(client) => client,
+        Err(e) => {
+            NO_ETCD.store(true, Ordering::Relaxed);
+            panic!(
+                "no etcd answers at {:?} ({e}).\n\
+                 These tests need a real etcd. Either run `scripts/test.sh`, which installs \
+                 etcd, starts a throwaway one and runs the whole suite, or start one with \
+                 `scripts/etcd-up.sh` (it prints its endpoint) and run \
+                 `PUBSUB_ETCD_ENDPOINTS=<endpoint> cargo test`.",
+                endpoints()
+            )
+        }
+    }
 }
 
 /// A client in a fresh namespace, and the guard that deletes it on drop.

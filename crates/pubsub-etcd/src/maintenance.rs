@@ -142,10 +142,10 @@ impl Client {
     /// deletion, truncation and retention freed.
     ///
     /// Defragmentation blocks the member it runs on for a moment (reads and
-    /// writes to it wait); prefer running it when load is low. Members are
-    /// reached through their advertised client URLs; when the client was
-    /// built with TLS or authentication, only a single-member cluster can be
-    /// defragmented through this client (other members report an `error`).
+    /// writes to it wait); prefer running it when load is low. Each member is
+    /// reached alone through its advertised client URL, with this client's
+    /// TLS settings and credentials; a member that cannot be reached reports
+    /// an `error` and the others are still defragmented.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn compact_history(&self, defrag: bool) -> Result<CompactReport> {
         let members = self.maintenance_members().await?;

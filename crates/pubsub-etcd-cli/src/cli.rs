@@ -46,19 +46,36 @@ pub struct ConnectionArgs {
     pub namespace: String,
 
     /// CA certificate (PEM) to verify etcd with; enables TLS
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, env = "PUBSUB_ETCD_CACERT", value_name = "FILE")]
     pub cacert: Option<PathBuf>,
 
     /// Client certificate (PEM) for TLS client authentication; needs --key
-    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    #[arg(
+        long,
+        global = true,
+        env = "PUBSUB_ETCD_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
     pub cert: Option<PathBuf>,
 
     /// Private key (PEM) of --cert
-    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    #[arg(
+        long,
+        global = true,
+        env = "PUBSUB_ETCD_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
     pub key: Option<PathBuf>,
 
     /// etcd user; without ":PASSWORD" the password comes from $PUBSUB_ETCD_PASSWORD
-    #[arg(long, global = true, value_name = "NAME[:PASSWORD]")]
+    #[arg(
+        long,
+        global = true,
+        env = "PUBSUB_ETCD_USER",
+        value_name = "NAME[:PASSWORD]"
+    )]
     pub user: Option<String>,
 
     /// Connection settings saved under this name in the config file

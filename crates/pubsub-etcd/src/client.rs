@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,18 @@ use crate::keys::Keys;
 
 /// Environment variable with comma-separated etcd endpoints.
 pub const ENDPOINTS_ENV: &str = "PUBSUB_ETCD_ENDPOINTS";
+/// The namespace, read by [`ClientBuilder::from_env`] and the CLI.
+pub const NAMESPACE_ENV: &str = "PUBSUB_ETCD_NAMESPACE";
+/// The etcd user as `NAME` or `NAME:PASSWORD`.
+pub const USER_ENV: &str = "PUBSUB_ETCD_USER";
+/// The password of a user given without one.
+pub const PASSWORD_ENV: &str = "PUBSUB_ETCD_PASSWORD";
+/// The CA certificate (PEM file) that enables TLS.
+pub const CACERT_ENV: &str = "PUBSUB_ETCD_CACERT";
+/// The client certificate (PEM file) for TLS client authentication.
+pub const CERT_ENV: &str = "PUBSUB_ETCD_CERT";
+/// The private key (PEM file) of the client certificate.
+pub const KEY_ENV: &str = "PUBSUB_ETCD_KEY";
 /// The endpoint used when none is given.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
 /// The namespace used when none is given.
@@ -91,6 +104,69 @@ impl ClientBuilder {
             max_response_bytes: 256 * 1024 * 1024,
             auto_compaction: AutoCompaction::default(),
         }
+    }
+
+    /// A builder set up from the environment, the same variables the CLI
+    /// reads: the endpoints of [`ENDPOINTS_ENV`] (default
+    /// [`DEFAULT_ENDPOINT`]), [`NAMESPACE_ENV`], [`USER_ENV`] (`NAME` or
+    /// `NAME:PASSWORD`, the password otherwise from [`PASSWORD_ENV`]),
+    /// [`CACERT_ENV`], and [`CERT_ENV`] with [`KEY_ENV`]. Unset or empty
+    /// variables keep the defaults.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the variable when only one of
+    /// [`CERT_ENV`] and [`KEY_ENV`] is set, or a user has no password.
+    pub fn from_env() -> Result<ClientBuilder> {
+        Self::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<ClientBuilder> {
+        let endpoints = var(ENDPOINTS_ENV)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .filter(|e: &Vec<String>| !e.is_empty())
+            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()]);
+        let mut builder = ClientBuilder::new(endpoints);
+        if let Some(namespace) = var(NAMESPACE_ENV) {
+            builder = builder.namespace(namespace);
+        }
+        if let Some(ca) = var(CACERT_ENV) {
+            builder = builder.ca_cert(ca);
+        }
+        match (var(CERT_ENV), var(KEY_ENV)) {
+            (Some(cert), Some(key)) => builder = builder.client_cert(cert, key),
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::InvalidConfig(format!(
+                    "{CERT_ENV} is set but {KEY_ENV} is not"
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidConfig(format!(
+                    "{KEY_ENV} is set but {CERT_ENV} is not"
+                )))
+            }
+        }
+        if let Some(user) = var(USER_ENV) {
+            let (name, password) = match user.split_once(':') {
+                Some((name, password)) => (name.to_string(), password.to_string()),
+                None => match var(PASSWORD_ENV) {
+                    Some(password) => (user, password),
+                    None => {
+                        return Err(Error::InvalidConfig(format!(
+                            "{USER_ENV} names user {user:?} without a password, and {PASSWORD_ENV} is not set"
+                        )))
+                    }
+                },
+            };
+            builder = builder.user(name, password);
+        }
+        Ok(builder)
     }
 
     /// The prefix under which every key of the library lives, so that
@@ -227,7 +303,7 @@ impl ClientBuilder {
         let watch = etcd
             .watch_client()
             .max_decoding_message_size(self.max_response_bytes);
-        let client = Client {
+        let client = ClientInner {
             etcd,
             kv,
             watch,
@@ -266,17 +342,17 @@ impl ClientBuilder {
         );
         // The task's own client holds an idle handle, not the one it is
         // stopped by, so it does not keep itself alive.
-        let task_client = Client {
+        let task_client = Client::from(ClientInner {
             request_timeout: self.request_timeout,
             ..client.clone()
-        };
+        });
         let compactor = Arc::new(Compactor::spawn(task_client, self.auto_compaction));
-        Ok(Client {
+        Ok(Client::from(ClientInner {
             request_timeout: self.request_timeout,
             _alive: alive,
             compactor,
             ..client
-        })
+        }))
     }
 }
 
@@ -303,10 +379,40 @@ pub fn redact_endpoint(endpoint: &str) -> String {
     }
 }
 
-/// A connection to etcd, scoped to one namespace. Cheap to clone: clones
-/// share the underlying connection.
+/// A connection to etcd, scoped to one namespace. A cheap handle (one
+/// pointer): clones share the connection, the settings and the background
+/// tasks.
 #[derive(Clone)]
 pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+// Lets the crate's modules read the shared settings as `client.kv`,
+// `client.keys`, ... ClientInner is `pub` only because a trait impl may not
+// name a crate-private type; it lives in a private module, so no user can
+// name it, and its fields and methods are crate-private.
+#[doc(hidden)]
+impl Deref for Client {
+    type Target = ClientInner;
+
+    fn deref(&self) -> &ClientInner {
+        &self.inner
+    }
+}
+
+impl From<ClientInner> for Client {
+    fn from(inner: ClientInner) -> Client {
+        Client {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// What a [`Client`] handle points to. Built by the builder and by
+/// [`Client::own_connection`], never changed afterwards.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // printed through Client's Debug
+pub struct ClientInner {
     /// For leases, maintenance and anything without a dedicated client below.
     pub(crate) etcd: etcd_client::Client,
     /// KV client with the raised response limit.
@@ -364,7 +470,7 @@ impl Client {
                 ),
             )
             .await?;
-        Ok(Client {
+        Ok(Client::from(ClientInner {
             kv: etcd
                 .kv_client()
                 .max_decoding_message_size(self.connection.max_response_bytes),
@@ -372,8 +478,8 @@ impl Client {
                 .watch_client()
                 .max_decoding_message_size(self.connection.max_response_bytes),
             etcd,
-            ..self.clone()
-        })
+            ..ClientInner::clone(self)
+        }))
     }
 
     /// Starts configuring a client for these etcd endpoints
@@ -382,9 +488,14 @@ impl Client {
         ClientBuilder::new(endpoints.into_iter().map(Into::into).collect())
     }
 
-    /// Connects to the endpoints of `PUBSUB_ETCD_ENDPOINTS` with default settings.
+    /// Connects as [`ClientBuilder::from_env`] describes: the endpoints,
+    /// namespace, user and TLS files of the `PUBSUB_ETCD_*` variables the
+    /// CLI reads too, and defaults for everything else.
+    ///
+    /// # Errors
+    /// Those of [`ClientBuilder::from_env`] and [`ClientBuilder::connect`].
     pub async fn connect_from_env() -> Result<Client> {
-        Client::builder(endpoints_from_env()).connect().await
+        ClientBuilder::from_env()?.connect().await
     }
 
     /// The namespace this client works in.
@@ -410,7 +521,9 @@ impl Client {
     pub fn auto_compacting(&self) -> bool {
         self.compactor.is_running()
     }
+}
 
+impl ClientInner {
     /// A range read under the request timeout, made once more when its
     /// outcome was unknown and there is another endpoint to reach: a read is
     /// safe to repeat, and the first attempt may have gone to a member that
@@ -463,7 +576,56 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_endpoint;
+    use super::*;
+
+    #[test]
+    fn a_client_is_a_cheap_handle() {
+        assert!(std::mem::size_of::<Client>() <= 64);
+    }
+
+    fn builder_from(vars: &[(&str, &str)]) -> Result<ClientBuilder> {
+        ClientBuilder::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn the_environment_gives_endpoints_namespace_user_and_tls() {
+        let builder = builder_from(&[
+            (ENDPOINTS_ENV, "a:1, b:2"),
+            (NAMESPACE_ENV, "app"),
+            (USER_ENV, "alice"),
+            (PASSWORD_ENV, "secret"),
+            (CACERT_ENV, "/ca.pem"),
+            (CERT_ENV, "/c.pem"),
+            (KEY_ENV, "/k.pem"),
+        ])
+        .unwrap();
+        assert_eq!(builder.endpoints, ["a:1", "b:2"]);
+        assert_eq!(builder.namespace, "app");
+        assert_eq!(builder.user, Some(("alice".into(), "secret".into())));
+        assert_eq!(builder.ca_cert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(
+            builder.client_identity,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let inline = builder_from(&[(USER_ENV, "bob:pw:with:colons")]).unwrap();
+        assert_eq!(inline.user, Some(("bob".into(), "pw:with:colons".into())));
+        let defaults = builder_from(&[]).unwrap();
+        assert_eq!(defaults.endpoints, [DEFAULT_ENDPOINT]);
+        assert_eq!(defaults.namespace, DEFAULT_NAMESPACE);
+        assert!(defaults.user.is_none() && defaults.ca_cert.is_none());
+    }
+
+    #[test]
+    fn half_a_setting_in_the_environment_is_refused_by_name() {
+        let err = builder_from(&[(CERT_ENV, "/c.pem")]).unwrap_err();
+        assert!(err.to_string().contains(KEY_ENV), "{err}");
+        let err = builder_from(&[(USER_ENV, "alice")]).unwrap_err();
+        assert!(err.to_string().contains(PASSWORD_ENV), "{err}");
+    }
 
     #[test]
     fn credentials_in_endpoints_are_redacted() {

@@ -163,8 +163,9 @@ mod topic;
 
 pub use bytes::Bytes;
 pub use client::{
-    endpoints_from_env, redact_endpoint, Client, ClientBuilder, DEFAULT_ENDPOINT,
-    DEFAULT_NAMESPACE, ENDPOINTS_ENV,
+    endpoints_from_env, redact_endpoint, Client, ClientBuilder, CACERT_ENV, CERT_ENV,
+    DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV, KEY_ENV, NAMESPACE_ENV, PASSWORD_ENV,
+    USER_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};

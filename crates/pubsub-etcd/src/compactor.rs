@@ -387,7 +387,7 @@ impl Participant {
 
 fn is_permission_denied(error: &Error) -> bool {
     matches!(error, Error::Etcd { source, .. }
-        if matches!(source.as_ref(), etcd_client::Error::GRpcStatus(s)
+        if matches!(source.inner(), etcd_client::Error::GRpcStatus(s)
             if s.code() == tonic::Code::PermissionDenied))
 }
 

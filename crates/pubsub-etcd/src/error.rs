@@ -96,7 +96,7 @@ pub enum Error {
         op: &'static str,
         detail: String,
         #[source]
-        source: Arc<etcd_client::Error>,
+        source: EtcdError,
     },
 
     /// A stored value that this version cannot read.
@@ -150,6 +150,30 @@ pub enum Error {
     },
 }
 
+/// The error etcd or the connection to it reported, as the etcd client
+/// library gave it. Opaque, so that the etcd client's version is not part of
+/// this crate's API: print it, or follow [`std::error::Error::source`].
+#[derive(Debug, Clone)]
+pub struct EtcdError(Arc<etcd_client::Error>);
+
+impl EtcdError {
+    pub(crate) fn inner(&self) -> &etcd_client::Error {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for EtcdError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 impl Error {
     /// Wraps an etcd-client error, recognising the few that callers act on.
     pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> Self {
@@ -167,7 +191,7 @@ impl Error {
         Error::Etcd {
             op,
             detail,
-            source: Arc::new(source),
+            source: EtcdError(Arc::new(source)),
         }
     }
 
@@ -177,7 +201,7 @@ impl Error {
     pub fn is_outcome_unknown(&self) -> bool {
         match self {
             Error::Timeout { .. } => true,
-            Error::Etcd { source, .. } => match source.as_ref() {
+            Error::Etcd { source, .. } => match source.inner() {
                 etcd_client::Error::GRpcStatus(status) => matches!(
                     status.code(),
                     tonic::Code::Unavailable

@@ -169,7 +169,7 @@ pub use client::{
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
-pub use error::{Error, Result};
+pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
 pub use group::{PartitionLag, StartOffset};
 pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};

@@ -211,12 +211,6 @@ impl Member {
         Ok(())
     }
 
-    fn group_prefix(&self) -> String {
-        self.client
-            .keys
-            .group_prefix(&self.name, &self.config.group)
-    }
-
     fn members_prefix(&self) -> String {
         self.client
             .keys
@@ -231,7 +225,6 @@ impl Member {
 
     /// Reads the members and owners, then watches them from that revision.
     async fn relist(&mut self) -> Result<()> {
-        let prefix = self.group_prefix();
         let members = self.members_prefix();
         let owners = self.owners_prefix();
         let txn = Txn::new().and_then([
@@ -267,14 +260,29 @@ impl Member {
                 }
             }
         }
-        let options = WatchOptions::new()
-            .with_range(prefix_end(&prefix))
-            .with_start_revision(revision + 1);
-        let watch = self
+        // Two watches on one stream rather than one over the group: the
+        // group's `offsets/` sit between them, and a watch over it would
+        // wake every member on every commit of any member.
+        let from = |prefix: &str| {
+            WatchOptions::new()
+                .with_range(prefix_end(prefix))
+                .with_start_revision(revision + 1)
+        };
+        let owners_options = from(&owners);
+        let mut watch = self
             .client
             .timed(
-                "watch group",
-                self.client.watch.clone().watch(prefix, Some(options)),
+                "watch group members",
+                self.client
+                    .watch
+                    .clone()
+                    .watch(members.clone(), Some(from(&members))),
+            )
+            .await?;
+        self.client
+            .timed(
+                "watch group owners",
+                watch.watch(owners, Some(owners_options)),
             )
             .await?;
         self.watch = Some(watch);
@@ -358,6 +366,7 @@ impl Member {
                     dirty = true;
                     match message {
                         Ok(Some(response)) if !response.canceled() => {
+                            telemetry::membership_events(&self.name, &self.config.group, response.events().len());
                             self.apply(&response);
                             if !self.lost.is_empty() {
                                 let lost = std::mem::take(&mut self.lost);

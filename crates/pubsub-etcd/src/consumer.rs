@@ -1,137 +1,36 @@
 //! Consuming: the group [`Consumer`] (a member that reads the partitions it
-//! owns), its policies ([`AutoCommit`], [`StartOffset`]), rebalance
-//! [`Event`]s, fenced commits, and the group-less [`AssignedReader`].
+//! owns) with its [`ConsumerBuilder`], and the group-less [`AssignedReader`].
 //!
 //! The consumer is the application-facing half of a member; the other half,
-//! a background task in `member`, keeps the lease alive, balances partitions
-//! and runs one reader task per owned partition. Both halves share a
-//! [`MemberState`]: which partitions are owned under which epoch, how long
-//! the lease is known to be valid, and what has been delivered.
+//! a background task in `group::member`, keeps the lease alive, balances
+//! partitions and runs one reader task per owned partition. Both halves
+//! share a `group::MemberState`: which partitions are owned under which
+//! epoch, how long the lease is known to be valid, and what has been
+//! delivered. Commits go through the member's `group::Committer`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::group::{check_partition, StartOffset};
-use crate::member::{Control, Member};
+use crate::group::{
+    check_partition, Ack, AutoCommit, Committer, Control, Event, Member, MemberConfig, MemberState,
+    Notice, StartOffset,
+};
 use crate::reader::{watch_topic, Envelope, ReaderSpec};
 use crate::record::Message;
 use crate::telemetry;
 use crate::topic::{topic_arc, validate_group_name};
 
-/// When a consumer commits on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AutoCommit {
-    /// Only explicit commits; a revoked or closed partition keeps its last
-    /// explicit commit.
-    Disabled,
-    /// Every interval, and when a partition is revoked or the consumer
-    /// closes, commit everything the application has taken.
-    Interval(Duration),
-    /// Commit each message when the application asks for the next one (it
-    /// has then handled the previous one): at-least-once with at most one
-    /// message redelivered, at the cost of one etcd write per message.
-    EveryMessage,
-}
-
-impl Default for AutoCommit {
-    fn default() -> Self {
-        AutoCommit::Interval(Duration::from_secs(5))
-    }
-}
-
-/// What a consumer yields: messages, and changes to what it owns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Event {
-    /// A message of an owned partition.
-    Message(Message),
-    /// These partitions are now owned; their messages follow.
-    Assigned(Vec<u32>),
-    /// These partitions are about to be released: no more of their
-    /// messages follow. They are released when the application next asks
-    /// for an event, so it can commit or flush first.
-    Revoking(Vec<u32>),
-    /// The group's committed offset on `partition` was below the earliest
-    /// stored message (retention or truncation removed what it had not
-    /// read): reading resumes at `resumed_at`.
-    OffsetReset {
-        partition: u32,
-        committed: u64,
-        resumed_at: u64,
-    },
-    /// These partitions were lost without a handover (the lease expired,
-    /// e.g. after a long pause): commits for them are refused and their
-    /// undelivered messages are dropped.
-    Lost(Vec<u32>),
-}
-
-/// A partition this member owns.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Claim {
-    /// Tags the messages of this ownership; a new claim gets a new epoch.
-    pub(crate) epoch: u64,
-    /// Create revision of the owner key: fences commits to this claim.
-    pub(crate) owner_revision: i64,
-    /// The offset reading started from under this claim (or the last
-    /// seek): a message below it was delivered under an earlier claim.
-    pub(crate) start: u64,
-    /// The group's committed offset when this claim was made (0 without
-    /// one): written by an earlier claim, so no commit under this one may
-    /// go below it.
-    pub(crate) floor: u64,
-    /// The application acknowledged this claim's revocation: still owned
-    /// until the member releases it, but nothing more of it is delivered.
-    pub(crate) revoked: bool,
-    /// Announced with `Assigned`: the claim pass it belongs to is over.
-    pub(crate) assigned: bool,
-}
-
-/// A rebalance event on its way to the application; `ack` (if any) is
-/// answered when the application comes back for the next event, i.e. has
-/// handled this one.
-#[derive(Debug)]
-pub(crate) struct Notice {
-    pub(crate) event: Event,
-    pub(crate) ack: Option<Ack>,
-}
-
-/// The acknowledgement of a `Revoking`, naming the claims it revokes (by
-/// owner revision): a notice still unread when its partitions were lost
-/// and claimed again must not revoke the new claims.
-#[derive(Debug)]
-pub(crate) struct Ack {
-    pub(crate) claims: Vec<(u32, i64)>,
-    pub(crate) done: oneshot::Sender<()>,
-}
-
 /// Upper bounds of the builder's sizes and durations: far above any sane
 /// setting, low enough that no arithmetic on them overflows.
 const MAX_BUFFER: usize = 1 << 20;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-/// State shared by the consumer front and the member task. A std mutex:
-/// it is never held across an await.
-#[derive(Debug)]
-pub(crate) struct MemberState {
-    pub(crate) owned: HashMap<u32, Claim>,
-    /// Past this instant the lease may have expired: deliver and commit
-    /// nothing until it is renewed.
-    pub(crate) lease_valid_until: Instant,
-    /// Per owned partition: the offset after the last delivered message.
-    pub(crate) positions: HashMap<u32, u64>,
-    /// Per owned partition: the last offset committed by this member.
-    pub(crate) committed: HashMap<u32, u64>,
-}
 
 /// Configures a group [`Consumer`]; every setting has a documented default.
 #[derive(Debug, Clone)]
@@ -223,14 +122,17 @@ impl ConsumerBuilder {
         let (queue_tx, queue_rx) = mpsc::channel(self.buffer);
         let (events_tx, events_rx) = mpsc::channel(64);
         let (control_tx, control_rx) = mpsc::channel(16);
-        let shared = Arc::new(Mutex::new(MemberState {
-            owned: HashMap::new(),
-            lease_valid_until: Instant::now(),
-            positions: HashMap::new(),
-            committed: HashMap::new(),
-        }));
+        let shared = Arc::new(MemberState::new());
+        let config = MemberConfig {
+            client: self.client.clone(),
+            group: self.group.clone(),
+            session_ttl: self.session_ttl,
+            start: self.start,
+            auto_commit: self.auto_commit,
+            page: self.page,
+        };
         let member = Member::join(
-            self.clone(),
+            config,
             topic,
             member_id.clone(),
             shared.clone(),
@@ -240,9 +142,11 @@ impl ConsumerBuilder {
         )
         .await?;
         let control = member.client();
+        let committer = member.committer();
         let task = tokio::spawn(member.run());
         Ok(Consumer {
             client: control,
+            committer,
             topic: topic_arc(&self.topic),
             group: self.group,
             member_id,
@@ -311,7 +215,8 @@ pub struct Consumer {
     /// Rebalance notices; read before messages.
     events: mpsc::Receiver<Notice>,
     events_open: bool,
-    shared: Arc<Mutex<MemberState>>,
+    shared: Arc<MemberState>,
+    committer: Committer,
     control: mpsc::Sender<Control>,
     task: Option<JoinHandle<()>>,
     /// The partitions of the last `Revoking` and its acknowledgement, sent
@@ -333,15 +238,7 @@ impl Consumer {
     /// over (claiming hundreds of partitions takes a while), so a partly
     /// claimed share never looks like the whole of it.
     pub fn assignment(&self) -> Vec<u32> {
-        let state = self.shared.lock().expect("member state lock");
-        let mut owned: Vec<u32> = state
-            .owned
-            .iter()
-            .filter(|(_, claim)| claim.assigned)
-            .map(|(p, _)| *p)
-            .collect();
-        owned.sort_unstable();
-        owned
+        self.shared.assignment()
     }
 
     /// The next message or rebalance event. `None` once the consumer is
@@ -376,7 +273,10 @@ impl Consumer {
             };
             match item {
                 Envelope::Message { message, epoch } => {
-                    if !self.deliverable(message.partition, epoch, Some(message.offset)) {
+                    if !self
+                        .shared
+                        .deliver(message.partition, epoch, message.offset)
+                    {
                         continue;
                     }
                     if self.auto_commit == AutoCommit::EveryMessage {
@@ -389,11 +289,7 @@ impl Consumer {
                     if let Error::TopicDeleted(_) = error {
                         return Some(Err(error));
                     }
-                    let owned = {
-                        let state = self.shared.lock().expect("member state lock");
-                        state.owned.values().any(|c| c.epoch == epoch)
-                    };
-                    if owned {
+                    if self.shared.owns_epoch(epoch) {
                         return Some(Err(error));
                     }
                 }
@@ -405,15 +301,7 @@ impl Consumer {
     /// the member release them.
     fn acknowledge_revocation(&mut self) {
         if let Some(ack) = self.pending_ack.take() {
-            let mut state = self.shared.lock().expect("member state lock");
-            for (partition, revision) in ack.claims {
-                if let Some(claim) = state.owned.get_mut(&partition) {
-                    if claim.owner_revision == revision {
-                        claim.revoked = true;
-                    }
-                }
-            }
-            drop(state);
+            self.shared.revoked(&ack.claims);
             let _ = ack.done.send(());
         }
     }
@@ -437,32 +325,9 @@ impl Consumer {
         })
     }
 
-    /// True when a message of `partition` read under `epoch` may be handed
-    /// to the application now; records its position if so.
-    fn deliverable(&self, partition: u32, epoch: u64, offset: Option<u64>) -> bool {
-        let mut state = self.shared.lock().expect("member state lock");
-        let valid = Instant::now() < state.lease_valid_until
-            && state
-                .owned
-                .get(&partition)
-                .is_some_and(|c| c.epoch == epoch && !c.revoked);
-        if valid {
-            if let Some(offset) = offset {
-                state.positions.insert(partition, offset + 1);
-            }
-        }
-        valid
-    }
-
     /// A handle that commits for this member from another task.
     pub(crate) fn committer(&self) -> Committer {
-        Committer {
-            client: self.client.clone(),
-            topic: self.topic.clone(),
-            group: self.group.clone(),
-            member_id: self.member_id.clone(),
-            shared: self.shared.clone(),
-        }
+        self.committer.clone()
     }
 
     /// Commits `message` as handled: the group resumes after it. Refused
@@ -475,21 +340,12 @@ impl Consumer {
     }
 
     async fn commit_delivered_message(&self, partition: u32, offset: u64) -> Result<()> {
-        self.committer().commit_at(partition, offset).await
+        self.committer.commit_at(partition, offset).await
     }
 
     /// Commits everything delivered so far on every owned partition.
     pub async fn commit_delivered(&self) -> Result<()> {
-        let positions: BTreeMap<u32, u64> = {
-            let state = self.shared.lock().expect("member state lock");
-            state
-                .positions
-                .iter()
-                .filter(|(p, pos)| state.committed.get(p) != Some(pos))
-                .map(|(p, pos)| (*p, *pos))
-                .collect()
-        };
-        self.commit_offsets(&positions).await
+        self.committer.commit_delivered(None).await
     }
 
     /// Commits explicit next-offsets per partition. Fenced: refused with
@@ -500,15 +356,7 @@ impl Consumer {
     /// below the offset the previous owner committed, so that a committed
     /// offset never moves backwards past another owner's commit.
     pub async fn commit_offsets(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
-        commit_fenced(
-            &self.client,
-            &self.topic,
-            &self.group,
-            &self.member_id,
-            &self.shared,
-            offsets,
-        )
-        .await
+        self.committer.commit_offsets(offsets).await
     }
 
     /// Moves this member's reading position on an owned partition; the next
@@ -532,7 +380,7 @@ impl Consumer {
     }
 
     /// Lag of this consumer's group on every partition of its topic.
-    pub async fn lag(&self) -> Result<Vec<crate::group::PartitionLag>> {
+    pub async fn lag(&self) -> Result<Vec<crate::PartitionLag>> {
         self.client.group_lag(&self.topic, &self.group).await
     }
 
@@ -583,176 +431,6 @@ impl Drop for Consumer {
         // The member task notices the closed control channel and leaves.
         self.queue.close();
     }
-}
-
-/// Commits for a member from outside its [`Consumer`] (e.g. a
-/// subscription's task), with the same fencing.
-#[derive(Debug, Clone)]
-pub(crate) struct Committer {
-    client: Client,
-    topic: Arc<str>,
-    group: String,
-    member_id: String,
-    shared: Arc<Mutex<MemberState>>,
-}
-
-impl Committer {
-    pub(crate) async fn commit(&self, message: &Message) -> Result<()> {
-        self.commit_at(message.partition, message.offset).await
-    }
-
-    /// Commits past the message at `offset`, which must have been delivered
-    /// under the current claim: between the claim's start and the position.
-    async fn commit_at(&self, partition: u32, offset: u64) -> Result<()> {
-        let delivered = {
-            let state = self.shared.lock().expect("member state lock");
-            let position = state.positions.get(&partition).copied().unwrap_or(0);
-            state
-                .owned
-                .get(&partition)
-                .is_some_and(|claim| claim.start <= offset && offset < position)
-        };
-        if !delivered {
-            return Err(Error::NotOwner {
-                topic: self.topic.to_string(),
-                partition,
-            });
-        }
-        let offsets = BTreeMap::from([(partition, offset + 1)]);
-        commit_fenced(
-            &self.client,
-            &self.topic,
-            &self.group,
-            &self.member_id,
-            &self.shared,
-            &offsets,
-        )
-        .await
-    }
-}
-
-/// The fenced commit: one transaction per chunk of partitions, each guarded
-/// by the owner key still holding this member's id at the create revision of
-/// this member's claim.
-#[tracing::instrument(level = "debug", name = "commit", skip(client, shared, offsets), fields(partitions = offsets.len()))]
-pub(crate) async fn commit_fenced(
-    client: &Client,
-    topic: &str,
-    group: &str,
-    member_id: &str,
-    shared: &Mutex<MemberState>,
-    offsets: &BTreeMap<u32, u64>,
-) -> Result<()> {
-    let claims: Vec<(u32, u64, Claim)> = {
-        let state = shared.lock().expect("member state lock");
-        let mut claims = Vec::with_capacity(offsets.len());
-        for (&partition, &offset) in offsets {
-            let not_owner = || Error::NotOwner {
-                topic: topic.to_string(),
-                partition,
-            };
-            let Some(claim) = state.owned.get(&partition) else {
-                return Err(not_owner());
-            };
-            if Instant::now() >= state.lease_valid_until {
-                return Err(not_owner());
-            }
-            // Only what this claim delivered: an offset outside
-            // start..=position comes from messages read under an earlier
-            // claim (or not delivered at all).
-            let position = state
-                .positions
-                .get(&partition)
-                .copied()
-                .unwrap_or(claim.start);
-            if offset < claim.start || offset > position {
-                return Err(not_owner());
-            }
-            // Below the floor only after a seek back past it.
-            if offset < claim.floor {
-                return Err(Error::CommitBehind {
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                    committed: claim.floor,
-                });
-            }
-            claims.push((partition, offset, *claim));
-        }
-        claims
-    };
-    // Two compares and one put per partition, within etcd's 128 ops.
-    for chunk in claims.chunks(40) {
-        let mut compares = Vec::with_capacity(chunk.len() * 2);
-        let mut puts = Vec::with_capacity(chunk.len());
-        for (partition, offset, claim) in chunk {
-            let owner = client.keys.owner(topic, group, *partition);
-            compares.push(Compare::value(owner.clone(), CompareOp::Equal, member_id));
-            compares.push(Compare::create_revision(
-                owner,
-                CompareOp::Equal,
-                claim.owner_revision,
-            ));
-            puts.push(TxnOp::put(
-                client.keys.offset(topic, group, *partition),
-                offset.to_string(),
-                None,
-            ));
-        }
-        let txn = Txn::new().when(compares).and_then(puts);
-        let started = Instant::now();
-        let response = client
-            .timed("commit offsets", client.kv.clone().txn(txn))
-            .await?;
-        telemetry::committed(topic, group, started.elapsed());
-        if !response.succeeded() {
-            return Err(Error::NotOwner {
-                topic: topic.to_string(),
-                partition: lost_partition(client, topic, group, member_id, chunk).await,
-            });
-        }
-        let mut state = shared.lock().expect("member state lock");
-        for (partition, offset, _) in chunk {
-            state.committed.insert(*partition, *offset);
-        }
-    }
-    Ok(())
-}
-
-/// Which partition of a refused commit chunk is no longer this member's
-/// (the first of the chunk if the owners cannot be read).
-async fn lost_partition(
-    client: &Client,
-    topic: &str,
-    group: &str,
-    member_id: &str,
-    chunk: &[(u32, u64, Claim)],
-) -> u32 {
-    let gets: Vec<TxnOp> = chunk
-        .iter()
-        .map(|(p, _, _)| TxnOp::get(client.keys.owner(topic, group, *p), None))
-        .collect();
-    let response = client
-        .timed(
-            "read owners",
-            client.kv.clone().txn(Txn::new().and_then(gets)),
-        )
-        .await;
-    let Ok(response) = response else {
-        return chunk[0].0;
-    };
-    for ((partition, _, claim), op) in chunk.iter().zip(response.op_responses()) {
-        let ours = match op {
-            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| {
-                kv.value() == member_id.as_bytes() && kv.create_revision() == claim.owner_revision
-            }),
-            _ => false,
-        };
-        if !ours {
-            return *partition;
-        }
-    }
-    chunk[0].0
 }
 
 /// Reads chosen partitions from chosen positions with no group: no

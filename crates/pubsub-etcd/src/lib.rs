@@ -151,7 +151,6 @@ mod group;
 mod health;
 mod keys;
 mod maintenance;
-mod member;
 mod producer;
 mod queue;
 mod reader;
@@ -168,10 +167,10 @@ pub use client::{
     USER_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
-pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
+pub use consumer::{AssignedReader, Consumer, ConsumerBuilder};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
-pub use group::{PartitionLag, StartOffset};
+pub use group::{AutoCommit, Event, PartitionLag, StartOffset};
 pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,

@@ -9,9 +9,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::consumer::{Committer, Consumer, Event};
 use crate::error::{Error, Result};
 use crate::record::Message;
+use crate::{consumer::Consumer, group::Committer, group::Event};
 
 /// A group member whose partitions arrive as separate [`Subscription`]s.
 #[derive(Debug)]

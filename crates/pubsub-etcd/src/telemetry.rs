@@ -37,6 +37,10 @@ pub const APPEND_RETRIES: &str = "pubsub_etcd_append_retries_total";
 pub const DELIVERED_MESSAGES: &str = "pubsub_etcd_delivered_messages_total";
 /// Time a fenced commit of offsets takes, by topic and group.
 pub const COMMIT_SECONDS: &str = "pubsub_etcd_commit_seconds";
+/// Membership and ownership changes (etcd watch events) a group member's
+/// balancing loop received, by topic and group. Commits are not among them:
+/// a steady group adds nothing here however fast it commits.
+pub const MEMBERSHIP_EVENTS: &str = "pubsub_etcd_membership_events_total";
 /// Rebalances that changed what a member owns, by topic and group.
 pub const REBALANCES: &str = "pubsub_etcd_rebalances_total";
 /// Partitions a member owns now, by topic and group.
@@ -102,6 +106,11 @@ pub fn describe_metrics() {
         "Messages stored but not yet delivered, per owned partition"
     );
     describe_counter!(
+        MEMBERSHIP_EVENTS,
+        Unit::Count,
+        "Membership and ownership changes a group member received"
+    );
+    describe_counter!(
         READER_RECONNECTS,
         Unit::Count,
         "Partition readers that fell back to range reads"
@@ -144,6 +153,11 @@ pub(crate) fn delivered(topic: &str, group: &str) {
 pub(crate) fn committed(topic: &str, group: &str, took: Duration) {
     histogram!(COMMIT_SECONDS, "topic" => topic.to_string(), "group" => group.to_string())
         .record(took.as_secs_f64());
+}
+
+pub(crate) fn membership_events(topic: &str, group: &str, events: usize) {
+    counter!(MEMBERSHIP_EVENTS, "topic" => topic.to_string(), "group" => group.to_string())
+        .increment(events as u64);
 }
 
 /// A rebalance that changed what this member owns; `owned` is what it owns now.

@@ -5,11 +5,13 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::group::{member, send_all, within, TTL};
 use common::ns::Namespace;
-use pubsub_etcd::{AutoCommit, Consumer, Event, NewTopic, Record, StartOffset};
+use pubsub_etcd::{telemetry, AutoCommit, Consumer, Event, NewTopic, Record, StartOffset};
 use tokio::time::{timeout, Instant};
 
 /// Polls `consumer` (so rebalance events are acknowledged) until `done`
@@ -863,4 +865,159 @@ async fn a_revoked_subscription_is_released_only_once_drained() {
     );
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// Counts [`telemetry::MEMBERSHIP_EVENTS`] per label set, for this binary:
+/// the only way to see what woke a member's balancing loop from outside.
+#[derive(Default)]
+struct MembershipEvents(std::sync::Mutex<HashMap<metrics::Key, Arc<AtomicU64>>>);
+
+impl MembershipEvents {
+    fn installed() -> &'static MembershipEvents {
+        static COUNTS: OnceLock<&'static MembershipEvents> = OnceLock::new();
+        COUNTS.get_or_init(|| {
+            let counts: &'static MembershipEvents = Box::leak(Box::default());
+            metrics::set_global_recorder(counts).expect("no other recorder in this binary");
+            counts
+        })
+    }
+
+    /// Events received so far by the members of `group`.
+    fn of(&self, group: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| {
+                key.labels()
+                    .any(|l| l.key() == "group" && l.value() == group)
+            })
+            .map(|(_, count)| count.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl metrics::Recorder for MembershipEvents {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() != telemetry::MEMBERSHIP_EVENTS {
+            return metrics::Counter::noop();
+        }
+        let count = self
+            .0
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        metrics::Counter::from_arc(count)
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// Commits must not wake the group: a member's balancing loop watches
+/// membership and ownership only, so 8 members committing every message
+/// add no watch events at all (before the fix: one per member per commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_do_not_wake_the_members() {
+    const MEMBERS: usize = 8;
+    const PER_PARTITION: u64 = 10;
+    let counts = MembershipEvents::installed();
+    let ns = Namespace::new();
+    // The counter's labels are topic and group, not the namespace.
+    let group = format!("quiet-{}", ns.name());
+    let client = ns.connect().await;
+    client
+        .create_topic(NewTopic::new("t", MEMBERS as u32))
+        .await
+        .unwrap();
+    let mut members = Vec::new();
+    for _ in 0..MEMBERS {
+        members.push(member(&client, "t", &group).await);
+    }
+    pump_until(
+        &mut members.iter_mut().collect::<Vec<_>>(),
+        Duration::from_secs(30),
+        |cs| cs.iter().all(|c| c.assignment().len() == 1),
+    )
+    .await;
+    // The last claims' events may still be on their way to the others.
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet {
+        for c in members.iter_mut() {
+            let _ = timeout(Duration::from_millis(20), c.next_event()).await;
+        }
+    }
+    let settled = counts.of(&group);
+    assert!(settled > 0, "the joins themselves were seen");
+
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(
+        &producer,
+        (0..MEMBERS as u32).flat_map(|p| {
+            (0..PER_PARTITION).map(move |i| Record::new(format!("{p}-{i}")).partition(p))
+        }),
+    )
+    .await;
+    let total = MEMBERS as u64 * PER_PARTITION;
+    let mut committed = 0;
+    let until = Instant::now() + Duration::from_secs(30);
+    while committed < total {
+        assert!(
+            Instant::now() < until,
+            "only {committed} of {total} committed"
+        );
+        for c in members.iter_mut() {
+            if let Ok(Some(Ok(Event::Message(m)))) =
+                timeout(Duration::from_millis(20), c.next_event()).await
+            {
+                c.commit(&m).await.unwrap();
+                committed += 1;
+            }
+        }
+    }
+    // Give any event the commits caused time to arrive.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let woken = counts.of(&group) - settled;
+    eprintln!(
+        "{MEMBERS} members committing every message: {woken} membership watch events for \
+         {total} messages ({:.2} per message)",
+        woken as f64 / total as f64
+    );
+    assert_eq!(woken, 0, "commits woke the members' balancing loops");
+    for c in members {
+        c.close().await.unwrap();
+    }
 }

@@ -1,36 +1,18 @@
-//! Consumer-group state in etcd that is not tied to a live member: committed
-//! offsets, lag, and the admin operations on groups (list, describe, reset,
-//! delete). Membership and ownership live in `member`.
-
-pub(crate) mod assign;
+//! Consumer-group state in etcd that is not tied to a live member, as the
+//! admin calls see it: which groups exist, their committed offsets, owners
+//! and lag, and resetting or deleting a group.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 
+use super::commit::parse_offset;
+use super::start::StartOffset;
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::fetch::{fetch_partition, Cut};
 use crate::keys::{prefix_end, Keys};
-use crate::topic::{topic_arc, validate_group_name, TopicInfo};
-
-/// Where a group starts reading a partition it has no committed offset for,
-/// or where an admin reset puts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum StartOffset {
-    /// The oldest message still stored (the default, so that nothing
-    /// produced before the group's first member joined is skipped).
-    #[default]
-    Earliest,
-    /// Only messages produced from now on.
-    Latest,
-    /// This offset (clamped to the partition's stored range).
-    Offset(u64),
-    /// The first message whose timestamp (ms since the epoch) is at least this.
-    Timestamp(i64),
-}
+use crate::topic::validate_group_name;
 
 /// One partition of a group's view of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,17 +27,6 @@ pub struct PartitionLag {
     pub next: u64,
     /// `next - committed` (or `next - earliest` without a commit).
     pub lag: u64,
-}
-
-/// Parses a committed offset value (a decimal number).
-pub(crate) fn parse_offset(key: &[u8], value: &[u8]) -> Result<u64> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            reason: "committed offset is not a decimal number".into(),
-        })
 }
 
 impl Client {
@@ -155,50 +126,6 @@ impl Client {
             .collect())
     }
 
-    /// Sets a group's committed offsets without being a member: for tools
-    /// and manual assignment. Refused with [`Error::GroupActive`] while any
-    /// member owns a partition of the topic, since its commits would race
-    /// with these.
-    pub async fn commit_offsets_unowned(
-        &self,
-        topic: &str,
-        group: &str,
-        offsets: &BTreeMap<u32, u64>,
-    ) -> Result<()> {
-        validate_group_name(group)?;
-        let info = self.topic(topic).await?;
-        let owners = self.keys.owners_prefix(topic, group);
-        self.remove_unleased(&owners).await?;
-        // A range compare holds when no key in the range exists: no owners.
-        let compares = [
-            Compare::create_revision(self.keys.topic(topic), CompareOp::Equal, info.incarnation),
-            Compare::create_revision(owners.clone(), CompareOp::Equal, 0)
-                .with_range(prefix_end(&owners)),
-        ];
-        let mut ops = Vec::with_capacity(offsets.len());
-        for (&partition, &offset) in offsets {
-            check_partition(&info, partition)?;
-            ops.push(TxnOp::put(
-                self.keys.offset(topic, group, partition),
-                offset.to_string(),
-                None,
-            ));
-        }
-        for chunk in ops.chunks(100) {
-            let txn = Txn::new().when(compares.clone()).and_then(chunk.to_vec());
-            let response = self
-                .timed("commit offsets", self.kv.clone().txn(txn))
-                .await?;
-            if !response.succeeded() {
-                return Err(Error::GroupActive {
-                    group: group.to_string(),
-                    topic: topic.to_string(),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Moves a group's committed offsets on every partition of `topic` to
     /// `to`. The group must have no live member owning a partition.
     pub async fn reset_offsets(
@@ -252,7 +179,7 @@ impl Client {
     /// have no lease: no live member wrote them (a member's keys live under
     /// its lease, and etcd deletes them with it), so they only block the
     /// group. Each is deleted only if unchanged since it was read.
-    async fn remove_unleased(&self, prefix: &str) -> Result<()> {
+    pub(super) async fn remove_unleased(&self, prefix: &str) -> Result<()> {
         let options = GetOptions::new()
             .with_range(prefix_end(prefix))
             .with_keys_only();
@@ -275,80 +202,4 @@ impl Client {
         }
         Ok(())
     }
-
-    /// The offset a [`StartOffset`] means on one partition of `topic` now
-    /// (clamped to the stored range).
-    pub async fn resolve_offset(
-        &self,
-        topic: &str,
-        partition: u32,
-        start: StartOffset,
-    ) -> Result<u64> {
-        let info = self.topic(topic).await?;
-        check_partition(&info, partition)?;
-        self.resolve_start(&info, partition, start).await
-    }
-
-    /// [`Client::resolve_offset`] for a topic already read.
-    pub(crate) async fn resolve_start(
-        &self,
-        topic: &TopicInfo,
-        partition: u32,
-        start: StartOffset,
-    ) -> Result<u64> {
-        let bounds = self.partition_bounds(topic, partition).await?;
-        Ok(match start {
-            StartOffset::Earliest => bounds.0,
-            StartOffset::Latest => bounds.1,
-            StartOffset::Offset(o) => o.clamp(bounds.0, bounds.1),
-            StartOffset::Timestamp(ts) => {
-                // No time index: scan forward. Timestamps set by producers
-                // need not be monotonic, so the first match wins.
-                let name = topic_arc(&topic.name);
-                let mut from = bounds.0;
-                loop {
-                    let page = fetch_partition(
-                        self,
-                        &name,
-                        topic.incarnation,
-                        partition,
-                        from,
-                        1000,
-                        Cut::WholeBatches(4),
-                    )
-                    .await?;
-                    if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
-                        break m.offset;
-                    }
-                    // Pages of only expired or deleted records still move
-                    // on; only a read that advances nothing is the end.
-                    if page.next_offset <= from || page.next_offset >= bounds.1 {
-                        break bounds.1;
-                    }
-                    from = page.next_offset;
-                }
-            }
-        })
-    }
-
-    /// Earliest stored and next offsets of one partition.
-    pub(crate) async fn partition_bounds(
-        &self,
-        topic: &TopicInfo,
-        partition: u32,
-    ) -> Result<(u64, u64)> {
-        let p = self.partition_info(topic, partition).await?;
-        Ok((p.earliest, p.next))
-    }
-}
-
-pub(crate) fn check_partition(topic: &TopicInfo, partition: u32) -> Result<()> {
-    if partition >= topic.partitions {
-        return Err(Error::PartitionOutOfRange {
-            topic: topic.name.clone(),
-            partition,
-            partitions: topic.partitions,
-        });
-    }
-    Ok(())
 }

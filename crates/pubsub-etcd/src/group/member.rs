@@ -4,9 +4,10 @@
 //!
 //! Ownership protocol. A member holds a lease (TTL = session TTL) and puts
 //! `members/<id>` under it. A partition is owned by whoever created
-//! `owners/<p>` (value: member id, under the owner's lease); creation is a
-//! transaction comparing the key's create revision with 0, so two members
-//! can never own one partition at once. Every member watches the group's
+//! `owners/<p>` (value: member id, under the owner's lease); creation
+//! compares the key's create revision with 0, so two members can never own
+//! one partition at once (many partitions per transaction, each under its
+//! own compare in a nested transaction: `member::claim`). Every member watches the group's
 //! members and owners and, from the sorted member list, computes its quota
 //! (`P / n`, plus one for the first `P % n` members). Above quota it releases
 //! its highest partitions (stop reading, tell the application, commit,
@@ -15,6 +16,7 @@
 //! the partitions that stay theirs. A member that dies stops renewing its
 //! lease; etcd deletes its keys at expiry and the others claim them.
 
+mod claim;
 mod lease;
 mod ownership;
 
@@ -36,6 +38,12 @@ use crate::keys::{prefix_end, Keys};
 use crate::reader::Envelope;
 use crate::telemetry;
 use crate::topic::{topic_arc, TopicInfo};
+
+/// etcd's limit of operations per transaction (`--max-txn-ops`, 128 by
+/// default). Batched claims and releases count every compare and operation
+/// against it, nested ones included, which keeps within it however the
+/// server counts.
+const MAX_TXN_OPS: usize = 128;
 
 /// What a member is configured with: the consumer builder's settings, as
 /// checked by `ConsumerBuilder::join`.

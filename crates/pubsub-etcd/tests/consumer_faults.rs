@@ -701,3 +701,80 @@ async fn unread_messages_never_starve_the_lease() {
     }
     consumer.close().await.unwrap();
 }
+
+/// The next event within `guard`, if any; panics on an error.
+async fn next(consumer: &mut Consumer, guard: Duration) -> Option<Event> {
+    timeout(guard, consumer.next_event())
+        .await
+        .ok()
+        .flatten()
+        .map(Result::unwrap)
+}
+
+/// Issue 11, item 5: a member tells the application when etcd stops
+/// answering, within the request timeout (plus the watchdog's tick), and
+/// again when it answers. With a 10 s TTL the lease renewals come every
+/// 3.3 s, further apart than the 2 s timeout: a healthy etcd must not look
+/// gone between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_etcd_is_reported_and_so_is_its_return() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+    let cluster = common::etcd_proc::EtcdCluster::start(1);
+    let client = pubsub_etcd::Client::builder(cluster.endpoints())
+        .namespace("outage")
+        .request_timeout(REQUEST_TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(Duration::from_secs(10))
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    let healthy = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < healthy {
+        if let Some(event) = next(&mut consumer, Duration::from_millis(200)).await {
+            assert!(
+                !matches!(event, Event::Disconnected { .. }),
+                "a healthy etcd was reported gone"
+            );
+        }
+    }
+    cluster.pause(0);
+    let paused = Instant::now();
+    let paused_at = std::time::SystemTime::now();
+    let since = loop {
+        let left = (REQUEST_TIMEOUT + Duration::from_secs(2)).saturating_sub(paused.elapsed());
+        match next(&mut consumer, left).await {
+            Some(Event::Disconnected { since }) => break since,
+            Some(_) => {}
+            None => panic!("no Disconnected within {:?}", paused.elapsed()),
+        }
+    };
+    let reported = paused.elapsed();
+    eprintln!("etcd paused: Disconnected after {reported:?}");
+    assert!(
+        since <= paused_at + Duration::from_millis(100),
+        "Disconnected since {since:?}, after the pause at {paused_at:?}"
+    );
+    cluster.resume(0);
+    let resumed = Instant::now();
+    loop {
+        match next(
+            &mut consumer,
+            Duration::from_secs(20).saturating_sub(resumed.elapsed()),
+        )
+        .await
+        {
+            Some(Event::Reconnected) => break,
+            Some(Event::Disconnected { .. }) => panic!("Disconnected twice"),
+            Some(_) => {}
+            None => panic!("no Reconnected within 20 s of the resume"),
+        }
+    }
+    eprintln!("etcd resumed: Reconnected after {:?}", resumed.elapsed());
+    consumer.close().await.unwrap();
+}

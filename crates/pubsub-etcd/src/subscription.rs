@@ -141,7 +141,7 @@ async fn dispatch(
                 }
             }
             // Informational: the partition's stream simply resumes later.
-            Ok(Event::OffsetReset { .. }) => {}
+            Ok(Event::OffsetReset { .. } | Event::Disconnected { .. } | Event::Reconnected) => {}
             Ok(Event::Lost(lost)) => {
                 for partition in lost {
                     partitions.remove(&partition);

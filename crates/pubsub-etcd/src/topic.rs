@@ -359,7 +359,7 @@ impl Client {
         Ok(nexts)
     }
 
-    async fn partition_infos(
+    pub(crate) async fn partition_infos(
         &self,
         topic: &TopicInfo,
         range: std::ops::Range<u32>,

@@ -1021,3 +1021,57 @@ async fn commits_do_not_wake_the_members() {
         c.close().await.unwrap();
     }
 }
+
+/// Issue 17: claims and releases of many partitions go in batches, and
+/// ownership stays exclusive through joins and leaves: at no point do two
+/// members hold one partition, and each step settles to a balanced,
+/// complete assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_claims_stay_exclusive_under_churn() {
+    const PARTITIONS: u32 = 256;
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client
+        .create_topic(NewTopic::new("t", PARTITIONS))
+        .await
+        .unwrap();
+    let mut members = vec![member(&client, "t", "g").await];
+    // (join, leave index): grow to three, lose one, grow, lose the first.
+    let steps: [(bool, usize); 5] = [(true, 0), (true, 0), (false, 1), (true, 0), (false, 0)];
+    for (join, leave) in steps {
+        if join {
+            members.push(member(&client, "t", "g").await);
+        } else {
+            members.remove(leave).close().await.unwrap();
+        }
+        let n = members.len();
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            for c in members.iter_mut() {
+                let _ = timeout(Duration::from_millis(10), c.next_event()).await;
+            }
+            let assignments: Vec<Vec<u32>> = members.iter().map(|c| c.assignment()).collect();
+            let mut all: Vec<u32> = assignments.iter().flatten().copied().collect();
+            all.sort_unstable();
+            let owned = all.len();
+            all.dedup();
+            assert_eq!(all.len(), owned, "a partition owned twice: {assignments:?}");
+            let low = PARTITIONS as usize / n;
+            if owned == PARTITIONS as usize
+                && assignments
+                    .iter()
+                    .all(|a| a.len() == low || a.len() == low + 1)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{n} members never settled: {:?}",
+                assignments.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+    }
+    for c in members {
+        c.close().await.unwrap();
+    }
+}

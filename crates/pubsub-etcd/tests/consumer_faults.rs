@@ -24,7 +24,11 @@ const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
 /// after a freeze is observable. In `stale` mode it instead keeps the first
 /// message it got, and once it owns partitions again after losing them,
 /// commits that message's offset with `commit_offsets` (as the CLI does)
-/// and prints `stale-commit ok` or `stale-commit refused <error>`.
+/// and prints `stale-commit ok` or `stale-commit refused <error>`. In `all`
+/// mode it commits each message once as it comes and keeps the last one of
+/// every partition; when it wakes from a pause longer than the TTL (a
+/// SIGSTOP) it commits each of them again and prints `commit-ok P` or
+/// `commit-refused P` per partition.
 #[test]
 fn child_member() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
@@ -38,7 +42,8 @@ fn child_member() {
         parts.next().unwrap(),
         parts.next().unwrap(),
     );
-    let stale = parts.next() == Some("stale");
+    let mode = parts.next();
+    let (stale, all) = (mode == Some("stale"), mode == Some("all"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = pubsub_etcd::Client::builder(common::ns::endpoints())
@@ -56,14 +61,23 @@ fn child_member() {
         let mut last: Option<pubsub_etcd::Message> = None;
         let mut owned = Vec::new();
         let mut lost = false;
+        let mut held = std::collections::BTreeMap::new();
+        let mut awake = Instant::now();
         loop {
+            let paused = awake.elapsed() > TTL;
+            awake = Instant::now();
             if let Ok(Some(event)) =
                 timeout(Duration::from_millis(100), consumer.next_event()).await
             {
                 match event {
                     Ok(Event::Message(m)) => {
                         println!("msg {} {}", m.partition, m.offset);
-                        if !stale || last.is_none() {
+                        if all {
+                            if let Err(e) = consumer.commit(&m).await {
+                                println!("error {e}");
+                            }
+                            held.insert(m.partition, m);
+                        } else if !stale || last.is_none() {
                             last = Some(m);
                         }
                     }
@@ -86,6 +100,18 @@ fn child_member() {
                         Err(e) => println!("stale-commit refused {e}"),
                     }
                     last = None;
+                }
+            } else if all {
+                if paused {
+                    for (partition, m) in std::mem::take(&mut held) {
+                        match consumer.commit(&m).await {
+                            Ok(()) => println!("commit-ok {partition}"),
+                            Err(pubsub_etcd::Error::NotOwner { .. }) => {
+                                println!("commit-refused {partition}")
+                            }
+                            Err(e) => println!("error {e}"),
+                        }
+                    }
                 }
             } else if let Some(m) = &last {
                 match consumer.commit(m).await {
@@ -196,19 +222,32 @@ async fn poll(consumer: &mut Consumer, seen: &mut Vec<(u32, u64)>, for_: Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_member_partitions_are_taken_over_within_ttl() {
+    // Many partitions, so claims and releases go in batches.
+    const PARTITIONS: u32 = 64;
+    const PER_PARTITION: u64 = 10;
     let ns = Namespace::new();
     let client = ns.connect().await;
-    client.create_topic(NewTopic::new("t", 6)).await.unwrap();
+    client
+        .create_topic(NewTopic::new("t", PARTITIONS))
+        .await
+        .unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    send_all(&producer, (0..600).map(|i| Record::new(format!("{i}")))).await;
+    send_all(
+        &producer,
+        (0..PARTITIONS).flat_map(|p| {
+            (0..PER_PARTITION).map(move |i| Record::new(format!("{p}-{i}")).partition(p))
+        }),
+    )
+    .await;
+    let half = PARTITIONS as usize / 2;
     let mut local = member(&client, "t", "g").await;
     let mut child = ChildMember::spawn(ns.name(), "t", "g");
     let mut seen = Vec::new();
     let until = Instant::now() + Duration::from_secs(20);
-    while !(child.owned().len() == 3 && local.assignment().len() == 3) {
+    while !(child.owned().len() == half && local.assignment().len() == half) {
         assert!(
             Instant::now() < until,
-            "never balanced 3/3: child {:?} local {:?}",
+            "never balanced {half}/{half}: child {:?} local {:?}",
             child.owned(),
             local.assignment()
         );
@@ -221,7 +260,7 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
     child.child.kill().unwrap();
     child.child.wait().unwrap();
     let killed = Instant::now();
-    while local.assignment().len() < 6 {
+    while local.assignment().len() < PARTITIONS as usize {
         poll(&mut local, &mut seen, Duration::from_millis(50)).await;
         assert!(
             killed.elapsed() < TTL + Duration::from_secs(2),
@@ -237,9 +276,9 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
         .await
         .unwrap()
         .values()
-        .filter(|&&o| o == 100)
+        .filter(|&&o| o == PER_PARTITION)
         .count()
-        < 6
+        < PARTITIONS as usize
     {
         assert!(
             Instant::now() < until,
@@ -270,7 +309,7 @@ async fn killed_member_partitions_are_taken_over_within_ttl() {
         .iter()
         .flat_map(|p| (0..p.next).map(move |o| (p.partition, o)))
         .collect();
-    assert_eq!(expected.len(), 600);
+    assert_eq!(expected.len() as u64, u64::from(PARTITIONS) * PER_PARTITION);
     assert!(
         expected.is_subset(&delivered),
         "lost: {:?}",
@@ -371,6 +410,121 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
     assert!(
         (1..21).all(|o| got.contains(&o)),
         "local member missed messages: {got:?}"
+    );
+    local.close().await.unwrap();
+}
+
+/// Issue 17: a member owns many partitions, claimed in batches; it hands
+/// half of them to a second member (a batched release), then freezes past
+/// its lease. The second member claims the rest (again in batches) and
+/// commits everything; the frozen one wakes up and tries to commit every
+/// partition it ever held. Every one of those commits is refused, released
+/// and expired partitions alike, and no committed offset moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_of_many_partitions_commits_none_of_them() {
+    const PARTITIONS: u32 = 96;
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client
+        .create_topic(NewTopic::new("t", PARTITIONS))
+        .await
+        .unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    let mut child = ChildMember::spawn_with(ns.name(), "t", "g", "all");
+    let until = Instant::now() + Duration::from_secs(20);
+    while child.owned().len() != PARTITIONS as usize {
+        assert!(
+            Instant::now() < until,
+            "child never owned everything: {:?}",
+            child.owned()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        child.drain();
+    }
+    let one_each = || (0..PARTITIONS).map(|p| Record::new(format!("{p}")).partition(p));
+    send_all(&producer, one_each()).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: BTreeSet<&str> = child
+            .seen
+            .iter()
+            .filter_map(|l| l.strip_prefix("msg "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        if got.len() == PARTITIONS as usize {
+            break;
+        }
+        assert!(Instant::now() < until, "child got {} partitions", got.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        child.drain();
+    }
+    let mut local = member(&client, "t", "g").await;
+    let mut seen = Vec::new();
+    let half = PARTITIONS as usize / 2;
+    let until = Instant::now() + Duration::from_secs(20);
+    while !(local.assignment().len() == half && child.owned().len() == half) {
+        assert!(
+            Instant::now() < until,
+            "never balanced: child {:?} local {:?}",
+            child.owned(),
+            local.assignment()
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        child.drain();
+    }
+    assert!(seen.is_empty(), "the child's commits were lost: {seen:?}");
+    child.signal("-STOP");
+    let frozen = Instant::now();
+    while local.assignment().len() < PARTITIONS as usize {
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+        assert!(
+            frozen.elapsed() < TTL + Duration::from_secs(10),
+            "no takeover from the frozen member: {} partitions",
+            local.assignment().len()
+        );
+    }
+    send_all(&producer, one_each()).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while seen.iter().filter(|(_, o)| *o == 1).count() < PARTITIONS as usize {
+        assert!(Instant::now() < until, "local member missed messages");
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+    }
+    let committed = client.committed_offsets("t", "g").await.unwrap();
+    assert_eq!(
+        committed,
+        (0..PARTITIONS).map(|p| (p, 2)).collect(),
+        "the local member committed everything"
+    );
+    child.drain();
+    let before_resume = child.seen.len();
+    child.signal("-CONT");
+    let resumed = Instant::now();
+    loop {
+        child.drain();
+        let after = &child.seen[before_resume..];
+        let accepted: Vec<&String> = after
+            .iter()
+            .filter(|l| l.starts_with("commit-ok"))
+            .collect();
+        assert!(accepted.is_empty(), "stale commits accepted: {accepted:?}");
+        let refused: BTreeSet<&str> = after
+            .iter()
+            .filter_map(|l| l.strip_prefix("commit-refused "))
+            .collect();
+        if refused.len() == PARTITIONS as usize {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(15),
+            "only {} of {PARTITIONS} stale commits were refused: {after:?}",
+            refused.len()
+        );
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        committed,
+        "a stale commit moved an offset"
     );
     local.close().await.unwrap();
 }
@@ -545,5 +699,82 @@ async fn unread_messages_never_starve_the_lease() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    consumer.close().await.unwrap();
+}
+
+/// The next event within `guard`, if any; panics on an error.
+async fn next(consumer: &mut Consumer, guard: Duration) -> Option<Event> {
+    timeout(guard, consumer.next_event())
+        .await
+        .ok()
+        .flatten()
+        .map(Result::unwrap)
+}
+
+/// Issue 11, item 5: a member tells the application when etcd stops
+/// answering, within the request timeout (plus the watchdog's tick), and
+/// again when it answers. With a 10 s TTL the lease renewals come every
+/// 3.3 s, further apart than the 2 s timeout: a healthy etcd must not look
+/// gone between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_etcd_is_reported_and_so_is_its_return() {
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+    let cluster = common::etcd_proc::EtcdCluster::start(1);
+    let client = pubsub_etcd::Client::builder(cluster.endpoints())
+        .namespace("outage")
+        .request_timeout(REQUEST_TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(Duration::from_secs(10))
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    let healthy = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < healthy {
+        if let Some(event) = next(&mut consumer, Duration::from_millis(200)).await {
+            assert!(
+                !matches!(event, Event::Disconnected { .. }),
+                "a healthy etcd was reported gone"
+            );
+        }
+    }
+    cluster.pause(0);
+    let paused = Instant::now();
+    let paused_at = std::time::SystemTime::now();
+    let since = loop {
+        let left = (REQUEST_TIMEOUT + Duration::from_secs(2)).saturating_sub(paused.elapsed());
+        match next(&mut consumer, left).await {
+            Some(Event::Disconnected { since }) => break since,
+            Some(_) => {}
+            None => panic!("no Disconnected within {:?}", paused.elapsed()),
+        }
+    };
+    let reported = paused.elapsed();
+    eprintln!("etcd paused: Disconnected after {reported:?}");
+    assert!(
+        since <= paused_at + Duration::from_millis(100),
+        "Disconnected since {since:?}, after the pause at {paused_at:?}"
+    );
+    cluster.resume(0);
+    let resumed = Instant::now();
+    loop {
+        match next(
+            &mut consumer,
+            Duration::from_secs(20).saturating_sub(resumed.elapsed()),
+        )
+        .await
+        {
+            Some(Event::Reconnected) => break,
+            Some(Event::Disconnected { .. }) => panic!("Disconnected twice"),
+            Some(_) => {}
+            None => panic!("no Reconnected within 20 s of the resume"),
+        }
+    }
+    eprintln!("etcd resumed: Reconnected after {:?}", resumed.elapsed());
     consumer.close().await.unwrap();
 }

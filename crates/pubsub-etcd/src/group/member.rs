@@ -4,9 +4,10 @@
 //!
 //! Ownership protocol. A member holds a lease (TTL = session TTL) and puts
 //! `members/<id>` under it. A partition is owned by whoever created
-//! `owners/<p>` (value: member id, under the owner's lease); creation is a
-//! transaction comparing the key's create revision with 0, so two members
-//! can never own one partition at once. Every member watches the group's
+//! `owners/<p>` (value: member id, under the owner's lease); creation
+//! compares the key's create revision with 0, so two members can never own
+//! one partition at once (many partitions per transaction, each under its
+//! own compare in a nested transaction: `member::claim`). Every member watches the group's
 //! members and owners and, from the sorted member list, computes its quota
 //! (`P / n`, plus one for the first `P % n` members). Above quota it releases
 //! its highest partitions (stop reading, tell the application, commit,
@@ -15,12 +16,15 @@
 //! the partitions that stay theirs. A member that dies stops renewing its
 //! lease; etcd deletes its keys at expiry and the others claim them.
 
+mod claim;
 mod lease;
 mod ownership;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::MissedTickBehavior;
 
 use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +40,12 @@ use crate::keys::{prefix_end, Keys};
 use crate::reader::Envelope;
 use crate::telemetry;
 use crate::topic::{topic_arc, TopicInfo};
+
+/// etcd's limit of operations per transaction (`--max-txn-ops`, 128 by
+/// default). Batched claims and releases count every compare and operation
+/// against it, nested ones included, which keeps within it however the
+/// server counts.
+const MAX_TXN_OPS: usize = 128;
 
 /// What a member is configured with: the consumer builder's settings, as
 /// checked by `ConsumerBuilder::join`.
@@ -110,6 +120,8 @@ pub(crate) struct Member {
     control: mpsc::Receiver<Control>,
     lease: i64,
     keepalive: JoinHandle<()>,
+    /// Tells the application when etcd stops and starts answering.
+    watchdog: JoinHandle<()>,
     /// Lease ids the keep-alive task found gone in etcd; a stale one (of a
     /// lease already replaced) is ignored.
     lease_lost: mpsc::Receiver<i64>,
@@ -152,6 +164,12 @@ impl Member {
             &member_id,
             shared.clone(),
         );
+        let watchdog = tokio::spawn(watchdog(
+            shared.clone(),
+            events.clone(),
+            client.request_timeout,
+            config.session_ttl,
+        ));
         let mut member = Member {
             name,
             client,
@@ -165,6 +183,7 @@ impl Member {
             control,
             lease: 0,
             keepalive: tokio::spawn(async {}),
+            watchdog,
             lease_lost,
             lease_lost_tx,
             readers: HashMap::new(),
@@ -222,6 +241,7 @@ impl Member {
             .client
             .timed("read group", self.client.kv.clone().txn(txn))
             .await?;
+        self.shared.heard();
         let revision = response.header().map_or(0, |h| h.revision());
         let mut gets = response.op_responses().into_iter();
         self.members.clear();
@@ -342,6 +362,7 @@ impl Member {
                     dirty = true;
                     match message {
                         Ok(Some(response)) if !response.canceled() => {
+                            self.shared.heard();
                             telemetry::membership_events(&self.name, &self.config.group, response.events().len());
                             self.apply(&response);
                             if !self.lost.is_empty() {
@@ -362,6 +383,7 @@ impl Member {
                 _ = tick.tick() => {
                     ticks += 1;
                     dirty = true;
+                    self.probe().await;
                     if self.watch.is_none() {
                         if let Err(error) = self.relist().await {
                             tracing::warn!(member = %self.member_id, %error, "re-reading group failed");
@@ -405,6 +427,20 @@ impl Member {
                     return;
                 }
             }
+        }
+    }
+
+    /// Asks etcd for a sign of life on the membership watch when the lease
+    /// renewals alone (every TTL/3) are too far apart to tell an outage
+    /// from silence within the request timeout; the answer is a watch
+    /// message. Costs nothing while renewals come often enough.
+    async fn probe(&mut self) {
+        if self.shared.silent_for() < self.client.request_timeout / 2 {
+            return;
+        }
+        if let Some(watch) = self.watch.as_mut() {
+            // A broken stream shows as a watch error, handled there.
+            let _ = watch.request_progress().await;
         }
     }
 
@@ -543,6 +579,7 @@ impl Drop for Member {
     // hold the lease, and so the member's partitions, for ever.
     fn drop(&mut self) {
         self.keepalive.abort();
+        self.watchdog.abort();
         for reader in self.readers.values() {
             reader.abort();
         }
@@ -561,4 +598,45 @@ fn live_member(kv: &etcd_client::KeyValue) -> bool {
         return false;
     }
     true
+}
+
+/// Sends `Disconnected` once etcd has not answered the member (see
+/// [`MemberState::silent_for`]) for `timeout`, and `Reconnected` when it
+/// answers again. A task of its own, so a member request stuck on the
+/// outage cannot delay the news; each send is bounded by the TTL, as for
+/// every notice.
+async fn watchdog(
+    shared: Arc<MemberState>,
+    events: mpsc::Sender<Notice>,
+    timeout: Duration,
+    ttl: Duration,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(timeout));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut disconnected = false;
+    loop {
+        tick.tick().await;
+        let silent = shared.silent_for();
+        let event = if !disconnected && silent >= timeout {
+            // The last answer; the epoch if the clock says it predates it.
+            let since = SystemTime::now()
+                .checked_sub(silent)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            tracing::warn!(?silent, "etcd does not answer the group member");
+            Event::Disconnected { since }
+        } else if disconnected && silent < timeout {
+            tracing::info!("etcd answers the group member again");
+            Event::Reconnected
+        } else {
+            continue;
+        };
+        disconnected = !disconnected;
+        let notice = Notice { event, ack: None };
+        match tokio::time::timeout(ttl, events.send(notice)).await {
+            Ok(Ok(())) => {}
+            // The consumer is gone.
+            Ok(Err(_)) => return,
+            Err(_) => tracing::debug!("the application did not take a connection event in time"),
+        }
+    }
 }

@@ -47,6 +47,18 @@ impl Client {
         start: StartOffset,
     ) -> Result<u64> {
         let bounds = self.partition_bounds(topic, partition).await?;
+        self.resolve_within(topic, partition, start, bounds).await
+    }
+
+    /// [`Client::resolve_start`] with the partition's (earliest, next)
+    /// bounds already read.
+    pub(crate) async fn resolve_within(
+        &self,
+        topic: &TopicInfo,
+        partition: u32,
+        start: StartOffset,
+        bounds: (u64, u64),
+    ) -> Result<u64> {
         Ok(match start {
             StartOffset::Earliest => bounds.0,
             StartOffset::Latest => bounds.1,
@@ -89,6 +101,31 @@ impl Client {
     ) -> Result<(u64, u64)> {
         let p = self.partition_info(topic, partition).await?;
         Ok((p.earliest, p.next))
+    }
+
+    /// Earliest stored and next offsets of each of `partitions` (sorted,
+    /// distinct), in their order: a run of neighbouring partitions per
+    /// request rather than one partition per request.
+    pub(crate) async fn partition_bounds_of(
+        &self,
+        topic: &TopicInfo,
+        partitions: &[u32],
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut bounds = Vec::with_capacity(partitions.len());
+        let mut rest = partitions;
+        while let Some(&first) = rest.first() {
+            // A run ends where a gap would make it read partitions not asked for.
+            let run = rest
+                .windows(2)
+                .position(|w| w[1] != w[0] + 1)
+                .map_or(rest.len(), |i| i + 1);
+            let last = rest[run - 1];
+            // One entry per partition of the range, in order.
+            let infos = self.partition_infos(topic, first..last + 1).await?;
+            bounds.extend(infos.iter().map(|p| (p.earliest, p.next)));
+            rest = &rest[run..];
+        }
+        Ok(bounds)
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -39,6 +40,15 @@ pub enum Event {
     /// e.g. after a long pause): commits for them are refused and their
     /// undelivered messages are dropped.
     Lost(Vec<u32>),
+    /// The member has heard nothing from etcd for the client's request
+    /// timeout (no lease renewal, no watch answer): etcd is down or cut off.
+    /// Reported within the request timeout plus one tick (at most 1 s) of
+    /// the last answer, at `since`. Delivery goes on only while the lease
+    /// is known valid; past it come `Lost` and, once etcd answers again, a
+    /// new `Assigned`.
+    Disconnected { since: SystemTime },
+    /// etcd answers again after a [`Event::Disconnected`].
+    Reconnected,
 }
 
 /// A rebalance event on its way to the application; `ack` (if any) is
@@ -112,6 +122,8 @@ struct Owned {
     /// Past this instant the lease may have expired: deliver and commit
     /// nothing until it is renewed.
     lease_valid_until: Instant,
+    /// When etcd last answered the member (a lease renewal, a watch message).
+    last_heard: Instant,
     /// Per owned partition: the offset after the last delivered message.
     positions: HashMap<u32, u64>,
     /// Per owned partition: the last offset committed by this member.
@@ -124,6 +136,7 @@ impl MemberState {
         MemberState(Mutex::new(Owned {
             claims: HashMap::new(),
             lease_valid_until: Instant::now(),
+            last_heard: Instant::now(),
             positions: HashMap::new(),
             committed: HashMap::new(),
         }))
@@ -139,7 +152,19 @@ impl MemberState {
 
     /// The lease is known valid until `until` (a renewal sent at `until - TTL`).
     pub(crate) fn lease_renewed(&self, until: Instant) {
-        self.lock().lease_valid_until = until;
+        let mut state = self.lock();
+        state.lease_valid_until = until;
+        state.last_heard = Instant::now();
+    }
+
+    /// etcd answered the member.
+    pub(crate) fn heard(&self) {
+        self.lock().last_heard = Instant::now();
+    }
+
+    /// How long etcd has not answered the member.
+    pub(crate) fn silent_for(&self) -> Duration {
+        self.lock().last_heard.elapsed()
     }
 
     /// The lease may have expired already.

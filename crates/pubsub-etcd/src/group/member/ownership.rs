@@ -1,17 +1,22 @@
-//! How a member reaches its share: claiming partitions (one owner-key
-//! transaction each), releasing them after the application acknowledged the
-//! revocation, and cleaning up owner keys nobody reads.
+//! How a member reaches its share: planning the moves, releasing
+//! partitions after the application acknowledged the revocation (the owner
+//! keys of many partitions deleted per transaction), and cleaning up owner
+//! keys nobody reads. Claiming is in `claim`.
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::oneshot;
 
-use super::{Member, Owner, Revocation};
-use crate::error::{Error, Result};
+use super::claim::CLAIMS_PER_TXN;
+use super::{Member, Revocation, MAX_TXN_OPS};
+use crate::error::Result;
 use crate::group::assign;
-use crate::group::commit::parse_offset;
 use crate::group::state::{Ack, Claim, Event};
 use crate::reader::ReaderSpec;
 use crate::telemetry;
+
+/// Owner keys deleted per transaction: each a nested transaction (one
+/// operation) holding a compare and a delete.
+const RELEASES_PER_TXN: usize = MAX_TXN_OPS / 3;
 
 impl Member {
     /// Claims or releases partitions to reach this member's quota.
@@ -38,18 +43,15 @@ impl Member {
             telemetry::rebalanced(&self.name, &self.config.group, kept);
         }
         if !moves.claim.is_empty() {
-            let free = moves.claim;
             let mut claimed = Vec::new();
             let mut failed = None;
-            for p in free {
-                match self.claim(p).await {
-                    Ok(Some(from)) => claimed.push((p, from)),
-                    Ok(None) => {}
-                    Err(error) => {
-                        // Keep what was claimed: it gets its readers below.
-                        failed = Some(error);
-                        break;
-                    }
+            for chunk in moves.claim.chunks(CLAIMS_PER_TXN) {
+                let (taken, error) = self.claim(chunk).await;
+                claimed.extend(taken);
+                if error.is_some() {
+                    // Keep what was claimed: it gets its readers below.
+                    failed = error;
+                    break;
                 }
             }
             if !claimed.is_empty() {
@@ -82,197 +84,53 @@ impl Member {
             .filter(|(p, o)| o.lease == self.lease && !self.shared.owns(**p))
             .map(|(p, o)| (*p, o.revision))
             .collect();
-        for (partition, revision) in orphans {
-            self.delete_owner(partition, revision).await;
-        }
+        self.delete_owners(&orphans).await;
     }
 
-    /// Deletes this member's owner key of `partition`, guarded by the
-    /// create revision of its claim.
-    pub(super) async fn delete_owner(&mut self, partition: u32, revision: i64) {
-        let owner = self
-            .client
-            .keys
-            .owner(&self.name, &self.config.group, partition);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                owner.clone(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::delete(owner, None)]);
-        match self
-            .client
-            .timed("release partition", self.client.kv.clone().txn(txn))
-            .await
-        {
-            Ok(_) => {
-                self.owners.remove(&partition);
-            }
-            // Retried by `remove_orphans` on a later rebalance.
-            Err(error) => {
-                tracing::warn!(member = %self.member_id, partition, %error, "release failed")
+    /// Deletes this member's owner keys of these (partition, create
+    /// revision of its claim) pairs, each guarded by that revision: one
+    /// transaction per [`RELEASES_PER_TXN`], a nested transaction per key,
+    /// so a key that is no longer this claim's (lost, claimed again by
+    /// another member) stays while the others go.
+    pub(super) async fn delete_owners(&mut self, owners: &[(u32, i64)]) {
+        for chunk in owners.chunks(RELEASES_PER_TXN) {
+            let deletes: Vec<TxnOp> = chunk
+                .iter()
+                .map(|&(partition, revision)| {
+                    let owner = self
+                        .client
+                        .keys
+                        .owner(&self.name, &self.config.group, partition);
+                    TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::create_revision(
+                                owner.clone(),
+                                CompareOp::Equal,
+                                revision,
+                            )])
+                            .and_then([TxnOp::delete(owner, None)]),
+                    )
+                })
+                .collect();
+            match self
+                .client
+                .timed(
+                    "release partitions",
+                    self.client.kv.clone().txn(Txn::new().and_then(deletes)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    for (partition, _) in chunk {
+                        self.owners.remove(partition);
+                    }
+                }
+                // Retried by `remove_orphans` on a later rebalance.
+                Err(error) => {
+                    tracing::warn!(member = %self.member_id, partitions = chunk.len(), %error, "release failed")
+                }
             }
         }
-    }
-
-    /// Tries to create the owner key of `partition`; on success returns the
-    /// offset to read from (the group's commit, or the start policy).
-    async fn claim(&mut self, partition: u32) -> Result<Option<u64>> {
-        if let Some(ghost) = self.owners.get(&partition).filter(|o| o.lease == 0) {
-            let revision = ghost.revision;
-            self.remove_ghost_owner(partition, revision).await?;
-        }
-        let keys = &self.client.keys;
-        let owner = keys.owner(&self.name, &self.config.group, partition);
-        let topic_key = keys.topic(&self.name);
-        let offset_key = keys.offset(&self.name, &self.config.group, partition);
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(owner.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(
-                    topic_key.clone(),
-                    CompareOp::Equal,
-                    self.topic.incarnation,
-                ),
-            ])
-            .and_then([
-                TxnOp::put(
-                    owner,
-                    self.member_id.clone(),
-                    Some(PutOptions::new().with_lease(self.lease)),
-                ),
-                TxnOp::get(offset_key, None),
-            ])
-            .or_else([TxnOp::get(topic_key, None)]);
-        let response = self
-            .client
-            .timed("claim partition", self.client.kv.clone().txn(txn))
-            .await?;
-        let mut responses = response.op_responses().into_iter();
-        if !response.succeeded() {
-            let topic_alive = matches!(responses.next(), Some(TxnOpResponse::Get(get))
-                if get.kvs().first().map(|kv| kv.create_revision()) == Some(self.topic.incarnation));
-            if !topic_alive {
-                return Err(Error::TopicDeleted(self.name.to_string()));
-            }
-            return Ok(None);
-        }
-        let owner_revision = response.header().map_or(0, |h| h.revision());
-        // The owner key is ours from here on: if finding the start position
-        // fails, give it back rather than hold a partition nobody reads.
-        let committed = match responses.nth(1) {
-            Some(TxnOpResponse::Get(get)) => get
-                .kvs()
-                .first()
-                .map(|kv| parse_offset(kv.key(), kv.value())),
-            _ => None,
-        };
-        let committed_ok = committed.as_ref().and_then(|c| c.as_ref().ok().copied());
-        let from = match self.start_position(partition, committed).await {
-            Ok(from) => from,
-            Err(error) => {
-                self.delete_owner(partition, owner_revision).await;
-                return Err(error);
-            }
-        };
-        let epoch = self.next_epoch;
-        self.next_epoch += 1;
-        // A commit beyond the end was ignored: `from` is below it.
-        let floor = committed_ok.map_or(0, |c| c.min(from));
-        self.shared.claimed(
-            partition,
-            Claim::new(epoch, owner_revision, from, floor),
-            committed_ok,
-        );
-        self.owners.insert(
-            partition,
-            Owner {
-                lease: self.lease,
-                revision: owner_revision,
-            },
-        );
-        tracing::debug!(member = %self.member_id, partition, from, "claimed partition");
-        Ok(Some(from))
-    }
-
-    /// Deletes an owner key without a lease (written by hand or by a tool):
-    /// no live member holds it, yet it would keep the partition from ever
-    /// being claimed. Guarded so that only that very key is deleted.
-    async fn remove_ghost_owner(&mut self, partition: u32, revision: i64) -> Result<()> {
-        let owner = self
-            .client
-            .keys
-            .owner(&self.name, &self.config.group, partition);
-        tracing::warn!(
-            member = %self.member_id,
-            key = %owner,
-            "deleting an owner key without a lease: no live member holds it"
-        );
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(owner.clone(), CompareOp::Equal, revision),
-                Compare::lease(owner.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::delete(owner, None)]);
-        self.client
-            .timed("delete ownerless key", self.client.kv.clone().txn(txn))
-            .await?;
-        self.owners.remove(&partition);
-        Ok(())
-    }
-
-    /// Where reading a newly claimed partition starts: the group's commit,
-    /// or the start policy when there is none (or it is unreadable).
-    async fn start_position(
-        &mut self,
-        partition: u32,
-        committed: Option<Result<u64>>,
-    ) -> Result<u64> {
-        let committed = match committed {
-            Some(Ok(offset)) => Some(offset),
-            Some(Err(error)) => {
-                tracing::warn!(member = %self.member_id, partition, %error, "ignoring an unreadable committed offset");
-                None
-            }
-            None => None,
-        };
-        let (earliest, next) = self.client.partition_bounds(&self.topic, partition).await?;
-        let committed = committed.filter(|&offset| {
-            // No commit can be past the end: none was made by a member
-            // (it only commits what it delivered), so treat it as garbage
-            // rather than skip everything produced until the end reaches it.
-            let sane = offset <= next;
-            if !sane {
-                tracing::warn!(
-                    member = %self.member_id,
-                    key = %self.client.keys.offset(&self.name, &self.config.group, partition),
-                    value = offset,
-                    next,
-                    "ignoring a committed offset beyond the end of the partition"
-                );
-            }
-            sane
-        });
-        Ok(match committed {
-            // Retention may have removed what the group had not read yet:
-            // resume at the earliest stored message rather than stall, and
-            // say so.
-            Some(offset) if offset < earliest => {
-                self.resets.push(Event::OffsetReset {
-                    partition,
-                    committed: offset,
-                    resumed_at: earliest,
-                });
-                earliest
-            }
-            Some(offset) => offset,
-            None => {
-                self.client
-                    .resolve_start(&self.topic, partition, self.config.start)
-                    .await?
-            }
-        })
     }
 
     pub(super) fn start_reader(&mut self, partition: u32, from: u64) {
@@ -351,10 +209,12 @@ impl Member {
         if let Err(error) = self.commit_delivered(Some(&partitions)).await {
             tracing::warn!(member = %self.member_id, %error, "commit before release failed");
         }
-        let claims = self.drop_partitions(&partitions);
-        for (p, claim) in claims {
-            self.delete_owner(p, claim.owner_revision()).await;
-        }
+        let owners: Vec<(u32, i64)> = self
+            .drop_partitions(&partitions)
+            .into_iter()
+            .map(|(p, claim)| (p, claim.owner_revision()))
+            .collect();
+        self.delete_owners(&owners).await;
     }
 
     /// Forgets partitions locally: their queued messages are dropped and

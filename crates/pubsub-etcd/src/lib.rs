@@ -144,6 +144,7 @@
 mod append;
 mod client;
 mod compactor;
+mod compression;
 mod consumer;
 mod error;
 mod fetch;
@@ -166,6 +167,7 @@ pub use client::{
     DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
+pub use compression::{Compression, DEFAULT_ZSTD_LEVEL, MAX_DECODED_RECORDS_BYTES};
 pub use consumer::{AssignedReader, AutoCommit, Consumer, ConsumerBuilder, Event};
 pub use error::{Error, Result};
 pub use fetch::Fetched;

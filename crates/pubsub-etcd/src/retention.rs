@@ -37,7 +37,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::decode_batch;
 use crate::keys::prefix_end;
-use crate::record::{self, pb, MAX_RECORDS_PER_BATCH};
+use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
 use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
 
 /// Most batch keys one range delete removes.
@@ -276,14 +276,8 @@ impl Client {
         let response = self
             .timed("read partition head", self.kv.clone().get(key, None))
             .await?;
-        match response.kvs().first() {
-            Some(kv) => {
-                let head: pb::PartitionHead =
-                    record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
-                Ok((head.next_offset, head.total_bytes))
-            }
-            None => Ok((0, 0)),
-        }
+        let head = record::decode_head(response.kvs().first())?;
+        Ok((head.next_offset, head.total_bytes))
     }
 
     /// The batch that would hold `offset`: the first whose last offset is at
@@ -381,8 +375,16 @@ impl Client {
             // Keep the batch's lease (records with a time to live), so etcd
             // still deletes it at its deadline.
             let options = (stored.lease != 0).then(|| PutOptions::new().with_lease(stored.lease));
+            // Keep the batch's codec too (at its default level): a rewrite
+            // only removes records, and a batch is stored plain unless that
+            // is larger, so it never outgrows the request limit.
+            let records = BatchRecords::new(
+                std::mem::take(&mut batch.records),
+                record::compression_of(batch.codec),
+            );
+            batch.codec = 0;
             (
-                TxnOp::put(key, record::encode(&batch), options),
+                TxnOp::put(key, records.value(&batch), options),
                 Rewrite::Rewritten { removed },
             )
         };

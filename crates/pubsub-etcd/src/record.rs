@@ -322,7 +322,6 @@ mod tests {
             producer_seq: 3,
             offset_count: 2,
             base_bytes: 0,
-            ..pb::RecordBatch::default()
             records: vec![
                 Record::new("a")
                     .key("k")
@@ -334,6 +333,7 @@ mod tests {
                     ..Record::new(Bytes::new()).into_pb()
                 },
             ],
+            ..pb::RecordBatch::default()
         };
         let bytes = encode(&batch);
         assert_eq!(bytes[0], FORMAT_VERSION);

@@ -46,9 +46,10 @@ struct Head {
     /// key's mod revision as 0.
     mod_revision: i64,
     producers: Vec<pb::ProducerState>,
-    /// Record bytes ever appended (for byte retention).
+    /// Record bytes ever appended (application bytes, before compression).
     total_bytes: u64,
-    /// Batch value bytes ever stored (after compression).
+    /// Batch value bytes ever stored (after compression): what byte
+    /// retention counts.
     total_stored_bytes: u64,
 }
 
@@ -118,10 +119,13 @@ impl PartitionAppender {
         }
     }
 
-    /// The partition's next offset and total appended bytes as of this
-    /// appender's last successful append or read, if known.
+    /// The partition's next offset and total stored bytes (what byte
+    /// retention counts) as of this appender's last successful append or
+    /// read, if known.
     pub(crate) fn known_head(&self) -> Option<(u64, u64)> {
-        self.head.as_ref().map(|h| (h.next_offset, h.total_bytes))
+        self.head
+            .as_ref()
+            .map(|h| (h.next_offset, h.total_stored_bytes))
     }
 
     /// Appends `records` (at most [`record::MAX_RECORDS_PER_BATCH`]) as one

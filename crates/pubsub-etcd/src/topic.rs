@@ -83,8 +83,10 @@ pub struct TopicConfig {
     /// `next - retention_messages` are deleted. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_messages: Option<u64>,
-    /// Maximum bytes of records (encoded) per partition: the oldest batches
-    /// are deleted while the partition holds more. Default: no limit.
+    /// Maximum bytes per partition as stored in etcd (batch values, after
+    /// compression, so what fills etcd's quota): the oldest batches are
+    /// deleted while the partition holds more. Batches written before
+    /// stored bytes were recorded count as the oldest. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_bytes: Option<u64>,
     /// Whether the retention sweep also keeps only the newest message per key.
@@ -249,12 +251,12 @@ pub struct PartitionInfo {
     /// The offset the next appended message will get.
     pub next: u64,
     /// Application bytes (records encoded, before compression) appended from
-    /// the oldest stored batch on: what byte retention counts. Records
-    /// deleted from inside that range are still counted.
+    /// the oldest stored batch on. Records deleted from inside that range
+    /// are still counted.
     pub bytes: u64,
     /// The same range's bytes as stored in etcd (batch values, after
-    /// compression), counting from the format version that records them
-    /// (older batches count 0).
+    /// compression): what byte retention counts. Counted from the format
+    /// version that records them (older batches count 0).
     pub stored_bytes: u64,
 }
 

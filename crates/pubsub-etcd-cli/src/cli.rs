@@ -238,7 +238,7 @@ pub enum TopicCommand {
             .required(true)
             .multiple(true)
             .args(["partitions", "max_message_bytes", "retention", "retention_messages",
-                   "retention_bytes", "cleanup_policy"])
+                   "retention_bytes", "cleanup_policy", "compression"])
     ))]
     Alter {
         /// Topic to change
@@ -312,6 +312,15 @@ pub struct TopicConfigArgs {
     /// What the retention sweep does besides enforcing the limits
     #[arg(long, value_enum, value_name = "POLICY")]
     pub cleanup_policy: Option<CleanupPolicy>,
+
+    /// How producers that choose no codec compress each batch: none, lz4,
+    /// zstd or zstd:LEVEL (1-22)
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compression: Option<pubsub_etcd::Compression>,
+}
+
+fn parse_compression(s: &str) -> Result<pubsub_etcd::Compression, String> {
+    s.parse().map_err(|e: pubsub_etcd::Error| e.to_string())
 }
 
 /// A retention limit: a value, or `None` for no limit (given as "none").
@@ -441,6 +450,11 @@ pub struct ProduceArgs {
     /// [default: --timeout when given, else 60s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub delivery_timeout: Option<Duration>,
+
+    /// Compress each batch: none, lz4, zstd or zstd:LEVEL (1-22) [default:
+    /// the topic's --compression]
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compression: Option<pubsub_etcd::Compression>,
 
     /// Output format
     #[arg(long, value_enum, default_value_t)]

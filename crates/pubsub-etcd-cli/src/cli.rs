@@ -680,7 +680,36 @@ pub struct BenchProduceArgs {
     pub rate: Option<u64>,
 
     #[command(flatten)]
+    pub data: BenchDataArgs,
+
+    #[command(flatten)]
     pub options: BenchOptions,
+}
+
+/// What the benchmarks' message values are (`--payload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Payload {
+    /// Random bytes of --size: incompressible
+    #[default]
+    Random,
+    /// English-like prose of --size, words from a small vocabulary
+    Text,
+    /// JSON log lines of 200-600 bytes (timestamp, level, service, trace id,
+    /// message, a few fields); --size is ignored
+    JsonLogs,
+}
+
+/// What a benchmark's messages are and how producers compress them.
+#[derive(Debug, Args)]
+pub struct BenchDataArgs {
+    /// Message values
+    #[arg(long, value_enum, default_value_t)]
+    pub payload: Payload,
+
+    /// How producers compress each batch: none, lz4, zstd or zstd:LEVEL
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression, default_value = "none")]
+    pub compression: pubsub_etcd::Compression,
 }
 
 #[derive(Debug, Args)]
@@ -700,6 +729,9 @@ pub struct BenchConsumeArgs {
     /// Messages the consumer reads per etcd request while catching up [default: 1000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fetch_messages: Option<u64>,
+
+    #[command(flatten)]
+    pub data: BenchDataArgs,
 
     #[command(flatten)]
     pub options: BenchOptions,

@@ -255,7 +255,7 @@ pub enum TopicCommand {
             .required(true)
             .multiple(true)
             .args(["partitions", "max_message_bytes", "retention", "retention_messages",
-                   "retention_bytes", "cleanup_policy"])
+                   "retention_bytes", "cleanup_policy", "compression"])
     ))]
     Alter {
         /// Topic to change
@@ -329,6 +329,15 @@ pub struct TopicConfigArgs {
     /// What the retention sweep does besides enforcing the limits
     #[arg(long, value_enum, value_name = "POLICY")]
     pub cleanup_policy: Option<CleanupPolicy>,
+
+    /// How producers that choose no codec compress each batch: none, lz4,
+    /// zstd or zstd:LEVEL (1-22)
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compression: Option<pubsub_etcd::Compression>,
+}
+
+fn parse_compression(s: &str) -> Result<pubsub_etcd::Compression, String> {
+    s.parse().map_err(|e: pubsub_etcd::Error| e.to_string())
 }
 
 /// A retention limit: a value, or `None` for no limit (given as "none").
@@ -458,6 +467,11 @@ pub struct ProduceArgs {
     /// [default: --timeout when given, else 60s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub delivery_timeout: Option<Duration>,
+
+    /// Compress each batch: none, lz4, zstd or zstd:LEVEL (1-22) [default:
+    /// the topic's --compression]
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compression: Option<pubsub_etcd::Compression>,
 
     /// Output format
     #[arg(long, value_enum, default_value_t)]
@@ -683,7 +697,36 @@ pub struct BenchProduceArgs {
     pub rate: Option<u64>,
 
     #[command(flatten)]
+    pub data: BenchDataArgs,
+
+    #[command(flatten)]
     pub options: BenchOptions,
+}
+
+/// What the benchmarks' message values are (`--payload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Payload {
+    /// Random bytes of --size: incompressible
+    #[default]
+    Random,
+    /// English-like prose of --size, words from a small vocabulary
+    Text,
+    /// JSON log lines of 200-600 bytes (timestamp, level, service, trace id,
+    /// message, a few fields); --size is ignored
+    JsonLogs,
+}
+
+/// What a benchmark's messages are and how producers compress them.
+#[derive(Debug, Args)]
+pub struct BenchDataArgs {
+    /// Message values
+    #[arg(long, value_enum, default_value_t)]
+    pub payload: Payload,
+
+    /// How producers compress each batch: none, lz4, zstd or zstd:LEVEL
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression, default_value = "none")]
+    pub compression: pubsub_etcd::Compression,
 }
 
 #[derive(Debug, Args)]
@@ -703,6 +746,9 @@ pub struct BenchConsumeArgs {
     /// Messages the consumer reads per etcd request while catching up [default: 1000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fetch_messages: Option<u64>,
+
+    #[command(flatten)]
+    pub data: BenchDataArgs,
 
     #[command(flatten)]
     pub options: BenchOptions,

@@ -180,7 +180,7 @@ fn produce_at_a_rate_without_baseline_prints_a_table() {
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
-        text.contains("40 messages of 100 B, 8 partitions"),
+        text.contains("40 messages of 100 B of random bytes, compression none, 8 partitions"),
         "{text}"
     );
     assert!(text.contains("100 msgs/s"), "{text}");
@@ -337,7 +337,9 @@ fn consume_without_baseline_prints_a_table() {
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
-        text.contains("backlog of 100 messages of 100 B in 1 partition(s)"),
+        text.contains(
+            "backlog of 100 messages of 100 B of random bytes, compression none, in 1 partition(s)"
+        ),
         "{text}"
     );
     assert!(text.contains("pubsub-etcd catch-up"), "{text}");
@@ -393,6 +395,92 @@ fn an_interrupted_benchmark_deletes_its_namespace() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(keys_under(&ns), 0);
+}
+
+/// Application bytes against stored bytes, for a compressing run.
+fn assert_compressed(side: &Value, messages: u64, min_ratio: f64, what: &str) {
+    let stored = &side["stored"];
+    let ratio = assert_number(&stored["ratio"], what);
+    assert!(ratio > min_ratio, "{what}: {side}");
+    let per_msg = assert_number(&stored["stored_bytes_per_msg"], what);
+    let stored_bytes = stored["stored_bytes"].as_u64().unwrap();
+    assert!(
+        (per_msg - stored_bytes as f64 / messages as f64).abs() < 1e-6,
+        "{what}: {side}"
+    );
+    let record_bytes = stored["record_bytes"].as_u64().unwrap();
+    assert!(
+        (ratio - record_bytes as f64 / stored_bytes as f64).abs() < 1e-9,
+        "{what}: {side}"
+    );
+}
+
+#[test]
+fn produce_and_consume_compressed_payloads() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "produce",
+            "--messages",
+            "3000",
+            "--payload",
+            "json-logs",
+            "--compression",
+            "zstd",
+            "--partitions",
+            "1",
+        ],
+    );
+    assert_eq!(summary["settings"]["payload"], "json-logs");
+    assert_eq!(summary["settings"]["compression"], "zstd:3");
+    let pubsub = &summary["pubsub"];
+    assert_eq!(pubsub["messages"], 3000, "{pubsub}");
+    assert_compressed(pubsub, 3000, 3.0, "json-logs zstd");
+    // Values of 200-600 bytes.
+    let per_msg = assert_number(&pubsub["mb_per_sec"], "mb") * 1e6
+        / assert_number(&pubsub["msgs_per_sec"], "msgs");
+    assert!((200.0..=600.0).contains(&per_msg), "{pubsub}");
+
+    let summary = bench_json(
+        &ns,
+        &[
+            "consume",
+            "--messages",
+            "2000",
+            "--payload",
+            "text",
+            "--size",
+            "300",
+            "--compression",
+            "lz4",
+        ],
+    );
+    assert_eq!(summary["settings"]["payload"], "text");
+    let pubsub = &summary["pubsub"];
+    assert_eq!(pubsub["bytes"], 2000 * 300, "{pubsub}");
+    assert_compressed(pubsub, 2000, 1.3, "text lz4");
+    assert_compressed(&summary["backlog"], 2000, 1.3, "text lz4 backlog");
+
+    // Random values do not compress (only the records' framing does a
+    // little), and a batch is never stored larger than plain.
+    let summary = bench_json(
+        &ns,
+        &[
+            "produce",
+            "--messages",
+            "1000",
+            "--size",
+            "200",
+            "--compression",
+            "zstd",
+        ],
+    );
+    let stored = &summary["pubsub"]["stored"];
+    let ratio = assert_number(&stored["ratio"], "random");
+    assert!((0.99..1.2).contains(&ratio), "{stored}");
+    assert!(assert_number(&stored["stored_bytes_per_msg"], "random") > 180.0);
     assert_eq!(keys_under(&ns), 0);
 }
 

@@ -29,9 +29,10 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::client::Client;
+use crate::compression::Compression;
 use crate::error::{Error, Result};
 use crate::keys::prefix_end;
-use crate::record::{self, pb};
+use crate::record::{self, pb, BatchRecords};
 use crate::telemetry;
 
 /// Entries kept in a head's idempotence table.
@@ -45,8 +46,23 @@ struct Head {
     /// key's mod revision as 0.
     mod_revision: i64,
     producers: Vec<pb::ProducerState>,
-    /// Record bytes ever appended (for byte retention).
+    /// Record bytes ever appended (application bytes, before compression).
     total_bytes: u64,
+    /// Batch value bytes ever stored (after compression): what byte
+    /// retention counts.
+    total_stored_bytes: u64,
+}
+
+impl Head {
+    fn from_stored(stored: pb::PartitionHead, mod_revision: i64) -> Self {
+        Head {
+            next_offset: stored.next_offset,
+            mod_revision,
+            producers: stored.producers,
+            total_bytes: stored.total_bytes,
+            total_stored_bytes: stored.total_stored_bytes,
+        }
+    }
 }
 
 /// The single writer of one producer to one partition.
@@ -57,6 +73,7 @@ pub(crate) struct PartitionAppender {
     incarnation: i64,
     partition: u32,
     producer_id: u64,
+    compression: Compression,
     /// Sequence number of the next batch.
     next_seq: u64,
     head: Option<Head>,
@@ -85,6 +102,7 @@ impl PartitionAppender {
         incarnation: i64,
         partition: u32,
         producer_id: u64,
+        compression: Compression,
     ) -> Self {
         PartitionAppender {
             client,
@@ -92,6 +110,7 @@ impl PartitionAppender {
             incarnation,
             partition,
             producer_id,
+            compression,
             next_seq: 0,
             head: None,
             marked_at: None,
@@ -100,10 +119,13 @@ impl PartitionAppender {
         }
     }
 
-    /// The partition's next offset and total appended bytes as of this
-    /// appender's last successful append or read, if known.
+    /// The partition's next offset and total stored bytes (what byte
+    /// retention counts) as of this appender's last successful append or
+    /// read, if known.
     pub(crate) fn known_head(&self) -> Option<(u64, u64)> {
-        self.head.as_ref().map(|h| (h.next_offset, h.total_bytes))
+        self.head
+            .as_ref()
+            .map(|h| (h.next_offset, h.total_stored_bytes))
     }
 
     /// Appends `records` (at most [`record::MAX_RECORDS_PER_BATCH`]) as one
@@ -128,19 +150,15 @@ impl PartitionAppender {
         self.next_seq += 1;
         let mut uncertain: Vec<Uncertain> = Vec::new();
         let mut conflicts = 0u32;
+        // Encoded and compressed once; only the header is redone per attempt.
+        let records = BatchRecords::new(records, self.compression);
+        let bytes = records.len();
         let mut batch = pb::RecordBatch {
-            base_offset: 0,
             producer_id: self.producer_id,
             producer_seq: seq,
-            records,
             offset_count: count as u32,
-            base_bytes: 0,
+            ..pb::RecordBatch::default()
         };
-        let bytes: u64 = batch
-            .records
-            .iter()
-            .map(|r| record::encoded_record_len(r) as u64)
-            .sum();
         loop {
             let head = match self.head.clone() {
                 Some(head) => head,
@@ -162,9 +180,10 @@ impl PartitionAppender {
             }
             batch.base_offset = head.next_offset;
             batch.base_bytes = head.total_bytes;
+            batch.base_stored_bytes = head.total_stored_bytes;
             let read_markers = self.should_read_markers(others_waited);
             let (txn, new_head) =
-                self.append_txn(&head, &batch, seq, count, bytes, lease, read_markers);
+                self.append_txn(&head, &batch, &records, seq, lease, read_markers);
             match self
                 .client
                 .timed("append", self.client.kv.clone().txn(txn))
@@ -275,17 +294,19 @@ impl PartitionAppender {
                 .is_none_or(|at| at.elapsed() >= MARKER_CHECK_EVERY)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The transaction appending `records` as `batch` (its header) on
+    /// `head`, and the head it writes.
     fn append_txn(
         &self,
         head: &Head,
         batch: &pb::RecordBatch,
+        records: &BatchRecords,
         seq: u64,
-        count: u64,
-        bytes: u64,
         lease: Option<i64>,
         read_markers: bool,
     ) -> (Txn, Head) {
+        let count = u64::from(batch.offset_count);
+        let batch_value = records.value(batch);
         let mut producers: Vec<pb::ProducerState> = head
             .producers
             .iter()
@@ -305,12 +326,14 @@ impl PartitionAppender {
             next_offset: batch.base_offset + count,
             mod_revision: 0,
             producers,
-            total_bytes: head.total_bytes + bytes,
+            total_bytes: head.total_bytes + records.len(),
+            total_stored_bytes: head.total_stored_bytes + batch_value.len() as u64,
         };
         let head_value = record::encode(&pb::PartitionHead {
             next_offset: new_head.next_offset,
             producers: new_head.producers.clone(),
             total_bytes: new_head.total_bytes,
+            total_stored_bytes: new_head.total_stored_bytes,
         });
         let batch_key = self.client.keys.batch(
             &self.topic,
@@ -323,13 +346,7 @@ impl PartitionAppender {
                 Compare::create_revision(self.topic_key(), CompareOp::Equal, self.incarnation),
                 Compare::mod_revision(self.head_key(), CompareOp::Equal, head.mod_revision),
             ])
-            .and_then(self.then_ops(
-                batch_key,
-                record::encode(batch),
-                head_value,
-                lease,
-                read_markers,
-            ))
+            .and_then(self.then_ops(batch_key, batch_value, head_value, lease, read_markers))
             .or_else([
                 TxnOp::get(self.topic_key(), None),
                 TxnOp::get(self.head_key(), None),
@@ -476,24 +493,11 @@ impl PartitionAppender {
         if topic.map(|kv| kv.create_revision()) != Some(self.incarnation) {
             return Err(Error::TopicDeleted(self.topic.to_string()));
         }
-        let head = match gets.next().flatten() {
-            Some(kv) => {
-                let stored: pb::PartitionHead =
-                    record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
-                Head {
-                    next_offset: stored.next_offset,
-                    mod_revision: kv.mod_revision(),
-                    producers: stored.producers,
-                    total_bytes: stored.total_bytes,
-                }
-            }
-            None => Head {
-                next_offset: 0,
-                mod_revision: 0,
-                producers: Vec::new(),
-                total_bytes: 0,
-            },
-        };
+        let head_kv = gets.next().flatten();
+        let head = Head::from_stored(
+            record::decode_head(head_kv.as_ref())?,
+            head_kv.map_or(0, |kv| kv.mod_revision()),
+        );
         let landed = head
             .producers
             .iter()
@@ -507,8 +511,8 @@ impl PartitionAppender {
         // names its producer.
         for (u, kv) in uncertain.iter().zip(gets) {
             if let Some(kv) = kv {
-                let batch: pb::RecordBatch =
-                    record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
+                let batch =
+                    record::decode_batch_value(kv.key(), Bytes::copy_from_slice(kv.value()))?;
                 if batch.producer_id == self.producer_id && batch.producer_seq == seq {
                     return Ok(Landed::Yes(u.base_offset));
                 }

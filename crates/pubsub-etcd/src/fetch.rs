@@ -88,7 +88,7 @@ pub(crate) fn decode_batch(
     key: &[u8],
     value: Bytes,
 ) -> Result<pb::RecordBatch> {
-    let batch: pb::RecordBatch = record::decode(key, value)?;
+    let batch = record::decode_batch_value(key, value)?;
     let corrupt = |reason: String| Error::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         reason,

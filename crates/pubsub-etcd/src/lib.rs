@@ -144,6 +144,7 @@
 mod append;
 mod client;
 mod compactor;
+mod compression;
 mod consumer;
 mod error;
 mod fetch;
@@ -167,6 +168,7 @@ pub use client::{
     USER_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
+pub use compression::{Compression, DEFAULT_ZSTD_LEVEL, MAX_DECODED_RECORDS_BYTES};
 pub use consumer::{AssignedReader, Consumer, ConsumerBuilder};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::append::PartitionAppender;
 use crate::client::Client;
+use crate::compression::Compression;
 use crate::error::{Error, Result};
 use crate::record::{self, pb, Record, MAX_RECORDS_PER_BATCH};
 use crate::retention;
@@ -79,6 +80,7 @@ pub struct ProducerBuilder {
     delivery_timeout: Duration,
     metadata_max_age: Duration,
     partitioner: Partitioner,
+    compression: Option<Compression>,
 }
 
 impl ProducerBuilder {
@@ -93,6 +95,7 @@ impl ProducerBuilder {
             delivery_timeout: Duration::from_secs(60),
             metadata_max_age: Duration::from_secs(30),
             partitioner: Partitioner::KeyHash,
+            compression: None,
         }
     }
 
@@ -144,6 +147,14 @@ impl ProducerBuilder {
         self
     }
 
+    /// How the records of each batch are compressed. Default: the topic's
+    /// [`TopicConfig::compression`](crate::TopicConfig::compression) when a
+    /// partition is first written to.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = Some(compression);
+        self
+    }
+
     /// Reads the topic and makes the producer.
     pub async fn build(self) -> Result<Producer> {
         const MAX_REQUEST_BATCH: usize = 1400 * 1024;
@@ -164,6 +175,9 @@ impl ProducerBuilder {
                 "buffer_bytes is {}; it must be at least max_batch_bytes ({}) and below 4 GiB",
                 self.buffer_bytes, self.max_batch_bytes
             )));
+        }
+        if let Some(compression) = &self.compression {
+            compression.validate()?;
         }
         let topic = self.client.topic(&self.topic).await?;
         let max_record_bytes = topic
@@ -490,12 +504,13 @@ impl Producer {
                 return Ok(sender.clone());
             }
         }
-        let incarnation = shared
-            .metadata
-            .lock()
-            .expect("metadata lock")
-            .topic
-            .incarnation;
+        let (incarnation, topic_compression) = {
+            let metadata = shared.metadata.lock().expect("metadata lock");
+            (
+                metadata.topic.incarnation,
+                metadata.topic.config.compression,
+            )
+        };
         let (sender, receiver) = mpsc::channel(2 * shared.config.max_batch_records);
         let worker = Worker {
             appender: PartitionAppender::new(
@@ -504,6 +519,7 @@ impl Producer {
                 incarnation,
                 partition,
                 shared.producer_id,
+                shared.config.compression.unwrap_or(topic_compression),
             ),
             partition,
             queue: receiver,

@@ -1,6 +1,7 @@
 //! Messages as the application sees them ([`Record`] going in, [`Message`]
 //! coming out) and the versioned on-etcd encoding of record batches and
-//! partition heads (`proto/record.proto`).
+//! partition heads (`proto/record.proto`), plain (format version 1) or with
+//! compressed records (version 2).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use prost::Message as _;
 
+use crate::compression::{self, Compression};
 use crate::error::{Error, Result};
 
 /// The generated protobuf types of `proto/record.proto`.
@@ -16,8 +18,11 @@ pub(crate) mod pb {
     include!(concat!(env!("OUT_DIR"), "/pubsub_etcd.v1.rs"));
 }
 
-/// The format-version byte that starts every batch and head value.
+/// The format-version byte that starts every head value and every batch
+/// value with plain records.
 pub(crate) const FORMAT_VERSION: u8 = 1;
+/// The format-version byte of a batch value with compressed records.
+pub(crate) const FORMAT_VERSION_COMPRESSED: u8 = 2;
 
 /// The most records one batch may hold. Part of the format: readers rely on
 /// it to bound the key range that can contain a given offset.
@@ -153,19 +158,129 @@ pub(crate) fn encode<M: prost::Message>(message: &M) -> Vec<u8> {
     out
 }
 
+/// The records of one batch, encoded (and compressed) once, so that an
+/// append retried at another offset only re-encodes the batch's few header
+/// fields.
+#[derive(Debug)]
+pub(crate) struct BatchRecords {
+    /// The records' protobuf encoding, as field 4 entries of a batch.
+    plain: Vec<u8>,
+    compressed: Option<(pb::Codec, Bytes)>,
+}
+
+impl BatchRecords {
+    pub(crate) fn new(records: Vec<pb::Record>, compression: Compression) -> Self {
+        let plain = pb::RecordBatch {
+            records,
+            ..pb::RecordBatch::default()
+        }
+        .encode_to_vec();
+        let compressed = compression::compress(compression, &plain);
+        BatchRecords { plain, compressed }
+    }
+
+    /// Application bytes: the records encoded, before compression.
+    pub(crate) fn len(&self) -> u64 {
+        self.plain.len() as u64
+    }
+
+    /// The stored value of the batch `header` (whose `records` are empty)
+    /// holding these records.
+    pub(crate) fn value(&self, header: &pb::RecordBatch) -> Vec<u8> {
+        debug_assert!(header.records.is_empty());
+        match &self.compressed {
+            Some((codec, data)) => {
+                let mut batch = header.clone();
+                batch.set_codec(*codec);
+                batch.compressed_records = data.clone();
+                batch.records_len = self.plain.len() as u32;
+                let mut out = Vec::with_capacity(1 + batch.encoded_len());
+                out.push(FORMAT_VERSION_COMPRESSED);
+                batch.encode(&mut out).expect("a Vec grows as needed");
+                out
+            }
+            None => {
+                // Protobuf fields may come in any order and repeated ones
+                // concatenate: header then records is a valid batch.
+                let mut out = Vec::with_capacity(1 + header.encoded_len() + self.plain.len());
+                out.push(FORMAT_VERSION);
+                header.encode(&mut out).expect("a Vec grows as needed");
+                out.extend_from_slice(&self.plain);
+                out
+            }
+        }
+    }
+}
+
+/// The compression a rewrite of a batch stored with `codec` uses.
+pub(crate) fn compression_of(codec: i32) -> Compression {
+    match pb::Codec::try_from(codec) {
+        Ok(pb::Codec::Lz4) => Compression::Lz4,
+        Ok(pb::Codec::Zstd) => Compression::zstd(),
+        _ => Compression::None,
+    }
+}
+
 /// Parses a value written by [`encode`].
 pub(crate) fn decode<M: prost::Message + Default>(key: &[u8], value: Bytes) -> Result<M> {
-    let corrupt = |reason: String| Error::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason,
-    };
     match value.first() {
         Some(&FORMAT_VERSION) => {
-            M::decode(value.slice(1..)).map_err(|e| corrupt(format!("bad protobuf: {e}")))
+            M::decode(value.slice(1..)).map_err(|e| corrupt(key, format!("bad protobuf: {e}")))
         }
-        Some(version) => Err(corrupt(format!("unknown format version {version}"))),
-        None => Err(corrupt("empty value".into())),
+        Some(version) => Err(corrupt(key, format!("unknown format version {version}"))),
+        None => Err(corrupt(key, "empty value".into())),
     }
+}
+
+fn corrupt(key: &[u8], reason: String) -> Error {
+    Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    }
+}
+
+/// Parses a partition head key's value; a missing head is the empty head.
+pub(crate) fn decode_head(kv: Option<&etcd_client::KeyValue>) -> Result<pb::PartitionHead> {
+    match kv {
+        Some(kv) => decode(kv.key(), Bytes::copy_from_slice(kv.value())),
+        None => Ok(pb::PartitionHead::default()),
+    }
+}
+
+/// Parses a batch value of either format version, decompressing records
+/// within [`compression::MAX_DECODED_RECORDS_BYTES`]. The batch keeps its
+/// `codec` (so a rewrite can keep it) but not its compressed bytes.
+pub(crate) fn decode_batch_value(key: &[u8], value: Bytes) -> Result<pb::RecordBatch> {
+    if value.first() != Some(&FORMAT_VERSION_COMPRESSED) {
+        let batch: pb::RecordBatch = decode(key, value)?;
+        if batch.codec != 0 || !batch.compressed_records.is_empty() {
+            return Err(corrupt(
+                key,
+                format!("format version 1 batch names codec {}", batch.codec),
+            ));
+        }
+        return Ok(batch);
+    }
+    let mut batch = pb::RecordBatch::decode(value.slice(1..))
+        .map_err(|e| corrupt(key, format!("bad protobuf: {e}")))?;
+    if !batch.records.is_empty() {
+        return Err(corrupt(
+            key,
+            "compressed batch also holds plain records".into(),
+        ));
+    }
+    let plain = compression::decompress(
+        key,
+        batch.codec,
+        &batch.compressed_records,
+        batch.records_len,
+    )?;
+    let records = pb::RecordBatch::decode(Bytes::from(plain))
+        .map_err(|e| corrupt(key, format!("bad protobuf in compressed records: {e}")))?;
+    batch.records = records.records;
+    batch.compressed_records = Bytes::new();
+    batch.records_len = 0;
+    Ok(batch)
 }
 
 /// Turns a stored batch into messages, keeping those at or after `from`
@@ -218,6 +333,7 @@ mod tests {
                     ..Record::new(Bytes::new()).into_pb()
                 },
             ],
+            ..pb::RecordBatch::default()
         };
         let bytes = encode(&batch);
         assert_eq!(bytes[0], FORMAT_VERSION);

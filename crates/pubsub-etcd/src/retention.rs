@@ -37,7 +37,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::decode_batch;
 use crate::keys::prefix_end;
-use crate::record::{self, pb, MAX_RECORDS_PER_BATCH};
+use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
 use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
 
 /// Most batch keys one range delete removes.
@@ -243,8 +243,8 @@ impl Client {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
         for part in PartitionRef::all(topic, &info) {
-            let (next, total_bytes) = self.head_state(part).await?;
-            let r = trim_partition(self, part, &info.config, next, total_bytes).await?;
+            let (next, stored_bytes) = self.head_state(part).await?;
+            let r = trim_partition(self, part, &info.config, next, stored_bytes).await?;
             report.add(&r);
             if info.config.cleanup_policy == CleanupPolicy::Compact {
                 report.add(&compact_partition(self, part).await?);
@@ -269,21 +269,15 @@ impl Client {
         Ok(report)
     }
 
-    /// The partition head's next offset and total appended bytes (0 and 0
+    /// The partition head's next offset and total stored bytes (0 and 0
     /// before the first append).
     async fn head_state(&self, part: PartitionRef<'_>) -> Result<(u64, u64)> {
         let key = self.keys.head(part.topic, part.incarnation, part.partition);
         let response = self
             .timed("read partition head", self.kv.clone().get(key, None))
             .await?;
-        match response.kvs().first() {
-            Some(kv) => {
-                let head: pb::PartitionHead =
-                    record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
-                Ok((head.next_offset, head.total_bytes))
-            }
-            None => Ok((0, 0)),
-        }
+        let head = record::decode_head(response.kvs().first())?;
+        Ok((head.next_offset, head.total_stored_bytes))
     }
 
     /// The batch that would hold `offset`: the first whose last offset is at
@@ -381,8 +375,16 @@ impl Client {
             // Keep the batch's lease (records with a time to live), so etcd
             // still deletes it at its deadline.
             let options = (stored.lease != 0).then(|| PutOptions::new().with_lease(stored.lease));
+            // Keep the batch's codec too (at its default level): a rewrite
+            // only removes records, and a batch is stored plain unless that
+            // is larger, so it never outgrows the request limit.
+            let records = BatchRecords::new(
+                std::mem::take(&mut batch.records),
+                record::compression_of(batch.codec),
+            );
+            batch.codec = 0;
             (
-                TxnOp::put(key, record::encode(&batch), options),
+                TxnOp::put(key, records.value(&batch), options),
                 Rewrite::Rewritten { removed },
             )
         };
@@ -482,14 +484,15 @@ pub(crate) async fn truncate_before(
 }
 
 /// Enforces a topic's retention limits on one partition whose head is at
-/// `next` with `total_bytes` appended. Cheap when nothing is due: one
+/// `next` with `total_stored_bytes` stored (byte retention counts batch
+/// values as stored, after compression: what fills etcd). Cheap when nothing is due: one
 /// range delete over an empty range and one read of the oldest batch.
 pub(crate) async fn trim_partition(
     client: &Client,
     part: PartitionRef<'_>,
     config: &TopicConfig,
     next: u64,
-    total_bytes: u64,
+    total_stored_bytes: u64,
 ) -> Result<RetentionReport> {
     let mut cutoff = config
         .retention_messages
@@ -499,7 +502,7 @@ pub(crate) async fn trim_partition(
         .map(|ms| record::now_millis().saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
     let min_base_bytes = config
         .retention_bytes
-        .map(|limit| total_bytes.saturating_sub(limit));
+        .map(|limit| total_stored_bytes.saturating_sub(limit));
     if min_timestamp.is_some() || min_base_bytes.is_some() {
         // Whole batches from the oldest on, stopping at the first within
         // limits. The page grows from 1: usually the oldest batch is kept.
@@ -521,8 +524,10 @@ pub(crate) async fn trim_partition(
                         .is_none_or(|newest| newest < min)
                 });
                 // Deleting everything before this batch would leave
-                // total_bytes - base_bytes: too much when base_bytes is low.
-                let too_big = min_base_bytes.is_some_and(|min| stored.batch.base_bytes < min);
+                // total_stored_bytes - base_stored_bytes: too much when
+                // base_stored_bytes is low.
+                let too_big =
+                    min_base_bytes.is_some_and(|min| stored.batch.base_stored_bytes < min);
                 if !(too_old || too_big) {
                     break 'scan;
                 }
@@ -618,14 +623,14 @@ pub(crate) async fn producer_trim(
     partition: u32,
     config: TopicConfig,
     next: u64,
-    total_bytes: u64,
+    total_stored_bytes: u64,
 ) {
     let part = PartitionRef {
         topic: &topic,
         incarnation,
         partition,
     };
-    match trim_partition(&client, part, &config, next, total_bytes).await {
+    match trim_partition(&client, part, &config, next, total_stored_bytes).await {
         Ok(report) if report.batches_deleted + report.batches_rewritten > 0 => {
             tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
         }

@@ -7,10 +7,11 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, Txn
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
+use crate::compression::Compression;
 use crate::error::{Error, Result};
 use crate::fetch::{decode_batch, fetch_partition, Cut};
 use crate::keys::prefix_end;
-use crate::record::{self, pb};
+use crate::record;
 
 /// The most partitions a topic may have. Each partition costs a head key,
 /// and a consumer group an owner and an offset key per partition; 4,096 keeps
@@ -82,13 +83,24 @@ pub struct TopicConfig {
     /// `next - retention_messages` are deleted. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_messages: Option<u64>,
-    /// Maximum bytes of records (encoded) per partition: the oldest batches
-    /// are deleted while the partition holds more. Default: no limit.
+    /// Maximum bytes per partition as stored in etcd (batch values, after
+    /// compression, so what fills etcd's quota): the oldest batches are
+    /// deleted while the partition holds more. Batches written before
+    /// stored bytes were recorded count as the oldest. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_bytes: Option<u64>,
     /// Whether the retention sweep also keeps only the newest message per key.
     #[serde(default, skip_serializing_if = "CleanupPolicy::is_delete")]
     pub cleanup_policy: CleanupPolicy,
+    /// The compression of producers that choose none themselves
+    /// ([`ProducerBuilder::compression`](crate::ProducerBuilder::compression)).
+    /// Default: [`Compression::None`].
+    #[serde(default, skip_serializing_if = "is_no_compression")]
+    pub compression: Compression,
+}
+
+fn is_no_compression(c: &Compression) -> bool {
+    *c == Compression::None
 }
 
 /// What the retention sweep does besides enforcing the limits, like Kafka's
@@ -114,6 +126,7 @@ impl CleanupPolicy {
 
 impl TopicConfig {
     fn validate(&self) -> Result<()> {
+        self.compression.validate()?;
         if self.max_message_bytes == Some(0) {
             return Err(Error::InvalidConfig(
                 "max_message_bytes is 0; it must be greater than zero".into(),
@@ -183,6 +196,12 @@ impl NewTopic {
         self
     }
 
+    /// Sets [`TopicConfig::compression`].
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.config.compression = compression;
+        self
+    }
+
     /// Sets [`TopicConfig::cleanup_policy`].
     pub fn cleanup_policy(mut self, policy: CleanupPolicy) -> Self {
         self.config.cleanup_policy = policy;
@@ -231,6 +250,14 @@ pub struct PartitionInfo {
     pub earliest: u64,
     /// The offset the next appended message will get.
     pub next: u64,
+    /// Application bytes (records encoded, before compression) appended from
+    /// the oldest stored batch on. Records deleted from inside that range
+    /// are still counted.
+    pub bytes: u64,
+    /// The same range's bytes as stored in etcd (batch values, after
+    /// compression): what byte retention counts. Counted from the format
+    /// version that records them (older batches count 0).
+    pub stored_bytes: u64,
 }
 
 /// A topic with the offsets of each of its partitions.
@@ -341,16 +368,7 @@ impl Client {
                 .await?;
             for (&p, op) in chunk.iter().zip(response.op_responses()) {
                 let next = match op {
-                    TxnOpResponse::Get(get) => match get.kvs().first() {
-                        Some(kv) => {
-                            let head: pb::PartitionHead = record::decode(
-                                kv.key(),
-                                bytes::Bytes::copy_from_slice(kv.value()),
-                            )?;
-                            head.next_offset
-                        }
-                        None => 0,
-                    },
+                    TxnOpResponse::Get(get) => record::decode_head(get.kvs().first())?.next_offset,
                     _ => 0,
                 };
                 nexts.push((p, next));
@@ -388,15 +406,9 @@ impl Client {
                 _ => None,
             });
             for p in first..last {
-                let next = match responses.next().flatten() {
-                    Some(kv) => {
-                        let head: pb::PartitionHead =
-                            record::decode(kv.key(), bytes::Bytes::copy_from_slice(kv.value()))?;
-                        head.next_offset
-                    }
-                    None => 0,
-                };
-                let earliest = match responses.next().flatten() {
+                let head = record::decode_head(responses.next().flatten().as_ref())?;
+                let next = head.next_offset;
+                let (earliest, base_bytes, base_stored) = match responses.next().flatten() {
                     Some(kv) => match decode_batch(
                         &self.keys,
                         &topic.name,
@@ -405,18 +417,24 @@ impl Client {
                         kv.key(),
                         bytes::Bytes::copy_from_slice(kv.value()),
                     ) {
-                        Ok(batch) => batch
-                            .records
-                            .first()
-                            .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta)),
-                        Err(_) => self.earliest_past_garbage(topic, p, next).await?,
+                        Ok(batch) => (
+                            batch
+                                .records
+                                .first()
+                                .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta)),
+                            batch.base_bytes,
+                            batch.base_stored_bytes,
+                        ),
+                        Err(_) => (self.earliest_past_garbage(topic, p, next).await?, 0, 0),
                     },
-                    None => next,
+                    None => (next, head.total_bytes, head.total_stored_bytes),
                 };
                 partitions.push(PartitionInfo {
                     partition: p,
                     earliest,
                     next,
+                    bytes: head.total_bytes.saturating_sub(base_bytes),
+                    stored_bytes: head.total_stored_bytes.saturating_sub(base_stored),
                 });
             }
             first = last;

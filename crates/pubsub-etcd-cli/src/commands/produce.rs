@@ -74,6 +74,9 @@ pub async fn run(
     if let Some(timeout) = args.delivery_timeout.or(request_timeout) {
         builder = builder.delivery_timeout(timeout);
     }
+    if let Some(compression) = args.compression {
+        builder = builder.compression(compression);
+    }
     let producer = builder.build().await?;
     let topic = client.topic(&args.topic).await?;
     let limit = topic

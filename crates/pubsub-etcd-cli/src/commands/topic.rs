@@ -178,6 +178,9 @@ fn apply(args: &TopicConfigArgs, config: &mut TopicConfig) {
     if let Some(cli::Limit(bytes)) = args.retention_bytes {
         config.retention_bytes = bytes;
     }
+    if let Some(compression) = args.compression {
+        config.compression = compression;
+    }
     if let Some(policy) = args.cleanup_policy {
         config.cleanup_policy = match policy {
             cli::CleanupPolicy::Delete => CleanupPolicy::Delete,
@@ -199,7 +202,7 @@ fn print_report(
             "batches_deleted": report.batches_deleted,
             "batches_rewritten": report.batches_rewritten,
             "records_removed": report.records_removed,
-            "partitions": report.partitions,
+            "partitions": partitions_json(&report.partitions),
         })),
         Format::Table => {
             let mut text = format!(
@@ -213,15 +216,42 @@ fn print_report(
 }
 
 fn partitions_table(partitions: &[PartitionInfo]) -> String {
-    let mut table = Table::new(["PARTITION", "EARLIEST", "NEXT"]);
+    let mut table = Table::new(["PARTITION", "EARLIEST", "NEXT", "BYTES", "STORED", "RATIO"]);
     for p in partitions {
         table.row([
             p.partition.to_string(),
             p.earliest.to_string(),
             p.next.to_string(),
+            p.bytes.to_string(),
+            p.stored_bytes.to_string(),
+            ratio(p).map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
         ]);
     }
     table.render()
+}
+
+/// Application bytes per stored byte (how well the partition compresses);
+/// unknown while nothing counted is stored (also for data written before
+/// stored bytes were recorded).
+fn ratio(p: &PartitionInfo) -> Option<f64> {
+    (p.stored_bytes > 0).then(|| p.bytes as f64 / p.stored_bytes as f64)
+}
+
+/// Partitions in JSON: their offsets and bytes, and the ratio.
+fn partitions_json(partitions: &[PartitionInfo]) -> serde_json::Value {
+    partitions
+        .iter()
+        .map(|p| {
+            json!({
+                "partition": p.partition,
+                "earliest": p.earliest,
+                "next": p.next,
+                "bytes": p.bytes,
+                "stored_bytes": p.stored_bytes,
+                "ratio": ratio(p),
+            })
+        })
+        .collect()
 }
 
 /// A topic as `topic list` shows it in JSON; other commands embed it.
@@ -267,7 +297,7 @@ impl Stored {
 pub(super) fn describe_json(description: &TopicDescription, stored: &Stored) -> serde_json::Value {
     json!({
         "name": description.topic.name,
-        "partitions": description.partitions,
+        "partitions": partitions_json(&description.partitions),
         "config": description.topic.config,
         "created_ms": description.topic.created_ms,
         "stored_messages": stored.messages,

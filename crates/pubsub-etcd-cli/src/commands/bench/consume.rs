@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use etcd_client::GetOptions;
-use pubsub_etcd::{Bytes, Client, NewTopic, Record};
+use pubsub_etcd::{Client, Compression, NewTopic, Record};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::{cell, megabytes_per_second, progress, ratio, Summary};
-use crate::cli::BenchConsumeArgs;
+use super::payload::Values;
+use super::{cell, megabytes_per_second, progress, ratio, stored, stored_cells, Stored, Summary};
+use crate::cli::{BenchConsumeArgs, Payload};
 use crate::output::{or_dash, Table};
 
 const TOPIC: &str = "backlog";
@@ -41,7 +42,10 @@ pub struct ConsumeSummary {
 #[derive(Debug, Serialize)]
 struct Settings {
     messages: u64,
+    /// Ignored for json-logs.
     size: u32,
+    payload: Payload,
+    compression: Compression,
     partitions: u32,
     /// None: the library's default.
     fetch_messages: Option<u64>,
@@ -52,7 +56,9 @@ struct Settings {
 struct Backlog {
     seconds: f64,
     msgs_per_sec: f64,
+    /// Application bytes: message values.
     mb_per_sec: f64,
+    stored: Stored,
 }
 
 /// Memory of this process around one read; absent off Linux.
@@ -75,6 +81,8 @@ struct CatchUp {
     seconds: f64,
     msgs_per_sec: f64,
     mb_per_sec: f64,
+    /// The backlog's bytes as stored, over the catch-up time.
+    stored: Stored,
     first_message_ms: f64,
     /// Messages whose offset was not the next of their partition.
     out_of_order: u64,
@@ -121,6 +129,8 @@ pub async fn run(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Con
         settings: Settings {
             messages: args.messages,
             size: args.size,
+            payload: args.data.payload,
+            compression: args.data.compression,
             partitions: args.partitions,
             fetch_messages: args.fetch_messages,
         },
@@ -132,8 +142,14 @@ pub async fn run(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Con
 }
 
 async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Backlog> {
-    let producer = client.producer(TOPIC).build().await?;
-    let value = Bytes::from(vec![b'x'; args.size as usize]);
+    let producer = client
+        .producer(TOPIC)
+        .compression(args.data.compression)
+        .build()
+        .await?;
+    // Dropped with this function: the pool is not the catch-up's memory.
+    let mut values = Values::new(args.data.payload, args.size);
+    let mut bytes = 0u64;
     let window = std::sync::Arc::new(Semaphore::new(IN_FLIGHT as usize));
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<pubsub_etcd::Error>(1);
     let bar = progress(args.messages, "backlog");
@@ -143,7 +159,9 @@ async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Re
         if let Ok(error) = failed_rx.try_recv() {
             return Err(error).context("producing the backlog");
         }
-        let delivery = producer.enqueue(Record::new(value.clone())).await?;
+        let value = values.next_value();
+        bytes += value.len() as u64;
+        let delivery = producer.enqueue(Record::new(value)).await?;
         let (failed, bar) = (failed_tx.clone(), bar.clone());
         tokio::spawn(async move {
             if let Err(e) = delivery.await {
@@ -160,10 +178,12 @@ async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Re
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     producer.close().await?;
+    let partitions = client.describe_topic(TOPIC).await?.partitions;
     Ok(Backlog {
         seconds,
         msgs_per_sec: args.messages as f64 / seconds,
-        mb_per_sec: megabytes_per_second(args.messages * u64::from(args.size), seconds),
+        mb_per_sec: megabytes_per_second(bytes, seconds),
+        stored: stored(&partitions, args.messages, seconds),
     })
 }
 
@@ -248,6 +268,11 @@ async fn catch_up(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Ca
         seconds,
         msgs_per_sec: received as f64 / seconds,
         mb_per_sec: megabytes_per_second(bytes, seconds),
+        stored: stored(
+            &client.describe_topic(TOPIC).await?.partitions,
+            received,
+            seconds,
+        ),
         first_message_ms,
         out_of_order,
         memory,
@@ -326,21 +351,26 @@ impl Summary for ConsumeSummary {
         } else {
             String::new()
         };
+        let b = &self.backlog;
+        let [backlog_stored_mb, backlog_ratio, backlog_per_msg] = stored_cells(Some(&b.stored));
         let mut text = format!(
-            "bench consume: backlog of {} messages of {} B in {} partition(s), 1 group member, \
-             {fetch}{raw}; namespace {namespace}\n\
-             backlog produced at {:.0} msgs/s, {:.2} MB/s ({:.2} s)\n\n",
+            "bench consume: backlog of {} messages of {}, compression {}, in {} partition(s), \
+             1 group member, {fetch}{raw}; namespace {namespace}\n\
+             backlog produced at {:.0} msgs/s, {:.2} MB/s, {backlog_stored_mb} stored MB/s \
+             ({:.2} s); ratio {backlog_ratio}, {backlog_per_msg} stored B/msg\n\n",
             s.messages,
-            s.size,
+            super::payload_text(s.payload, s.size),
+            s.compression,
             s.partitions,
-            self.backlog.msgs_per_sec,
-            self.backlog.mb_per_sec,
-            self.backlog.seconds
+            b.msgs_per_sec,
+            b.mb_per_sec,
+            b.seconds
         );
         let mut table = Table::new([
             "",
             "msgs/s",
             "MB/s",
+            "stored MB/s",
             "seconds",
             "RSS start MiB",
             "peak RSS MiB",
@@ -350,6 +380,7 @@ impl Summary for ConsumeSummary {
             "pubsub-etcd catch-up".to_string(),
             format!("{:.0}", p.msgs_per_sec),
             format!("{:.2}", p.mb_per_sec),
+            format!("{:.2}", p.stored.stored_mb_per_sec),
             format!("{:.2}", p.seconds),
             mebibytes(p.memory.rss_start_bytes),
             mebibytes(p.memory.peak_rss_bytes),
@@ -358,6 +389,7 @@ impl Summary for ConsumeSummary {
             table.row([
                 "raw etcd range gets".to_string(),
                 format!("{:.0}", raw.msgs_per_sec),
+                "-".to_string(),
                 format!("{:.2}", raw.mb_per_sec),
                 format!("{:.2}", raw.seconds),
                 mebibytes(raw.memory.rss_start_bytes),
@@ -370,11 +402,13 @@ impl Summary for ConsumeSummary {
                 "-".to_string(),
                 "-".to_string(),
                 "-".to_string(),
+                "-".to_string(),
             ]);
         }
         text.push_str(&table.render());
         text.push_str(&format!(
-            "\nFirst message after {:.0} ms; {} out of order. MB = 10^6 bytes of values.\n",
+            "\nFirst message after {:.0} ms; {} out of order. MB = 10^6 bytes of values; \
+             stored MB counts batch values as stored in etcd.\n",
             p.first_message_ms, p.out_of_order
         ));
         if let Some(raw) = &self.raw {

@@ -9,6 +9,7 @@
 
 mod consume;
 mod latency;
+mod payload;
 mod produce;
 
 use std::io::IsTerminal as _;
@@ -19,11 +20,11 @@ use anyhow::Context as _;
 use etcd_client::{DeleteOptions, GetOptions};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pubsub_etcd::Client;
+use pubsub_etcd::{Client, PartitionInfo};
 use serde::Serialize;
 use tokio::time::MissedTickBehavior;
 
-use crate::cli::{BenchCommand, ConnectionArgs, Format};
+use crate::cli::{BenchCommand, ConnectionArgs, Format, Payload};
 use crate::output;
 
 /// Keys still written by tasks that were winding down when the benchmark
@@ -229,6 +230,55 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
 
 fn cell(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
+}
+
+/// What a topic holds in etcd after a run: application bytes against
+/// bytes as stored (after compression).
+#[derive(Debug, Serialize)]
+struct Stored {
+    /// Records as encoded, before compression (values plus framing).
+    record_bytes: u64,
+    /// Batch values as stored in etcd.
+    stored_bytes: u64,
+    stored_mb_per_sec: f64,
+    stored_bytes_per_msg: f64,
+    /// record_bytes / stored_bytes.
+    ratio: Option<f64>,
+}
+
+/// The stored bytes of `partitions` holding `messages`, written (or read)
+/// in `seconds`.
+fn stored(partitions: &[PartitionInfo], messages: u64, seconds: f64) -> Stored {
+    let record_bytes = partitions.iter().map(|p| p.bytes).sum();
+    let stored_bytes = partitions.iter().map(|p| p.stored_bytes).sum();
+    Stored {
+        record_bytes,
+        stored_bytes,
+        stored_mb_per_sec: megabytes_per_second(stored_bytes, seconds),
+        stored_bytes_per_msg: stored_bytes as f64 / messages.max(1) as f64,
+        ratio: ratio(record_bytes as f64, stored_bytes as f64),
+    }
+}
+
+/// Table cells: stored MB/s, ratio, stored bytes per message.
+fn stored_cells(stored: Option<&Stored>) -> [String; 3] {
+    match stored {
+        Some(s) => [
+            format!("{:.2}", s.stored_mb_per_sec),
+            cell(s.ratio),
+            format!("{:.1}", s.stored_bytes_per_msg),
+        ],
+        None => ["-".to_string(), "-".to_string(), "-".to_string()],
+    }
+}
+
+/// The messages' values, for the settings line.
+fn payload_text(payload: Payload, size: u32) -> String {
+    match payload {
+        Payload::Random => format!("{size} B of random bytes"),
+        Payload::Text => format!("{size} B of text"),
+        Payload::JsonLogs => "JSON log lines of 200-600 B".to_string(),
+    }
 }
 
 fn megabytes_per_second(bytes: u64, seconds: f64) -> f64 {

@@ -1,5 +1,6 @@
-//! `bench produce`: producer throughput and send latency; raw etcd puts as
-//! the baseline.
+//! `bench produce`: producer throughput and send latency, in application
+//! bytes and in bytes as stored (after compression); raw etcd puts as the
+//! baseline.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -9,15 +10,16 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use pubsub_etcd::{Bytes, Client, Delivery, NewTopic, Producer, Record};
+use pubsub_etcd::{Client, Compression, Delivery, NewTopic, Producer, Record};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
+use super::payload::Values;
 use super::{
-    cell, histogram, megabytes_per_second, micros_since, progress, ratio, record, share, Pacer,
-    Percentiles, Summary,
+    cell, histogram, megabytes_per_second, micros_since, progress, ratio, record, share, stored,
+    Pacer, Percentiles, Stored, Summary,
 };
-use crate::cli::BenchProduceArgs;
+use crate::cli::{BenchProduceArgs, Payload};
 use crate::output::Table;
 
 const TOPIC: &str = "produce";
@@ -37,7 +39,10 @@ pub struct ProduceSummary {
 #[derive(Debug, Serialize)]
 struct Settings {
     messages: u64,
+    /// Ignored for json-logs.
     size: u32,
+    payload: Payload,
+    compression: Compression,
     partitions: u32,
     producers: u32,
     rate: Option<u64>,
@@ -53,7 +58,10 @@ struct Throughput {
     errors: u64,
     seconds: f64,
     msgs_per_sec: f64,
+    /// Application bytes: message values.
     mb_per_sec: f64,
+    /// Bytes as stored in etcd (pubsub-etcd only).
+    stored: Option<Stored>,
     /// Enqueue (or put call) to stored, for each stored message.
     latency_ms: Percentiles,
 }
@@ -67,13 +75,13 @@ struct Ratio {
 }
 
 pub async fn run(client: &Client, args: &BenchProduceArgs) -> anyhow::Result<ProduceSummary> {
-    let value = Bytes::from(vec![b'x'; args.size as usize]);
+    let values = Values::new(args.data.payload, args.size);
     client
         .create_topic(NewTopic::new(TOPIC, args.partitions))
         .await?;
-    let pubsub = produce(client, args, &value).await?;
+    let pubsub = produce(client, args, &values).await?;
     let raw = if args.options.compare_raw {
-        Some(raw_puts(client, args, &value).await?)
+        Some(raw_puts(client, args, &values).await?)
     } else {
         None
     };
@@ -94,6 +102,8 @@ pub async fn run(client: &Client, args: &BenchProduceArgs) -> anyhow::Result<Pro
         settings: Settings {
             messages: args.messages,
             size: args.size,
+            payload: args.data.payload,
+            compression: args.data.compression,
             partitions: args.partitions,
             producers: args.producers,
             rate: args.rate,
@@ -134,7 +144,7 @@ impl Tally {
         self.progress.inc(1);
     }
 
-    fn throughput(&self, started: Instant, size: u32) -> Throughput {
+    fn throughput(&self, started: Instant, bytes: u64) -> Throughput {
         self.progress.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
         let latency = self.latency.lock().expect("histogram lock");
@@ -148,7 +158,8 @@ impl Tally {
             errors,
             seconds,
             msgs_per_sec: messages as f64 / seconds,
-            mb_per_sec: megabytes_per_second(messages * u64::from(size), seconds),
+            mb_per_sec: megabytes_per_second(bytes, seconds),
+            stored: None,
             latency_ms: Percentiles::of(&latency),
         }
     }
@@ -157,11 +168,12 @@ impl Tally {
 async fn produce(
     client: &Client,
     args: &BenchProduceArgs,
-    value: &Bytes,
+    values: &Values,
 ) -> anyhow::Result<Throughput> {
     let mut producers = Vec::new();
     for _ in 0..args.producers {
-        producers.push(client.producer(TOPIC).build().await?);
+        let builder = client.producer(TOPIC).compression(args.data.compression);
+        producers.push(builder.build().await?);
     }
     let tally = Tally::new(args.messages, "produce");
     let per_producer = args.rate.map(|r| r as f64 / f64::from(args.producers));
@@ -172,23 +184,23 @@ async fn produce(
         tasks.spawn(send(
             producer.clone(),
             count,
-            value.clone(),
+            values.part(i as u64, u64::from(args.producers)),
             Pacer::new(per_producer),
             tally.clone(),
         ));
     }
+    let mut bytes = 0;
     while let Some(done) = tasks.join_next().await {
-        done??;
+        bytes += done??;
     }
-    let throughput = tally.throughput(started, args.size);
+    let mut throughput = tally.throughput(started, bytes);
     for producer in producers {
         producer.close().await?;
     }
+    let description = client.describe_topic(TOPIC).await?;
     if throughput.errors == 0 {
         // The partitions must hold exactly what was acknowledged.
-        let stored: u64 = client
-            .describe_topic(TOPIC)
-            .await?
+        let stored: u64 = description
             .partitions
             .iter()
             .map(|p| p.next - p.earliest)
@@ -199,10 +211,16 @@ async fn produce(
             throughput.messages
         );
     }
+    throughput.stored = Some(stored(
+        &description.partitions,
+        throughput.messages,
+        throughput.seconds,
+    ));
     Ok(throughput)
 }
 
-/// Sends `count` records, up to `WINDOW` in flight. Acknowledgements are
+/// Sends `count` records, up to `WINDOW` in flight, and returns the bytes
+/// of their values. Acknowledgements are
 /// collected in send order, the ready ones after every enqueue, so a
 /// latency is from enqueue to the acknowledgement seen in that order. No
 /// task or future set per message: either cost half the throughput or more
@@ -210,11 +228,12 @@ async fn produce(
 async fn send(
     producer: Producer,
     count: u64,
-    value: Bytes,
+    mut values: Values,
     mut pacer: Option<Pacer>,
     tally: Arc<Tally>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let mut pending: VecDeque<(Instant, Delivery)> = VecDeque::with_capacity(WINDOW as usize);
+    let mut bytes = 0;
     let settle = |sent: Instant, outcome: pubsub_etcd::Result<(u32, u64)>| match outcome {
         Ok(_) => tally.stored(micros_since(sent)),
         Err(e) => tally.failed(e),
@@ -235,20 +254,22 @@ async fn send(
                 settle(sent, delivery.await);
             }
         }
+        let value = values.next_value();
+        bytes += value.len() as u64;
         let sent = Instant::now();
-        pending.push_back((sent, producer.enqueue(Record::new(value.clone())).await?));
+        pending.push_back((sent, producer.enqueue(Record::new(value)).await?));
     }
     for (sent, delivery) in pending {
         settle(sent, delivery.await);
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// The baseline: one raw put per message, `RAW_IN_FLIGHT` at a time.
 async fn raw_puts(
     client: &Client,
     args: &BenchProduceArgs,
-    value: &Bytes,
+    values: &Values,
 ) -> anyhow::Result<Throughput> {
     let tally = Tally::new(args.messages, "raw put");
     let per_worker = args.rate.map(|r| r as f64 / RAW_IN_FLIGHT as f64);
@@ -257,28 +278,33 @@ async fn raw_puts(
     for worker in 0..RAW_IN_FLIGHT {
         let count = share(args.messages, RAW_IN_FLIGHT, worker);
         let mut kv = client.etcd().kv_client();
-        let value = value.to_vec();
+        let mut values = values.part(worker, RAW_IN_FLIGHT);
         let prefix = format!("{}/raw-puts/{worker:02}/", client.namespace());
         let mut pacer = Pacer::new(per_worker);
         let tally = tally.clone();
         tasks.spawn(async move {
+            let mut bytes = 0;
             for i in 0..count {
                 Pacer::tick(&mut pacer).await;
+                let value = values.next_value();
+                bytes += value.len() as u64;
                 let sent = Instant::now();
                 match kv
-                    .put(format!("{prefix}{i:012}"), value.clone(), None)
+                    .put(format!("{prefix}{i:012}"), value.to_vec(), None)
                     .await
                 {
                     Ok(_) => tally.stored(micros_since(sent)),
                     Err(e) => tally.failed(e),
                 }
             }
+            bytes
         });
     }
+    let mut bytes = 0;
     while let Some(done) = tasks.join_next().await {
-        done.context("a raw put task failed")?;
+        bytes += done.context("a raw put task failed")?;
     }
-    Ok(tally.throughput(started, args.size))
+    Ok(tally.throughput(started, bytes))
 }
 
 impl Summary for ProduceSummary {
@@ -296,20 +322,37 @@ impl Summary for ProduceSummary {
             String::new()
         };
         let mut text = format!(
-            "bench produce: {} messages of {} B, {} partitions, {} producer(s) with up to {} \
-             in flight each, {rate}{raw}; namespace {namespace}\n\n",
-            s.messages, s.size, s.partitions, s.producers, s.in_flight_per_producer
+            "bench produce: {} messages of {}, compression {}, {} partitions, {} producer(s) \
+             with up to {} in flight each, {rate}{raw}; namespace {namespace}\n\n",
+            s.messages,
+            super::payload_text(s.payload, s.size),
+            s.compression,
+            s.partitions,
+            s.producers,
+            s.in_flight_per_producer
         );
         let mut table = Table::new([
-            "", "msgs/s", "MB/s", "errors", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms",
+            "",
+            "msgs/s",
+            "MB/s",
+            "stored MB/s",
+            "ratio",
+            "stored B/msg",
+            "errors",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
         ]);
         let row = |name: &str, t: &Throughput| {
             let mut cells = vec![
                 name.to_string(),
                 format!("{:.0}", t.msgs_per_sec),
                 format!("{:.2}", t.mb_per_sec),
-                t.errors.to_string(),
             ];
+            cells.extend(super::stored_cells(t.stored.as_ref()));
+            cells.push(t.errors.to_string());
             cells.extend(t.latency_ms.cells());
             cells
         };
@@ -320,6 +363,9 @@ impl Summary for ProduceSummary {
                 "pubsub/raw".to_string(),
                 cell(ratio(self.pubsub.msgs_per_sec, raw.msgs_per_sec)),
                 cell(ratio(self.pubsub.mb_per_sec, raw.mb_per_sec)),
+                "-".to_string(),
+                "-".to_string(),
+                "-".to_string(),
                 "-".to_string(),
             ];
             cells.extend(self.pubsub.latency_ms.ratio(&raw.latency_ms));
@@ -332,7 +378,9 @@ impl Summary for ProduceSummary {
             ""
         };
         text.push_str(&format!(
-            "\nLatency: enqueue{baseline} to stored. MB = 10^6 bytes of values.\n"
+            "\nLatency: enqueue{baseline} to stored. MB = 10^6 bytes of values; stored MB \
+             and B/msg count batch values as stored in etcd, ratio = record bytes / stored \
+             bytes.\n"
         ));
         text
     }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -71,6 +71,45 @@ impl Console {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// Opens a live tail; the status line, and the stream positioned after
+    /// the response headers.
+    fn tail(&self, query: &str) -> (u16, BufReader<TcpStream>) {
+        let stream = TcpStream::connect(&self.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        write!(
+            writer,
+            "GET /api/topics/t/tail{query} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            self.addr
+        )
+        .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line[9..12].parse().unwrap();
+        while line != "\r\n" {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+        (status, reader)
+    }
+
+    /// Runs the CLI with `input` on its standard input.
+    fn cli_with_input(&self, args: &[&str], input: &[u8]) {
+        let mut child = Command::new(BIN)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        assert!(child.wait().unwrap().success(), "{args:?} failed");
+    }
+
     fn cli(&self, args: &[&str]) {
         let status = Command::new(BIN)
             .args(["--namespace", &self.namespace])
@@ -96,6 +135,11 @@ impl Drop for Console {
                 "--if-exists",
             ])
             .stdout(Stdio::null())
+            .status();
+        let _ = Command::new(BIN)
+            .args(["--namespace", &self.namespace, "group", "delete", "g"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status();
     }
 }
@@ -185,4 +229,167 @@ fn allow_writes_without_a_token_is_refused_at_start() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--auth-token"));
+}
+
+/// The next server-sent event of a tail, skipping keep-alive comments: its
+/// name and its data parsed as JSON.
+fn next_event(tail: &mut BufReader<TcpStream>) -> (String, Value) {
+    let (mut name, mut data) = (String::new(), String::new());
+    loop {
+        let mut line = String::new();
+        assert!(tail.read_line(&mut line).unwrap() > 0, "tail ended");
+        let line = line.trim_end();
+        // Chunked transfer encoding puts each chunk's size on a line of its own.
+        if let Some(value) = line.strip_prefix("event: ") {
+            name = value.to_string();
+        } else if let Some(value) = line.strip_prefix("data: ") {
+            data = value.to_string();
+        } else if line.is_empty() && !data.is_empty() {
+            return (name, serde_json::from_str(&data).unwrap());
+        }
+    }
+}
+
+#[test]
+fn message_view_pages_a_partition_from_an_offset() {
+    let console = Console::start(&namespace(), &[]);
+    console.cli(&["topic", "create", "t", "--partitions", "2"]);
+    let lines = b"k0:v0\nk1:v1\nk2:<script>alert(1)</script>\nk3:v3\n";
+    let to_zero = ["produce", "t", "--partition", "0"];
+    console.cli_with_input(&[&to_zero[..], &["--key-separator", ":"]].concat(), lines);
+    console.cli_with_input(&[&to_zero[..], &["--whole-file"]].concat(), &[0xff, 0x00]);
+    let (status, page) = console.request(
+        "GET",
+        "/api/topics/t/partitions/0/messages?from=1&limit=2",
+        &[],
+        "",
+    );
+    assert_eq!(status, 200, "{page}");
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{page}");
+    assert_eq!(messages[0]["offset"], 1);
+    assert_eq!(messages[0]["key"], "k1");
+    assert_eq!(messages[1]["value"], "<script>alert(1)</script>");
+    assert_eq!(messages[1]["topic"], "t");
+    assert_eq!(page["next_offset"], 3);
+    // Binary data comes as base64, as `consume --format json` prints it.
+    let (_, page) = console.request("GET", "/api/topics/t/partitions/0/messages?from=4", &[], "");
+    assert_eq!(page["messages"][0]["value_base64"], "/wA=", "{page}");
+    assert_eq!(page["next_offset"], 5);
+    // A page is never empty by request nor larger than its bound.
+    let (_, page) = console.request(
+        "GET",
+        "/api/topics/t/partitions/0/messages?limit=0",
+        &[],
+        "",
+    );
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+    let (_, page) = console.request(
+        "GET",
+        "/api/topics/t/partitions/0/messages?limit=1000000",
+        &[],
+        "",
+    );
+    assert_eq!(page["messages"].as_array().unwrap().len(), 5, "{page}");
+    let (status, _) = console.request("GET", "/api/topics/t/partitions/1/messages", &[], "");
+    assert_eq!(status, 200);
+    let (status, body) = console.request("GET", "/api/topics/t/partitions/2/messages", &[], "");
+    assert_eq!(status, 404, "{body}");
+}
+
+#[test]
+fn live_tail_sends_new_messages_that_match_its_filter() {
+    let console = Console::start(&namespace(), &[]);
+    console.cli(&["topic", "create", "t", "--partitions", "2"]);
+    console.cli_with_input(
+        &["produce", "t", "--key-separator", ":"],
+        b"wanted-old:before\n",
+    );
+    let (status, mut tail) = console.tail("?key=wanted");
+    assert_eq!(status, 200);
+    let (status, mut on_one) = console.tail("?partition=1");
+    assert_eq!(status, 200);
+    console.cli_with_input(
+        &["produce", "t", "--key-separator", ":", "--partition", "0"],
+        b"other:skipped\nthe-wanted-one:hello\n",
+    );
+    console.cli_with_input(&["produce", "t", "--partition", "1"], b"on one\n");
+    let (name, message) = next_event(&mut tail);
+    assert_eq!(name, "message");
+    assert_eq!(message["key"], "the-wanted-one", "{message}");
+    assert_eq!(message["value"], "hello");
+    assert_eq!(message["partition"], 0);
+    assert!(message["timestamp"].is_i64(), "{message}");
+    let (_, message) = next_event(&mut on_one);
+    assert_eq!(message["value"], "on one", "{message}");
+    assert_eq!(message["partition"], 1);
+    let (status, _) = console.tail("?partition=7");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn live_tails_are_bounded_and_freed_when_closed() {
+    const MAX_TAILS: usize = 16;
+    let console = Console::start(&namespace(), &[]);
+    console.cli(&["topic", "create", "t", "--partitions", "1"]);
+    let open: Vec<_> = (0..MAX_TAILS)
+        .map(|_| {
+            let (status, tail) = console.tail("");
+            assert_eq!(status, 200);
+            tail
+        })
+        .collect();
+    let (status, body) = console.request("GET", "/api/topics/t/tail", &[], "");
+    assert_eq!(status, 503, "{body}");
+    drop(open);
+    // The server notices a closed tail at its next keep-alive, 3 s at most.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = console.tail("");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "closed tails were never freed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn group_view_shows_owners_lag_and_its_history() {
+    let console = Console::start(&namespace(), &[]);
+    console.cli(&["topic", "create", "t", "--partitions", "2"]);
+    console.cli_with_input(&["produce", "t", "--partition", "0"], b"a\nb\nc\n");
+    console.cli(&[
+        "group",
+        "reset-offsets",
+        "g",
+        "--topic",
+        "t",
+        "--to-earliest",
+        "--execute",
+        "--new-group",
+    ]);
+    let (status, group) = console.request("GET", "/api/groups/g", &[], "");
+    assert_eq!(status, 200, "{group}");
+    assert_eq!(group["lag"], 3);
+    assert_eq!(group["partitions"].as_array().unwrap().len(), 2);
+    assert_eq!(group["members"], serde_json::json!([]));
+    assert_eq!(group["history"].as_array().unwrap().len(), 1);
+    let (_, topic) = console.request("GET", "/api/topics/t", &[], "");
+    assert_eq!(topic["partitions"][0]["write_rate"], Value::Null, "{topic}");
+    console.cli_with_input(&["produce", "t", "--partition", "0"], b"d\ne\n");
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_, group) = console.request("GET", "/api/groups/g", &[], "");
+    let history = group["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{group}");
+    assert_eq!(history[1]["lag"], 5);
+    assert!(history[0]["at_ms"].as_i64() < history[1]["at_ms"].as_i64());
+    let (_, topic) = console.request("GET", "/api/topics/t", &[], "");
+    assert!(
+        topic["partitions"][0]["write_rate"].as_f64().unwrap() > 0.0,
+        "{topic}"
+    );
+    assert_eq!(topic["partitions"][1]["write_rate"], 0.0, "{topic}");
+    let (status, _) = console.request("GET", "/api/groups/missing", &[], "");
+    assert_eq!(status, 404);
 }

@@ -176,19 +176,6 @@ fn overview_and_topic_show_what_etcd_holds() {
 }
 
 #[test]
-fn read_only_console_refuses_writes_even_with_a_token() {
-    let console = Console::start(&namespace(), &["--auth-token", "s3cret"]);
-    console.cli(&["topic", "create", "t", "--partitions", "1"]);
-    let (status, body) = console.request(
-        "POST",
-        "/api/topics/t/messages",
-        &[JSON, "Authorization: Bearer s3cret"],
-        r#"{"value":"x"}"#,
-    );
-    assert_eq!(status, 403, "{body}");
-}
-
-#[test]
 fn writes_need_the_right_token_json_and_same_origin() {
     let console = Console::start(&namespace(), &["--allow-writes", "--auth-token", "s3cret"]);
     console.cli(&["topic", "create", "t", "--partitions", "1"]);
@@ -392,4 +379,162 @@ fn group_view_shows_owners_lag_and_its_history() {
     assert_eq!(topic["partitions"][1]["write_rate"], 0.0, "{topic}");
     let (status, _) = console.request("GET", "/api/groups/missing", &[], "");
     assert_eq!(status, 404);
+}
+
+const AUTH: &str = "Authorization: Bearer s3cret";
+
+/// Every write endpoint: method, path and a valid body.
+const WRITES: [(&str, &str, &str); 5] = [
+    ("POST", "/api/topics/t/messages", r#"{"value":"x"}"#),
+    ("DELETE", "/api/topics/t/partitions/0/messages/0", ""),
+    (
+        "POST",
+        "/api/groups/g/reset-offsets",
+        r#"{"topic":"t","to":"earliest","execute":true,"new_group":true}"#,
+    ),
+    ("POST", "/api/topics", r#"{"name":"t2","partitions":1}"#),
+    ("DELETE", "/api/topics/t", ""),
+];
+
+#[test]
+fn read_only_console_refuses_every_write() {
+    let console = Console::start(&namespace(), &["--auth-token", "s3cret"]);
+    console.cli(&["topic", "create", "t", "--partitions", "1"]);
+    console.cli_with_input(&["produce", "t"], b"kept\n");
+    let (_, about) = console.request("GET", "/api/console", &[], "");
+    assert_eq!(about["allow_writes"], false);
+    for (method, path, body) in WRITES {
+        let (status, answer) = console.request(method, path, &[JSON, AUTH], body);
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+    }
+    let (status, topic) = console.request("GET", "/api/topics/t", &[], "");
+    assert_eq!(status, 200);
+    assert_eq!(topic["stored_messages"], 1);
+    assert_eq!(console.request("GET", "/api/topics/t2", &[], "").0, 404);
+    assert_eq!(console.request("GET", "/api/groups/g", &[], "").0, 404);
+}
+
+#[test]
+fn every_write_refuses_a_wrong_token_and_a_foreign_origin() {
+    let console = Console::start(&namespace(), &["--allow-writes", "--auth-token", "s3cret"]);
+    console.cli(&["topic", "create", "t", "--partitions", "1"]);
+    console.cli_with_input(&["produce", "t"], b"kept\n");
+    let (_, about) = console.request("GET", "/api/console", &[], "");
+    assert_eq!(about["allow_writes"], true);
+    let foreign = "Origin: http://evil.example";
+    for (method, path, body) in WRITES {
+        let none = console.request(method, path, &[JSON], body);
+        assert_eq!(none.0, 401, "{method} {path} without a token: {}", none.1);
+        let wrong = console.request(method, path, &[JSON, "Authorization: Bearer s3cre"], body);
+        assert_eq!(wrong.0, 401, "{method} {path} with a wrong token");
+        let cross = console.request(method, path, &[JSON, AUTH, foreign], body);
+        assert_eq!(cross.0, 403, "{method} {path} from another origin");
+        if method == "POST" {
+            let form = "Content-Type: application/x-www-form-urlencoded";
+            let (status, _) = console.request(method, path, &[form, AUTH], body);
+            assert_eq!(status, 415, "{method} {path} without JSON");
+        }
+    }
+    let (_, topic) = console.request("GET", "/api/topics/t", &[], "");
+    assert_eq!(topic["stored_messages"], 1, "{topic}");
+    assert_eq!(console.request("GET", "/api/topics/t2", &[], "").0, 404);
+    assert_eq!(console.request("GET", "/api/groups/g", &[], "").0, 404);
+}
+
+#[test]
+fn topics_are_created_and_deleted_with_the_token() {
+    let console = Console::start(&namespace(), &["--allow-writes", "--auth-token", "s3cret"]);
+    let body = r#"{"name":"t","partitions":2,"retention_messages":10,"cleanup_policy":"compact"}"#;
+    let same_origin = format!("Origin: http://{}", console.addr);
+    let (status, created) =
+        console.request("POST", "/api/topics", &[JSON, AUTH, &same_origin], body);
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["partitions"], 2);
+    let (_, topic) = console.request("GET", "/api/topics/t", &[], "");
+    assert_eq!(topic["config"]["retention_messages"], 10, "{topic}");
+    assert_eq!(topic["config"]["cleanup_policy"], "compact", "{topic}");
+    assert_eq!(
+        console
+            .request("POST", "/api/topics", &[JSON, AUTH], body)
+            .0,
+        409
+    );
+    let bad = [
+        r#"{"name":"t3"}"#,
+        r#"{"name":"t3","partitions":0}"#,
+        r#"{"name":"bad name/","partitions":1}"#,
+        r#"{"name":"t3","partitions":1,"colour":"red"}"#,
+    ];
+    for body in bad {
+        let (status, answer) = console.request("POST", "/api/topics", &[JSON, AUTH], body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (status, deleted) = console.request("DELETE", "/api/topics/t", &[AUTH], "");
+    assert_eq!(status, 200, "{deleted}");
+    // The console's own view of a topic is at most a second old.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(console.request("GET", "/api/topics/t", &[], "").0, 404);
+    assert_eq!(
+        console.request("DELETE", "/api/topics/t", &[AUTH], "").0,
+        404
+    );
+}
+
+#[test]
+fn a_message_is_deleted_with_the_token() {
+    let console = Console::start(&namespace(), &["--allow-writes", "--auth-token", "s3cret"]);
+    console.cli(&["topic", "create", "t", "--partitions", "1"]);
+    console.cli_with_input(&["produce", "t"], b"a\nb\nc\n");
+    let path = "/api/topics/t/partitions/0/messages/1";
+    let (status, deleted) = console.request("DELETE", path, &[AUTH], "");
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["deleted"], 1);
+    let (_, page) = console.request("GET", "/api/topics/t/partitions/0/messages", &[], "");
+    let offsets: Vec<&Value> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["offset"])
+        .collect();
+    assert_eq!(offsets, [0, 2], "{page}");
+    assert_eq!(console.request("DELETE", path, &[AUTH], "").0, 404);
+    let beyond = "/api/topics/t/partitions/1/messages/0";
+    assert_eq!(console.request("DELETE", beyond, &[AUTH], "").0, 404);
+}
+
+#[test]
+fn offsets_are_reset_only_when_asked_to_execute() {
+    let console = Console::start(&namespace(), &["--allow-writes", "--auth-token", "s3cret"]);
+    console.cli(&["topic", "create", "t", "--partitions", "1"]);
+    console.cli_with_input(&["produce", "t"], b"a\nb\nc\n");
+    let path = "/api/groups/g/reset-offsets";
+    let (status, plan) = console.request(
+        "POST",
+        path,
+        &[JSON, AUTH],
+        r#"{"topic":"t","to":"latest"}"#,
+    );
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["executed"], false);
+    assert_eq!(plan["offsets"][0]["offset"], 3);
+    assert_eq!(plan["offsets"][0]["current"], Value::Null);
+    assert_eq!(console.request("GET", "/api/groups/g", &[], "").0, 404);
+    // As the CLI: executing on a group with no state needs new_group.
+    let execute = r#"{"topic":"t","to":"latest","execute":true}"#;
+    let (status, refused) = console.request("POST", path, &[JSON, AUTH], execute);
+    assert_eq!(status, 404, "{refused}");
+    let create = r#"{"topic":"t","to":"latest","execute":true,"new_group":true}"#;
+    let (status, done) = console.request("POST", path, &[JSON, AUTH], create);
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["executed"], true);
+    let back = r#"{"topic":"t","to":{"shift_by":-2},"execute":true}"#;
+    let (status, done) = console.request("POST", path, &[JSON, AUTH], back);
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["offsets"][0]["current"], 3);
+    assert_eq!(done["offsets"][0]["offset"], 1);
+    let (_, group) = console.request("GET", "/api/groups/g", &[], "");
+    assert_eq!(group["lag"], 2, "{group}");
+    let bad = r#"{"topic":"t","to":"sideways"}"#;
+    assert_eq!(console.request("POST", path, &[JSON, AUTH], bad).0, 400);
 }

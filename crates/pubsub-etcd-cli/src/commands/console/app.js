@@ -10,6 +10,10 @@ const TAIL_ROWS = 200;
 
 // What the current page must stop when another is shown (a tail, a timer).
 let leave = () => {};
+// Whether the console was started with --allow-writes; the write forms are
+// shown only then, and each write sends the token typed in the header.
+let writes = false;
+const tokenInput = document.getElementById("token");
 
 function el(tag, text) {
   const node = document.createElement(tag);
@@ -55,6 +59,49 @@ async function api(path) {
   return body;
 }
 
+async function write(method, path, body) {
+  const headers = { "Authorization": "Bearer " + tokenInput.value };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
+// A small form: labelled inputs and buttons, each button running its action
+// with the inputs' values and showing the answer (or the error) below.
+function form(title, fields, buttons) {
+  const box = el("fieldset");
+  box.appendChild(el("legend", title));
+  const inputs = {};
+  fields.forEach(([name, placeholder]) => {
+    const input = el("input");
+    input.name = name;
+    input.placeholder = placeholder;
+    inputs[name] = input;
+    box.appendChild(input);
+  });
+  const result = el("pre");
+  buttons.forEach(([label, action]) => {
+    const button = el("button", label);
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      const values = {};
+      Object.entries(inputs).forEach(([name, input]) => { values[name] = input.value; });
+      try {
+        result.textContent = JSON.stringify(await action(values), null, 1);
+        errorLine.textContent = "";
+      } catch (error) {
+        result.textContent = "";
+        errorLine.textContent = String(error.message || error);
+      }
+    });
+    box.appendChild(button);
+  });
+  box.appendChild(result);
+  return box;
+}
+
 function time(ms) {
   return ms === null || ms === undefined ? "-" : new Date(ms).toISOString();
 }
@@ -80,9 +127,15 @@ function headers(m) {
 
 const MESSAGE_COLUMNS = ["partition", "offset", "timestamp", "key", "value", "headers"];
 
-function messageTable(list) {
-  const t = table(MESSAGE_COLUMNS, []);
-  list.forEach((m) => t.appendChild(messageRow(m)));
+// `action`, if given, makes each row's last cell (a delete button).
+function messageTable(list, action) {
+  const t = table(action ? MESSAGE_COLUMNS.concat([""]) : MESSAGE_COLUMNS, []);
+  t.className = "messages";
+  list.forEach((m) => {
+    const tr = messageRow(m);
+    if (action) tr.appendChild(cell(action(m)));
+    t.appendChild(tr);
+  });
   return t;
 }
 
@@ -102,6 +155,9 @@ async function overview() {
     el("h2", "topics (" + o.topics.length + ")"),
     table(["topic", "partitions", "stored messages"],
       o.topics.map((t) => [link(t.name, hash("topic", t.name)), t.partitions, t.stored_messages])),
+    writes ? form("create a topic", [["name", "name"], ["partitions", "partitions"]], [
+      ["create", (v) => write("POST", "/api/topics", { name: v.name, partitions: Number(v.partitions) })],
+    ]) : el("span"),
     el("h2", "groups (" + o.groups.length + ")"),
     table(["group", "topics", "members", "lag"],
       o.groups.map((g) => [link(g.group, hash("group", g.group)), g.topics.join(", "), g.members, g.lag])),
@@ -120,6 +176,21 @@ async function topic(name) {
         p.write_rate === null ? "-" : p.write_rate.toFixed(1),
         link("messages", hash("messages", t.name, p.partition, p.earliest))])),
   );
+  if (!writes) return;
+  const path = "/api/topics/" + encodeURIComponent(name);
+  main.append(
+    form("produce a message", [["key", "key (optional)"], ["value", "value"]], [
+      ["send", (v) => write("POST", path + "/messages", v.key === "" ? { value: v.value } : v)],
+    ]),
+    form("delete this topic and its messages", [], [
+      ["delete topic", async () => {
+        if (!confirm("Delete topic " + name + " and all its messages?")) return "not deleted";
+        const answer = await write("DELETE", path);
+        location.hash = "#";
+        return answer;
+      }],
+    ]),
+  );
 }
 
 async function messages(name, partition, from) {
@@ -129,7 +200,15 @@ async function messages(name, partition, from) {
   main.replaceChildren(
     el("h2", "topic " + name + ", partition " + partition + ", from offset " + from),
     link("back to the topic", hash("topic", name)),
-    messageTable(page.messages),
+    messageTable(page.messages, writes ? (m) => {
+      const button = el("button", "delete");
+      button.addEventListener("click", async () => {
+        if (!confirm("Delete the message at offset " + m.offset + "?")) return;
+        try { await write("DELETE", "/api/topics/" + encodeURIComponent(name) + "/partitions/" + m.partition + "/messages/" + m.offset); route(); }
+        catch (error) { errorLine.textContent = String(error.message || error); }
+      });
+      return button;
+    } : null),
     page.messages.length ? next : el("p", "no more messages"),
   );
 }
@@ -194,7 +273,8 @@ function lagChart(history) {
 }
 
 async function group(name) {
-  const show = (g) => main.replaceChildren(
+  const live = el("div");
+  const show = (g) => live.replaceChildren(
     el("h2", "group " + g.group),
     el("p", "total lag: " + g.lag),
     lagChart(g.history),
@@ -206,6 +286,18 @@ async function group(name) {
       g.partitions.map((p) => [p.topic, p.partition, p.owner, p.committed, p.next, p.lag])),
   );
   show(await api("/api/groups/" + encodeURIComponent(name)));
+  main.replaceChildren(live);
+  if (writes) {
+    const reset = (execute) => (v) => {
+      const to = v.to === "earliest" || v.to === "latest" ? v.to
+        : v.to.startsWith("shift:") ? { shift_by: Number(v.to.slice(6)) } : { offset: Number(v.to) };
+      return write("POST", "/api/groups/" + encodeURIComponent(name) + "/reset-offsets",
+        { topic: v.topic, to, execute });
+    };
+    main.appendChild(form("reset offsets (the group must be stopped)",
+      [["topic", "topic"], ["to", "earliest, latest, N or shift:N"]],
+      [["preview", reset(false)], ["execute", reset(true)]]));
+  }
   const timer = setInterval(async () => {
     try { show(await api("/api/groups/" + encodeURIComponent(name))); }
     catch (error) { errorLine.textContent = String(error.message || error); }
@@ -231,4 +323,7 @@ async function route() {
 
 document.getElementById("home").href = "#";
 window.addEventListener("hashchange", route);
-route();
+api("/api/console").then((about) => {
+  writes = about.allow_writes;
+  tokenInput.hidden = !writes;
+}).catch(() => {}).finally(route);

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use pubsub_etcd::Client;
 use serde_json::{json, Value};
@@ -107,12 +107,25 @@ fn router(state: Arc<Console>) -> Router {
             "/app.js",
             get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], APP_JS) }),
         )
+        .route("/api/console", get(about))
         .route("/api/overview", get(overview))
-        .route("/api/topics/{name}", get(topic))
+        .route("/api/topics", post(writes::create_topic))
+        .route(
+            "/api/topics/{name}",
+            get(topic).delete(writes::delete_topic),
+        )
         .route("/api/groups/{name}", get(group))
+        .route(
+            "/api/groups/{name}/reset-offsets",
+            post(writes::reset_offsets),
+        )
         .route(
             "/api/topics/{name}/partitions/{partition}/messages",
             get(messages::browse),
+        )
+        .route(
+            "/api/topics/{name}/partitions/{partition}/messages/{offset}",
+            delete(writes::delete_message),
         )
         .route("/api/topics/{name}/tail", get(messages::tail))
         .route("/api/topics/{name}/messages", post(writes::produce))
@@ -135,6 +148,12 @@ impl From<pubsub_etcd::Error> for ApiError {
             TopicNotFound(_) | GroupNotFound(_) | PartitionOutOfRange { .. } => {
                 StatusCode::NOT_FOUND
             }
+            InvalidTopicName { .. }
+            | InvalidGroupName { .. }
+            | InvalidPartitionCount { .. }
+            | InvalidConfig(_)
+            | MessageTooLarge { .. } => StatusCode::BAD_REQUEST,
+            TopicExists(_) | GroupActive { .. } | CommitBehind { .. } => StatusCode::CONFLICT,
             _ => StatusCode::BAD_GATEWAY,
         };
         ApiError(status, error.to_string())
@@ -148,6 +167,11 @@ impl From<anyhow::Error> for ApiError {
             Err(error) => ApiError(StatusCode::BAD_GATEWAY, format!("{error:#}")),
         }
     }
+}
+
+/// What the page needs to know of the console itself.
+async fn about(State(console): State<Arc<Console>>) -> Json<Value> {
+    Json(json!({ "allow_writes": console.allow_writes }))
 }
 
 async fn overview(State(console): State<Arc<Console>>) -> Result<Json<Value>, ApiError> {

@@ -538,3 +538,249 @@ fn offsets_are_reset_only_when_asked_to_execute() {
     let bad = r#"{"topic":"t","to":"sideways"}"#;
     assert_eq!(console.request("POST", path, &[JSON, AUTH], bad).0, 400);
 }
+
+/// A chromedriver of this test's own and one headless Chromium session in
+/// it, spoken to in plain WebDriver JSON over HTTP/1.1.
+struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (scripts/install-deps.sh --browser installs it)");
+        let mut browser = Browser {
+            driver,
+            addr: format!("127.0.0.1:{port}"),
+            session: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&browser.addr).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1100,800",
+        ];
+        let capabilities = serde_json::json!({
+            "capabilities": { "alwaysMatch": { "goog:chromeOptions": { "args": args } } }
+        });
+        let created = browser.command("POST", "/session", Some(capabilities));
+        browser.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        browser
+    }
+
+    /// One WebDriver command; its `value`.
+    fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut stream = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        // chromedriver keeps the connection open: read just Content-Length.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut length = 0;
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        let answer: Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: {e} in {:?}",
+                String::from_utf8_lossy(&body)
+            )
+        });
+        answer["value"].clone()
+    }
+
+    fn session_command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        self.command(method, &path, body)
+    }
+
+    fn open(&self, url: &str) {
+        self.session_command("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    fn script(&self, script: &str) -> Value {
+        let body = serde_json::json!({ "script": script, "args": [] });
+        self.session_command("POST", "/execute/sync", Some(body))
+    }
+
+    /// Waits until the page's text contains `text`; how long that took.
+    fn wait_for_text(&self, text: &str, within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let shown = self.script("return document.body.innerText");
+            if shown.as_str().is_some_and(|shown| shown.contains(text)) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "{text:?} not shown within {within:?}; the page shows {shown}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn click_link(&self, text: &str) {
+        let query = serde_json::json!({ "using": "link text", "value": text });
+        let found = self.session_command("POST", "/element", Some(query));
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no link {text:?}: {found}"))
+            .to_string();
+        self.session_command(
+            "POST",
+            &format!("/element/{id}/click"),
+            Some(serde_json::json!({})),
+        );
+    }
+
+    /// Saves the page as `name`.png in $CONSOLE_SCREENSHOTS (default: a
+    /// temporary folder).
+    fn screenshot(&self, name: &str) {
+        use base64::Engine as _;
+        let dir = std::env::var_os("CONSOLE_SCREENSHOTS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("pubsub-etcd-console-screenshots"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = self.session_command("GET", "/screenshot", None);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            self.command("DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// The issue's browser test; run by scripts/test-browser.sh, which installs
+/// Chromium and chromedriver.
+#[test]
+#[ignore = "needs chromium and chromedriver: scripts/test-browser.sh"]
+fn console_in_a_browser() {
+    let console = Console::start(&namespace(), &[]);
+    console.cli(&[
+        "topic",
+        "create",
+        "t",
+        "--partitions",
+        "3",
+        "--retention",
+        "7d",
+    ]);
+    console.cli_with_input(
+        &[
+            "produce",
+            "t",
+            "--partition",
+            "0",
+            "--key-separator",
+            ":",
+            "--header",
+            "source=web",
+        ],
+        b"order-1:{\"total\":12}\norder-2:<script>window.hacked=1</script>\n",
+    );
+    console.cli_with_input(&["produce", "t", "--partition", "1"], b"a\nb\nc\n");
+    console.cli(&[
+        "group",
+        "reset-offsets",
+        "g",
+        "--topic",
+        "t",
+        "--to-earliest",
+        "--execute",
+        "--new-group",
+    ]);
+    let browser = Browser::start();
+    let home = format!("http://{}/", console.addr);
+    browser.open(&home);
+    let load = Duration::from_secs(10);
+    browser.wait_for_text("topics (1)", load);
+    browser.wait_for_text("groups (1)", load);
+    browser.screenshot("console-overview");
+
+    browser.click_link("t");
+    browser.wait_for_text("topic t", load);
+    let partitions = browser.script("return document.querySelectorAll('main table tr').length");
+    assert_eq!(partitions, 4, "a header and three partition rows");
+    browser.wait_for_text("retention_ms", load);
+    browser.screenshot("console-topic");
+
+    browser.open(&format!("{home}#group/g"));
+    browser.wait_for_text("total lag: 5", load);
+    // The page rereads the group every 2 s; the chart draws each read.
+    console.cli_with_input(&["produce", "t", "--partition", "2"], b"d\ne\nf\n");
+    browser.wait_for_text("total lag: 8", load);
+    let chart = browser.script("return document.querySelectorAll('#lag-chart polyline').length");
+    assert_eq!(chart, 1);
+    browser.screenshot("console-group");
+
+    browser.open(&format!("{home}#messages/t/0/0"));
+    browser.wait_for_text("<script>window.hacked=1</script>", load);
+    let injected = browser.script(
+        "return [document.querySelectorAll('main script').length, window.hacked === undefined]",
+    );
+    assert_eq!(
+        injected,
+        serde_json::json!([0, true]),
+        "a value ran as HTML"
+    );
+    browser.screenshot("console-messages");
+
+    browser.open(&format!("{home}#tail/t"));
+    browser.wait_for_text("following new messages", load);
+    console.cli_with_input(
+        &["produce", "t", "--key-separator", ":"],
+        b"live-key:just produced\n",
+    );
+    let shown = browser.wait_for_text("just produced", Duration::from_secs(2));
+    eprintln!("the live tail showed the message {shown:?} after produce returned");
+    browser.screenshot("console-tail");
+}

@@ -259,10 +259,13 @@ function lagChart(history) {
   if (!history.length) return svg;
   const t0 = history[0].at_ms, t1 = history[history.length - 1].at_ms;
   const top = Math.max(1, ...history.map((h) => h.lag));
-  const x = (t) => pad + (t1 === t0 ? width - 2 * pad : (t - t0) / (t1 - t0) * (width - 2 * pad));
+  const x = (t) => pad + (t1 === t0 ? 0 : (t - t0) / (t1 - t0) * (width - 2 * pad));
   const y = (lag) => height - pad - lag / top * (height - 2 * pad);
+  // A single sample is drawn as a flat line across the chart.
+  const points = history.length > 1 ? history.map((h) => x(h.at_ms) + "," + y(h.lag))
+    : [pad + "," + y(history[0].lag), (width - pad) + "," + y(history[0].lag)];
   const line = document.createElementNS(SVG, "polyline");
-  line.setAttribute("points", history.map((h) => x(h.at_ms) + "," + y(h.lag)).join(" "));
+  line.setAttribute("points", points.join(" "));
   svg.appendChild(line);
   const label = document.createElementNS(SVG, "text");
   label.setAttribute("x", pad);

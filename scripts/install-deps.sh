@@ -2,17 +2,31 @@
 # Install the system tools the build and tests need (etcd, etcdctl, protoc)
 # from Debian packages, only those that are missing. Quiet no-op when all
 # are present, so every other script can call it unconditionally.
+# `--browser` also installs Debian's chromium and chromium-driver, which only
+# the console's browser test (scripts/test-browser.sh) needs.
 set -euo pipefail
+
+browser=0
+for arg in "$@"; do
+    case "$arg" in
+        --browser) browser=1 ;;
+        *) echo "install-deps.sh: unknown option $arg (only --browser)" >&2; exit 2 ;;
+    esac
+done
 
 # command -> Debian package that provides it
 declare -A PKG_FOR=(
     [etcd]=etcd-server
     [etcdctl]=etcd-client
     [protoc]=protobuf-compiler
+    [chromium]=chromium
+    [chromedriver]=chromium-driver
 )
+commands=(etcd etcdctl protoc)
+((browser)) && commands+=(chromium chromedriver)
 
 missing=()
-for cmd in etcd etcdctl protoc; do
+for cmd in "${commands[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG_FOR[$cmd]}")
 done
 ((${#missing[@]} == 0)) && exit 0
@@ -60,7 +74,7 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -qq "${missing[@]}" >/dev/null
 
-for cmd in etcd etcdctl protoc; do
+for cmd in "${commands[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || {
         echo "install-deps.sh: $cmd still missing after installing ${missing[*]}" >&2
         exit 1

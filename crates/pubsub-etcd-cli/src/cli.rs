@@ -145,7 +145,8 @@ pub struct ConsoleArgs {
     /// Address to serve the console on; loopback unless told otherwise
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
-    /// Enable the write endpoints (produce); needs --auth-token
+    /// Enable the write endpoints (produce, delete a message, reset offsets,
+    /// create and delete topics); needs --auth-token
     #[arg(long)]
     pub allow_writes: bool,
     /// Token every write must carry as `Authorization: Bearer TOKEN`

@@ -687,7 +687,7 @@ impl MessageWriter {
 /// A message as one JSON object. Bytes that are not UTF-8 go in a
 /// `*_base64` field instead, so that no value is silently altered.
 #[derive(Serialize)]
-struct JsonMessage<'a> {
+pub(super) struct JsonMessage<'a> {
     topic: &'a str,
     partition: u32,
     offset: u64,
@@ -722,7 +722,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 impl<'a> JsonMessage<'a> {
-    fn new(message: &'a Message) -> Self {
+    pub(super) fn new(message: &'a Message) -> Self {
         let key = match message.key.as_deref().map(std::str::from_utf8) {
             None => KeyField::Text(None),
             Some(Ok(text)) => KeyField::Text(Some(text)),

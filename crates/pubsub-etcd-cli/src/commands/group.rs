@@ -183,22 +183,22 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
 
 /// Where `reset-offsets` moves each partition.
 #[derive(Debug, Clone, Copy)]
-enum Target {
+pub(super) enum Target {
     To(StartOffset),
     /// By this many offsets from the committed one.
     Shift(i64),
 }
 
 /// One partition's move in a reset plan.
-struct Move {
-    partition: u32,
-    current: Option<u64>,
-    new: u64,
+pub(super) struct Move {
+    pub(super) partition: u32,
+    pub(super) current: Option<u64>,
+    pub(super) new: u64,
 }
 
 /// The new offset of every chosen partition, by topic, clamped to what is
 /// stored; nothing is written.
-async fn plan_reset(
+pub(super) async fn plan_reset(
     client: &Client,
     group: &str,
     topics: &[TopicPartitions],

@@ -142,6 +142,7 @@
 #![warn(missing_debug_implementations)]
 
 mod append;
+mod assigned;
 mod client;
 mod compactor;
 mod consumer;
@@ -160,13 +161,14 @@ mod subscription;
 pub mod telemetry;
 mod topic;
 
+pub use assigned::AssignedReader;
 pub use bytes::Bytes;
 pub use client::{
     endpoints_from_env, redact_endpoint, Client, ClientBuilder, DEFAULT_ENDPOINT,
     DEFAULT_NAMESPACE, ENDPOINTS_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
-pub use consumer::{AssignedReader, Consumer, ConsumerBuilder};
+pub use consumer::{Consumer, ConsumerBuilder};
 pub use error::{Error, Result};
 pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};

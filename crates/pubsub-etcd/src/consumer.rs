@@ -1,5 +1,5 @@
-//! Consuming: the group [`Consumer`] (a member that reads the partitions it
-//! owns) with its [`ConsumerBuilder`], and the group-less [`AssignedReader`].
+//! The group [`Consumer`] (a member that reads the partitions it owns) with
+//! its [`ConsumerBuilder`].
 //!
 //! The consumer is the application-facing half of a member; the other half,
 //! a background task in `group::member`, keeps the lease alive, balances
@@ -19,10 +19,10 @@ use tokio::task::JoinHandle;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::group::{
-    check_partition, Ack, AutoCommit, Committer, Control, Event, Member, MemberConfig, MemberState,
-    Notice, StartOffset,
+    Ack, AutoCommit, Committer, Control, Event, Member, MemberConfig, MemberState, Notice,
+    StartOffset,
 };
-use crate::reader::{watch_topic, Envelope, ReaderSpec};
+use crate::reader::Envelope;
 use crate::record::Message;
 use crate::telemetry;
 use crate::topic::{topic_arc, validate_group_name};
@@ -430,104 +430,6 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         // The member task notices the closed control channel and leaves.
         self.queue.close();
-    }
-}
-
-/// Reads chosen partitions from chosen positions with no group: no
-/// ownership, no commits (see [`Client::commit_offsets_unowned`] to record
-/// positions anyway).
-#[derive(Debug)]
-pub struct AssignedReader {
-    queue: mpsc::Receiver<Envelope>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Client {
-    /// Follows `partitions` of `topic`, each from its [`StartOffset`].
-    pub async fn assign(
-        &self,
-        topic: &str,
-        partitions: impl IntoIterator<Item = (u32, StartOffset)>,
-    ) -> Result<AssignedReader> {
-        let info = self.topic(topic).await?;
-        let name = topic_arc(topic);
-        let (queue_tx, queue_rx) = mpsc::channel(1024);
-        let mut tasks = Vec::new();
-        for (partition, start) in partitions {
-            check_partition(&info, partition)?;
-            let from = self.resolve_start(&info, partition, start).await?;
-            let spec = ReaderSpec {
-                client: self.clone(),
-                topic: name.clone(),
-                incarnation: info.incarnation,
-                partition,
-                from,
-                page: 1000,
-                epoch: 0,
-            };
-            tasks.push(tokio::spawn(spec.run(queue_tx.clone())));
-        }
-        tasks.push(tokio::spawn(watch_topic(
-            self.clone(),
-            name,
-            info.incarnation,
-            queue_tx,
-        )));
-        Ok(AssignedReader {
-            queue: queue_rx,
-            tasks,
-        })
-    }
-}
-
-impl AssignedReader {
-    /// The next message of any assigned partition. Once the topic is
-    /// deleted (or deleted and created again), yields
-    /// [`Error::TopicDeleted`] after the messages read before, then ends.
-    pub async fn recv(&mut self) -> Option<Result<Message>> {
-        match self.queue.recv().await? {
-            Envelope::Message { message, .. } => Some(Ok(message)),
-            Envelope::Error {
-                error: error @ Error::TopicDeleted(_),
-                ..
-            } => {
-                for task in &self.tasks {
-                    task.abort();
-                }
-                Some(Err(error))
-            }
-            Envelope::Error { error, .. } => Some(Err(error)),
-        }
-    }
-
-    /// The messages as a `Stream`.
-    pub fn stream(&mut self) -> impl Stream<Item = Result<Message>> + '_ {
-        futures::stream::unfold(self, |reader| async move {
-            let item = reader.recv().await?;
-            Some((item, reader))
-        })
-    }
-
-    /// Stops every reader task.
-    pub async fn close(mut self) {
-        self.stop().await;
-    }
-
-    async fn stop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for AssignedReader {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 

@@ -142,6 +142,7 @@
 #![warn(missing_debug_implementations)]
 
 mod append;
+mod assigned;
 mod client;
 mod compactor;
 mod compression;
@@ -161,6 +162,7 @@ mod subscription;
 pub mod telemetry;
 mod topic;
 
+pub use assigned::AssignedReader;
 pub use bytes::Bytes;
 pub use client::{
     endpoints_from_env, redact_endpoint, Client, ClientBuilder, CACERT_ENV, CERT_ENV,
@@ -169,7 +171,7 @@ pub use client::{
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
 pub use compression::{Compression, DEFAULT_ZSTD_LEVEL, MAX_DECODED_RECORDS_BYTES};
-pub use consumer::{AssignedReader, Consumer, ConsumerBuilder};
+pub use consumer::{Consumer, ConsumerBuilder};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};

@@ -784,3 +784,74 @@ fn console_in_a_browser() {
     eprintln!("the live tail showed the message {shown:?} after produce returned");
     browser.screenshot("console-tail");
 }
+
+/// The overview target: 100 topics of 10 partitions, each partition
+/// holding messages, and 20 groups of 5 topics each. Prints how long the
+/// overview takes, uncached, from the API and rendered in Chromium; run by
+/// hand (see DESIGN.md), as speed targets live in benchmarks, not tests.
+#[test]
+#[ignore = "a benchmark: see DESIGN.md's console entry"]
+fn overview_of_100_topics_and_20_groups() {
+    let console = Console::start(&namespace(), &[]);
+    let setup = Instant::now();
+    let lines: String = (0..100).map(|i| format!("key-{i}:value {i}\n")).collect();
+    for topic in 0..100 {
+        let name = format!("bench-{topic:03}");
+        console.cli(&["topic", "create", &name, "--partitions", "10"]);
+        console.cli_with_input(
+            &["produce", &name, "--key-separator", ":"],
+            lines.as_bytes(),
+        );
+    }
+    for group in 0..20 {
+        let name = format!("group-{group:02}");
+        let mut args = vec![
+            "group",
+            "reset-offsets",
+            &name,
+            "--to-earliest",
+            "--execute",
+        ];
+        args.push("--new-group");
+        let topics: Vec<String> = (0..5)
+            .map(|i| format!("bench-{:03}", group * 5 + i))
+            .collect();
+        for topic in &topics {
+            args.extend(["--topic", topic]);
+        }
+        console.cli(&args);
+    }
+    eprintln!("setup took {:?}", setup.elapsed());
+    let mut api = Vec::new();
+    for _ in 0..5 {
+        // Past the console's one-second cache, so each read goes to etcd.
+        std::thread::sleep(Duration::from_millis(1100));
+        let start = Instant::now();
+        let (status, overview) = console.request("GET", "/api/overview", &[], "");
+        api.push(start.elapsed());
+        assert_eq!(status, 200, "{overview}");
+        assert_eq!(overview["topics"].as_array().unwrap().len(), 100);
+        assert_eq!(overview["groups"].as_array().unwrap().len(), 20);
+    }
+    let browser = Browser::start();
+    let mut rendered = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let start = Instant::now();
+        browser.open(&format!("http://{}/", console.addr));
+        browser.wait_for_text("groups (20)", Duration::from_secs(30));
+        rendered.push(start.elapsed());
+    }
+    api.sort();
+    rendered.sort();
+    eprintln!("GET /api/overview, uncached: {api:?}; median {:?}", api[2]);
+    eprintln!(
+        "overview page rendered in Chromium: {rendered:?}; median {:?}",
+        rendered[2]
+    );
+    drop(browser);
+    for topic in 0..100 {
+        console.cli(&["topic", "delete", &format!("bench-{topic:03}")]);
+    }
+    // Deleting a topic deletes the groups' state on it, so no group is left.
+}

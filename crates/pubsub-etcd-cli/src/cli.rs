@@ -114,6 +114,8 @@ pub enum Command {
     /// Health of etcd and this namespace: members, space, alarms, topics,
     /// groups; exits 1 when an alarm is raised or space runs low
     Status(StatusArgs),
+    /// Serve a web console of this namespace (read-only unless --allow-writes)
+    Console(ConsoleArgs),
     /// Measure throughput and latency, optionally next to raw etcd
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -122,15 +124,42 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address to serve the console on; loopback unless told otherwise
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Enable the write endpoints (produce); needs --auth-token
+    #[arg(long)]
+    pub allow_writes: bool,
+    /// Token every write must carry as `Authorization: Bearer TOKEN`
+    #[arg(
+        long,
+        env = "PUBSUB_ETCD_CONSOLE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub auth_token: Option<String>,
+    #[command(flatten)]
+    pub limits: HealthLimits,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    pub limits: HealthLimits,
+    #[command(flatten)]
+    pub format: FormatArg,
+}
+
+/// What `status` and the console's overview judge etcd's health against.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HealthLimits {
     /// etcd's --quota-backend-bytes, which etcd does not report
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "2GiB")]
     pub quota: u64,
-    /// Fail when a member's database leaves less than this share of the quota free, in percent
+    /// Report a problem when a member's database leaves less than this share of the quota free, in percent
     #[arg(long, value_name = "PERCENT", default_value_t = 10.0)]
     pub min_headroom: f64,
-    #[command(flatten)]
-    pub format: FormatArg,
 }
 
 #[derive(Debug, Subcommand)]

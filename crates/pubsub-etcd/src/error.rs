@@ -138,6 +138,16 @@ pub enum Error {
     /// The consumer was closed.
     #[error("consumer is closed")]
     ConsumerClosed,
+
+    /// A queue partition's state would exceed what one etcd write carries
+    /// (too many scattered unsettled offsets); the settlements it carried
+    /// were not written, so their messages will be redelivered.
+    #[error("queue state at key {key:?} would be {bytes} bytes, above the limit of {limit}")]
+    QueueStateTooLarge {
+        key: String,
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 impl Error {

@@ -2,6 +2,8 @@
 //! offsets, lag, and the admin operations on groups (list, describe, reset,
 //! delete). Membership and ownership live in `member`.
 
+pub(crate) mod assign;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};

@@ -11,6 +11,7 @@
 //! <ns>/groups/<topic>/<group>/owners/<partition>    partition owner (leased)
 //! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
 //! _pubsub-etcd!/compaction                          cluster-wide: automatic history compaction
+//! <ns>/queues/<topic>/<queue>/<partition>           queue state of one partition (JSON)
 //! ```
 //!
 //! `<ns>` is a single name, optionally after a leading `/` ([`Keys::new`]),
@@ -182,6 +183,18 @@ impl Keys {
     /// `!`, which no namespace may contain, so no namespace's prefix (and
     /// no RBAC grant of one) covers it.
     pub(crate) const COMPACTION: &'static str = "_pubsub-etcd!/compaction";
+
+    /// Every partition's state of one queue.
+    pub(crate) fn queue_prefix(&self, topic: &str, queue: &str) -> String {
+        format!("{}queues/{topic}/{queue}/", self.root)
+    }
+
+    pub(crate) fn queue_partition(&self, topic: &str, queue: &str, partition: u32) -> String {
+        format!(
+            "{}{partition:0PARTITION_WIDTH$}",
+            self.queue_prefix(topic, queue)
+        )
+    }
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -235,6 +248,10 @@ mod tests {
                 all.push(keys.owner(topic, group, 0));
                 all.push(keys.offset(topic, group, 0));
             }
+            for queue in ["q", "queues", "q-b"] {
+                all.push(keys.queue_prefix(topic, queue));
+                all.push(keys.queue_partition(topic, queue, 0));
+            }
         }
         all
     }
@@ -250,6 +267,7 @@ mod tests {
             "data",
             "topics",
             "groups",
+            "queues",
             "foo",
             "g",
             "t",

@@ -153,6 +153,7 @@ mod keys;
 mod maintenance;
 mod member;
 mod producer;
+mod queue;
 mod reader;
 mod record;
 mod retention;
@@ -174,6 +175,7 @@ pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpac
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
 };
+pub use queue::{Job, QueueConsumer, QueueConsumerBuilder, QueueStats};
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};

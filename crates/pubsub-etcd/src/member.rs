@@ -32,7 +32,7 @@ use crate::consumer::{
     commit_fenced, Ack, AutoCommit, Claim, ConsumerBuilder, Event, MemberState, Notice,
 };
 use crate::error::{Error, Result};
-use crate::group::parse_offset;
+use crate::group::{assign, parse_offset};
 use crate::keys::{prefix_end, Keys};
 use crate::reader::{Envelope, ReaderSpec};
 use crate::telemetry;
@@ -472,9 +472,6 @@ impl Member {
             return Ok(());
         };
         self.remove_orphans().await;
-        let n = self.members.len() as u32;
-        let partitions = self.topic.partitions;
-        let quota = (partitions / n + u32::from((index as u32) < partitions % n)) as usize;
         let mut mine: Vec<u32> = self
             .shared
             .lock()
@@ -484,24 +481,23 @@ impl Member {
             .copied()
             .collect();
         mine.sort_unstable();
+        let moves = assign::plan(
+            self.topic.partitions,
+            self.members.len(),
+            index,
+            &mine,
+            |p| self.owners.get(&p).is_none_or(|o| o.lease == 0),
+        );
         if self.revoking.is_some() {
             // One release at a time; its notice may still have to be sent.
             self.announce_revocation().await;
-        } else if mine.len() > quota {
-            let release = mine.split_off(quota);
-            self.release(release).await;
-            telemetry::rebalanced(&self.name, &self.config.group, mine.len());
+        } else if !moves.release.is_empty() {
+            let kept = mine.len() - moves.release.len();
+            self.release(moves.release).await;
+            telemetry::rebalanced(&self.name, &self.config.group, kept);
         }
-        if mine.len() < quota {
-            let need = quota - mine.len();
-            // Start the scan at a different place per member so members
-            // joining together do not all race for the same partitions.
-            let startp = (index as u32 * partitions) / n;
-            let free: Vec<u32> = (0..partitions)
-                .map(|i| (startp + i) % partitions)
-                .filter(|p| self.owners.get(p).is_none_or(|o| o.lease == 0))
-                .take(need)
-                .collect();
+        if !moves.claim.is_empty() {
+            let free = moves.claim;
             let mut claimed = Vec::new();
             let mut failed = None;
             for p in free {

@@ -55,20 +55,7 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
             topic,
             format,
         } => {
-            let topics = match topic {
-                Some(topic) => vec![topic],
-                None => client
-                    .list_groups()
-                    .await?
-                    .remove(&group)
-                    .ok_or_else(|| Error::GroupNotFound(group.clone()))?
-                    .into_iter()
-                    .collect(),
-            };
-            let mut lags: Vec<PartitionLag> = Vec::new();
-            for topic in &topics {
-                lags.extend(client.group_lag(topic, &group).await?);
-            }
+            let lags = group_lags(client, &group, topic).await?;
             match format.format {
                 Format::Json => output::print_json(&lags),
                 Format::Table => {
@@ -279,6 +266,29 @@ fn now_ms() -> i64 {
 
 /// How many members own partitions of `group` on `topics`, and the group's
 /// total lag over them.
+/// Lag per partition of `group` on `topic`, or on every topic it consumes.
+pub(super) async fn group_lags(
+    client: &Client,
+    group: &str,
+    topic: Option<String>,
+) -> Result<Vec<PartitionLag>, Error> {
+    let topics = match topic {
+        Some(topic) => vec![topic],
+        None => client
+            .list_groups()
+            .await?
+            .remove(group)
+            .ok_or_else(|| Error::GroupNotFound(group.to_string()))?
+            .into_iter()
+            .collect(),
+    };
+    let mut lags = Vec::new();
+    for topic in &topics {
+        lags.extend(client.group_lag(topic, group).await?);
+    }
+    Ok(lags)
+}
+
 pub(super) async fn group_members_and_lag(
     client: &Client,
     group: &str,

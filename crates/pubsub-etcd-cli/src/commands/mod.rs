@@ -3,6 +3,7 @@
 mod admin;
 mod bench;
 mod completions;
+mod console;
 mod consume;
 mod context;
 mod group;
@@ -60,6 +61,7 @@ pub async fn run(
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
         Command::Status(args) => status::run(&client, args).await,
+        Command::Console(args) => console::run(&client, args).await,
         Command::Completions(_) | Command::Context(_) | Command::Bench(_) => {
             unreachable!("handled before connecting")
         }

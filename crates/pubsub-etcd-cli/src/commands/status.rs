@@ -8,13 +8,30 @@ use serde_json::json;
 use super::admin::{alarm_name, member_id};
 use super::group::group_members_and_lag;
 use super::topic::Stored;
-use crate::cli::{Format, StatusArgs};
+use crate::cli::{Format, HealthLimits, StatusArgs};
 use crate::output::{self, or_dash, Table};
 
 pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
+    let (report, problems) = report(client, args.limits).await?;
+    match args.format.format {
+        Format::Json => output::print_json(&report)?,
+        Format::Table => output::print_text(&table(&report))?,
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// The report as JSON (what `status --format json` prints and the console's
+/// overview serves), and the problems in it that need a person.
+pub(crate) async fn report(
+    client: &Client,
+    limits: HealthLimits,
+) -> anyhow::Result<(serde_json::Value, Vec<String>)> {
     let history = client.history_status().await?;
     let alarms = client.alarms().await?;
-    let quota = args.quota;
+    let quota = limits.quota;
     let mut problems = Vec::new();
     for alarm in &alarms {
         problems.push(format!(
@@ -34,12 +51,12 @@ pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
                 m.name, m.endpoint
             ));
         }
-        if let Some(headroom) = headroom.filter(|h| *h < args.min_headroom) {
+        if let Some(headroom) = headroom.filter(|h| *h < limits.min_headroom) {
             problems.push(format!(
                 "member {} has {headroom:.1}% of its {} quota left (under {}%)",
                 m.name,
                 bytes(quota),
-                args.min_headroom
+                limits.min_headroom
             ));
         }
         let fragmentation = match (m.db_size, m.db_size_in_use) {
@@ -106,14 +123,7 @@ pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
         "topics": topics,
         "groups": groups,
     });
-    match args.format.format {
-        Format::Json => output::print_json(&report)?,
-        Format::Table => output::print_text(&table(&report))?,
-    }
-    if !problems.is_empty() {
-        anyhow::bail!("{}", problems.join("; "));
-    }
-    Ok(())
+    Ok((report, problems))
 }
 
 fn round1(value: f64) -> f64 {

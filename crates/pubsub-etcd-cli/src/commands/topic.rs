@@ -264,7 +264,7 @@ impl Stored {
     }
 }
 
-fn describe_json(description: &TopicDescription, stored: &Stored) -> serde_json::Value {
+pub(super) fn describe_json(description: &TopicDescription, stored: &Stored) -> serde_json::Value {
     json!({
         "name": description.topic.name,
         "partitions": description.partitions,

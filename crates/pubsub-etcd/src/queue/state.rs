@@ -1,0 +1,411 @@
+//! The queue state of one partition (see DESIGN.md, "Queue mode"): which
+//! offsets are leased to whom, which wait for redelivery, and the pure
+//! transitions the lease and settle protocols apply to it before their
+//! compare-and-swap.
+
+use serde::{Deserialize, Serialize};
+
+/// Most ranges (lease ranges plus pending spans) a state may hold before new
+/// leases are refused, which bounds how far nacks and scattered acks grow it.
+pub(crate) const MAX_RANGES: usize = 4096;
+/// Longest nack reason kept, in bytes.
+pub(crate) const MAX_REASON: usize = 256;
+
+/// Offsets `[from, to)` leased to one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Lease {
+    pub worker: String,
+    pub id: u64,
+    pub deadline_ms: i64,
+    pub deliveries: u32,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Delivered but unsettled offsets `[from, to)` that wait for redelivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Pending {
+    pub from: u64,
+    pub to: u64,
+    pub deliveries: u32,
+    pub not_before_ms: i64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct State {
+    pub inc: i64,
+    pub next: u64,
+    #[serde(default)]
+    pub leases: Vec<Lease>,
+    #[serde(default)]
+    pub pending: Vec<Pending>,
+    #[serde(default)]
+    pub redelivered: u64,
+    #[serde(default)]
+    pub dead_lettered: u64,
+    #[serde(default)]
+    pub terminated: u64,
+}
+
+/// What a lease request took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Taken {
+    pub from: u64,
+    pub to: u64,
+    pub deliveries: u32,
+    /// The last nack reason of redelivered offsets.
+    pub reason: String,
+}
+
+/// One settle operation of a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    Ack(u64),
+    Term(u64),
+    DeadLettered(u64),
+    Nack {
+        offset: u64,
+        lease: u64,
+        not_before_ms: i64,
+        reason: String,
+    },
+    Extend {
+        lease: u64,
+        deadline_ms: i64,
+    },
+}
+
+impl State {
+    pub(crate) fn fresh(inc: i64, next: u64) -> Self {
+        State {
+            inc,
+            next,
+            ..State::default()
+        }
+    }
+
+    /// Everything below is settled.
+    pub(crate) fn low_watermark(&self) -> u64 {
+        let leased = self
+            .leases
+            .iter()
+            .flat_map(|l| l.ranges.iter().map(|r| r.0));
+        let pending = self.pending.iter().map(|p| p.from);
+        leased
+            .chain(pending)
+            .min()
+            .unwrap_or(self.next)
+            .min(self.next)
+    }
+
+    pub(crate) fn ranges(&self) -> usize {
+        self.leases.iter().map(|l| l.ranges.len()).sum::<usize>() + self.pending.len()
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.leases
+            .iter()
+            .flat_map(|l| l.ranges.iter())
+            .map(|(a, b)| b - a)
+            .sum()
+    }
+
+    pub(crate) fn pending_count(&self) -> u64 {
+        self.pending.iter().map(|p| p.to - p.from).sum()
+    }
+
+    /// Moves the ranges of leases whose deadline passed to `pending`.
+    pub(crate) fn expire(&mut self, now_ms: i64) {
+        let (expired, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leases)
+            .into_iter()
+            .partition(|l| l.deadline_ms <= now_ms);
+        self.leases = live;
+        for lease in expired {
+            for (from, to) in lease.ranges {
+                self.redelivered += to - from;
+                self.pending.push(Pending {
+                    from,
+                    to,
+                    deliveries: lease.deliveries,
+                    not_before_ms: lease.deadline_ms,
+                    reason: String::new(),
+                });
+            }
+        }
+    }
+
+    /// Takes a lease for `worker`: due pending offsets first, else fresh ones
+    /// below `head`. Refuses (None) when nothing is due or the state is full.
+    pub(crate) fn take(
+        &mut self,
+        worker: &str,
+        id: u64,
+        head: u64,
+        max: u64,
+        now_ms: i64,
+        deadline_ms: i64,
+    ) -> Option<Taken> {
+        if self.ranges() >= MAX_RANGES || max == 0 {
+            return None;
+        }
+        let due = self.pending.iter().position(|p| p.not_before_ms <= now_ms);
+        let taken = if let Some(i) = due {
+            let p = &mut self.pending[i];
+            let to = p.to.min(p.from + max);
+            let taken = Taken {
+                from: p.from,
+                to,
+                deliveries: p.deliveries + 1,
+                reason: p.reason.clone(),
+            };
+            if to == p.to {
+                self.pending.remove(i);
+            } else {
+                p.from = to;
+            }
+            taken
+        } else {
+            if head <= self.next {
+                return None;
+            }
+            let mut holders: Vec<&str> = self.leases.iter().map(|l| l.worker.as_str()).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            let share = (head - self.next).div_ceil(holders.len() as u64 + 1);
+            let to = self.next + share.clamp(1, max);
+            let taken = Taken {
+                from: self.next,
+                to,
+                deliveries: 1,
+                reason: String::new(),
+            };
+            self.next = to;
+            taken
+        };
+        self.leases.push(Lease {
+            worker: worker.to_string(),
+            id,
+            deadline_ms,
+            deliveries: taken.deliveries,
+            ranges: vec![(taken.from, taken.to)],
+        });
+        Some(taken)
+    }
+
+    /// Removes `offset` from whatever lease or pending span holds it; true
+    /// when it was unsettled.
+    fn settle(&mut self, offset: u64) -> bool {
+        for lease in &mut self.leases {
+            if remove(&mut lease.ranges, offset) {
+                self.leases.retain(|l| !l.ranges.is_empty());
+                return true;
+            }
+        }
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.from <= offset && offset < p.to)
+        {
+            let p = self.pending.remove(i);
+            if p.from < offset {
+                self.pending.push(Pending {
+                    to: offset,
+                    ..p.clone()
+                });
+            }
+            if offset + 1 < p.to {
+                self.pending.push(Pending {
+                    from: offset + 1,
+                    ..p
+                });
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Applies one settle operation of `worker`.
+    pub(crate) fn apply(&mut self, worker: &str, op: &Op) {
+        match op {
+            Op::Ack(offset) => {
+                self.settle(*offset);
+            }
+            Op::Term(offset) => {
+                if self.settle(*offset) {
+                    self.terminated += 1;
+                }
+            }
+            Op::DeadLettered(offset) => {
+                if self.settle(*offset) {
+                    self.dead_lettered += 1;
+                }
+            }
+            Op::Nack {
+                offset,
+                lease,
+                not_before_ms,
+                reason,
+            } => {
+                let Some(l) = self
+                    .leases
+                    .iter_mut()
+                    .find(|l| l.id == *lease && l.worker == worker)
+                else {
+                    return;
+                };
+                if remove(&mut l.ranges, *offset) {
+                    let mut reason = reason.clone();
+                    truncate(&mut reason, MAX_REASON);
+                    self.pending.push(Pending {
+                        from: *offset,
+                        to: offset + 1,
+                        deliveries: l.deliveries,
+                        not_before_ms: *not_before_ms,
+                        reason,
+                    });
+                    self.leases.retain(|l| !l.ranges.is_empty());
+                }
+            }
+            Op::Extend { lease, deadline_ms } => {
+                if let Some(l) = self
+                    .leases
+                    .iter_mut()
+                    .find(|l| l.id == *lease && l.worker == worker)
+                {
+                    l.deadline_ms = l.deadline_ms.max(*deadline_ms);
+                }
+            }
+        }
+    }
+}
+
+/// Removes `offset` from sorted disjoint ranges, splitting the one holding it.
+fn remove(ranges: &mut Vec<(u64, u64)>, offset: u64) -> bool {
+    let Some(i) = ranges.iter().position(|&(a, b)| a <= offset && offset < b) else {
+        return false;
+    };
+    let (a, b) = ranges[i];
+    match (a < offset, offset + 1 < b) {
+        (false, false) => {
+            ranges.remove(i);
+        }
+        (true, false) => ranges[i].1 = offset,
+        (false, true) => ranges[i].0 = offset + 1,
+        (true, true) => {
+            ranges[i].1 = offset;
+            ranges.insert(i + 1, (offset + 1, b));
+        }
+    }
+    true
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_settle_and_the_watermark_follows() {
+        let mut s = State::fresh(1, 0);
+        let t = s.take("w", 1, 10, 4, 0, 100).unwrap();
+        assert_eq!((t.from, t.to, t.deliveries), (0, 4, 1));
+        s.apply("w", &Op::Ack(1));
+        assert_eq!(s.low_watermark(), 0);
+        s.apply("w", &Op::Ack(0));
+        assert_eq!(s.low_watermark(), 2);
+        s.apply("w", &Op::Ack(2));
+        s.apply("w", &Op::Ack(3));
+        assert!(s.leases.is_empty());
+        assert_eq!(s.low_watermark(), 4);
+        s.apply("w", &Op::Ack(3));
+        assert_eq!(
+            s,
+            State {
+                next: 4,
+                ..State::fresh(1, 0)
+            }
+        );
+    }
+
+    #[test]
+    fn expiry_and_nack_redeliver_with_counts() {
+        let mut s = State::fresh(1, 0);
+        s.take("a", 1, 3, 3, 0, 100).unwrap();
+        s.apply(
+            "a",
+            &Op::Nack {
+                offset: 1,
+                lease: 1,
+                not_before_ms: 500,
+                reason: "x".repeat(1000),
+            },
+        );
+        s.apply(
+            "b",
+            &Op::Nack {
+                offset: 0,
+                lease: 1,
+                not_before_ms: 0,
+                reason: String::new(),
+            },
+        );
+        s.expire(100);
+        assert_eq!(s.redelivered, 2);
+        let t = s.take("b", 1, 3, 10, 100, 200).unwrap();
+        assert_eq!((t.from, t.to, t.deliveries), (0, 1, 2));
+        let t = s.take("b", 2, 3, 10, 100, 200).unwrap();
+        assert_eq!((t.from, t.to), (2, 3));
+        assert_eq!(
+            s.take("b", 3, 3, 10, 100, 200),
+            None,
+            "the nack delay holds"
+        );
+        let t = s.take("b", 3, 3, 10, 500, 600).unwrap();
+        assert_eq!((t.from, t.deliveries, t.reason.len()), (1, 2, MAX_REASON));
+    }
+
+    #[test]
+    fn fresh_offsets_are_shared_between_workers() {
+        let mut s = State::fresh(1, 0);
+        let mut got = Vec::new();
+        for w in 0..50 {
+            let t = s.take(&format!("w{w}"), 1, 2000, 256, 0, 10);
+            got.push(t.map_or(0, |t| t.to - t.from));
+        }
+        assert!(got.iter().all(|&n| n >= 1), "{got:?}");
+        assert!(s.next <= 2000);
+    }
+
+    #[test]
+    fn in_progress_extends_only_the_owners_lease() {
+        let mut s = State::fresh(1, 0);
+        s.take("a", 7, 5, 5, 0, 100).unwrap();
+        s.apply(
+            "b",
+            &Op::Extend {
+                lease: 7,
+                deadline_ms: 900,
+            },
+        );
+        assert_eq!(s.leases[0].deadline_ms, 100);
+        s.apply(
+            "a",
+            &Op::Extend {
+                lease: 7,
+                deadline_ms: 900,
+            },
+        );
+        s.expire(500);
+        assert_eq!(s.in_flight(), 5);
+    }
+}

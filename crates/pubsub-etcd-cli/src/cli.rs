@@ -723,6 +723,16 @@ pub struct BenchPartitionsArgs {
     #[arg(long, value_name = "K", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub join_group: u32,
 
+    /// A group's members are tasks spread over at most this many child
+    /// processes (the join's extra member gets one more)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub processes: u32,
+
+    /// A phase still running after this long is reported as "timeout",
+    /// its processes killed, and the benchmark goes on
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub phase_timeout: Duration,
+
     /// etcd's Prometheus metrics URL, for the request counts
     /// [default: http://<first endpoint>/metrics]
     #[arg(long, value_name = "URL")]

@@ -55,8 +55,7 @@ pub async fn run(
         // A child of `bench partitions`: its parent owns the namespace.
         connection.namespace.clone_from(&args.bench_namespace);
         let client = super::connect(&connection, credentials).await?;
-        let report = partitions::worker(&client, args).await?;
-        return output::print_text(&report);
+        return partitions::worker(&client, args).await;
     }
     let base = connection.namespace.trim_end_matches('/');
     let namespace = format!("{base}-bench-{:08x}", rand::random::<u32>());

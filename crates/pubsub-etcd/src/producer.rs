@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -87,6 +88,7 @@ pub struct ProducerBuilder {
     max_batch_records: usize,
     buffer_bytes: usize,
     delivery_timeout: Duration,
+    unavailable_timeout: Duration,
     metadata_max_age: Duration,
     partitioner: Partitioner,
     worker_idle_timeout: Duration,
@@ -102,6 +104,7 @@ impl ProducerBuilder {
             max_batch_records: MAX_RECORDS_PER_BATCH as usize,
             buffer_bytes: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(60),
+            unavailable_timeout: Duration::from_secs(10),
             metadata_max_age: Duration::from_secs(30),
             partitioner: Partitioner::KeyHash,
             worker_idle_timeout: Duration::from_secs(5),
@@ -136,10 +139,23 @@ impl ProducerBuilder {
         self
     }
 
-    /// How long a batch may keep retrying while etcd is unreachable before
-    /// its records fail with the last error. Default: 60 s.
+    /// How long a batch may keep retrying while other producers win every
+    /// append to its partition before its records fail with
+    /// [`Error::Contended`]; also the longest any send waits for its batch.
+    /// Default: 60 s.
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
+        self
+    }
+
+    /// How long a batch may keep retrying while etcd cannot be reached or
+    /// does not answer before its records fail with [`Error::Unavailable`]
+    /// (their outcome unknown). A send to an unreachable etcd fails within
+    /// this plus one request timeout of the client (an attempt in flight
+    /// when it passes is not cut short). Default: 10 s; at most the
+    /// delivery timeout.
+    pub fn unavailable_timeout(mut self, timeout: Duration) -> Self {
+        self.unavailable_timeout = timeout;
         self
     }
 
@@ -353,20 +369,72 @@ struct Pending {
     reply: oneshot::Sender<Result<(u32, u64)>>,
 }
 
-/// Resolves to `(partition, offset)` once the record is stored in etcd.
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RecordMetadata {
+    pub partition: u32,
+    pub offset: u64,
+    /// The record's timestamp in milliseconds since the Unix epoch: its own,
+    /// or the producer's clock when the producer accepted it.
+    pub timestamp: i64,
+}
+
+/// A record that was not acknowledged, handed back with the reason, so the
+/// application can retry or divert it. Converts into [`Error`] for `?`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SendError {
+    pub error: Error,
+    pub record: Record,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Error {
+        e.error
+    }
+}
+
+/// Resolves to the record's [`RecordMetadata`] once it is stored in etcd,
+/// or to the record and why it was not.
 #[derive(Debug)]
 #[must_use = "a delivery does nothing unless awaited; drop it to ignore the outcome"]
 pub struct Delivery {
     reply: oneshot::Receiver<Result<(u32, u64)>>,
+    timestamp: i64,
+    /// Handed back on failure (its bytes are shared with the queued copy).
+    record: Record,
 }
 
 impl Future for Delivery {
-    type Output = Result<(u32, u64)>;
+    type Output = std::result::Result<RecordMetadata, SendError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.reply)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::ProducerClosed)))
+        let outcome = std::task::ready!(Pin::new(&mut self.reply).poll(cx))
+            .unwrap_or(Err(Error::ProducerClosed));
+        Poll::Ready(match outcome {
+            Ok((partition, offset)) => Ok(RecordMetadata {
+                partition,
+                offset,
+                timestamp: self.timestamp,
+            }),
+            Err(error) => Err(SendError {
+                error,
+                record: std::mem::take(&mut self.record),
+            }),
+        })
     }
 }
 
@@ -384,7 +452,14 @@ impl Producer {
     }
 
     /// Sends one record and waits until it is durable in etcd.
-    pub async fn send(&self, record: Record) -> Result<(u32, u64)> {
+    ///
+    /// # Errors
+    /// The record comes back with the error: [`Error::Unavailable`] once
+    /// etcd could not be reached for the unavailable timeout (see
+    /// [`ProducerBuilder::unavailable_timeout`]), [`Error::Contended`],
+    /// [`Error::MessageTooLarge`], [`Error::PartitionOutOfRange`],
+    /// [`Error::TopicDeleted`] or [`Error::ProducerClosed`].
+    pub async fn send(&self, record: Record) -> std::result::Result<RecordMetadata, SendError> {
         self.enqueue(record).await?.await
     }
 
@@ -393,7 +468,7 @@ impl Producer {
     pub async fn send_batch(
         &self,
         records: impl IntoIterator<Item = Record>,
-    ) -> Vec<Result<(u32, u64)>> {
+    ) -> Vec<std::result::Result<RecordMetadata, SendError>> {
         let mut deliveries = Vec::new();
         for record in records {
             deliveries.push(self.enqueue(record).await);
@@ -411,7 +486,28 @@ impl Producer {
     /// Queues a record, waiting only for buffer room, and returns a
     /// [`Delivery`] to await its outcome. Lets one task keep many records in
     /// flight; records enqueued by one task to one partition keep their order.
-    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+    ///
+    /// # Errors
+    /// The record comes back with the error when it cannot be queued: too
+    /// large, partition out of range, topic deleted, producer closed, or
+    /// etcd failing the metadata refresh.
+    pub async fn enqueue(&self, record: Record) -> std::result::Result<Delivery, SendError> {
+        let kept = record.clone();
+        match self.queue(record).await {
+            Ok((reply, timestamp)) => Ok(Delivery {
+                reply,
+                timestamp,
+                record: kept,
+            }),
+            Err(error) => Err(SendError {
+                error,
+                record: kept,
+            }),
+        }
+    }
+
+    /// Queues a record; returns where its outcome comes and its timestamp.
+    async fn queue(&self, record: Record) -> Result<(oneshot::Receiver<Result<(u32, u64)>>, i64)> {
         let shared = &self.shared;
         if shared.deleted.load(Ordering::Relaxed) {
             return Err(Error::TopicDeleted(shared.name.to_string()));
@@ -423,6 +519,7 @@ impl Producer {
             Partitioner::RoundRobin => None,
         };
         let record = record.into_pb();
+        let timestamp = record.timestamp_ms;
         let size = record::encoded_record_len(&record);
         let (partitions, max_record_bytes) = {
             let metadata = shared.metadata.lock().expect("metadata lock");
@@ -477,7 +574,7 @@ impl Producer {
             }))
             .await
             .map_err(|_| Error::ProducerClosed)?;
-        Ok(Delivery { reply: receiver })
+        Ok((receiver, timestamp))
     }
 
     /// Waits until every record enqueued before this call is answered.
@@ -761,7 +858,9 @@ impl Worker {
             replies.push(pending.reply);
             permits.push(pending.permit);
         }
-        let deadline = Instant::now() + self.shared.config.delivery_timeout;
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let delivery_deadline = started + config.delivery_timeout;
         let lease = match records.first().and_then(ttl_bucket) {
             Some(bucket) => match self
                 .shared
@@ -771,6 +870,15 @@ impl Worker {
             {
                 Ok(lease) => Some(lease),
                 Err(e) => {
+                    let e = if e.is_outcome_unknown() {
+                        Error::Unavailable {
+                            op: "grant lease",
+                            waited: started.elapsed(),
+                            detail: e.to_string(),
+                        }
+                    } else {
+                        e
+                    };
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -779,7 +887,38 @@ impl Worker {
             },
             None => None,
         };
-        match self.appender.append_leased(records, deadline, lease).await {
+        let outcome = loop {
+            // The append gives up at the unavailable deadline, also when
+            // other producers won every attempt; those records were never
+            // written, so they may go again until the delivery deadline.
+            let deadline = (Instant::now() + config.unavailable_timeout).min(delivery_deadline);
+            let retry = (delivery_deadline > deadline).then(|| records.clone());
+            match self.appender.append_leased(records, deadline, lease).await {
+                Err(Error::Contended { .. })
+                    if Instant::now() < delivery_deadline && retry.is_some() =>
+                {
+                    records = retry.expect("checked");
+                }
+                Err(Error::Contended {
+                    topic, partition, ..
+                }) => {
+                    break Err(Error::Contended {
+                        topic,
+                        partition,
+                        waited: started.elapsed(),
+                    })
+                }
+                Err(e) if e.is_outcome_unknown() => {
+                    break Err(Error::Unavailable {
+                        op: "append",
+                        waited: started.elapsed(),
+                        detail: e.to_string(),
+                    })
+                }
+                outcome => break outcome,
+            }
+        };
+        match outcome {
             Ok(base) => {
                 for (i, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok((self.partition, base + i as u64)));

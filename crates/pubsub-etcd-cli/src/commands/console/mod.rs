@@ -162,7 +162,8 @@ async fn produce(
     }
     let sent = producer.send(record).await;
     producer.close().await?;
-    let (partition, offset) = sent?;
+    let sent = sent.map_err(pubsub_etcd::Error::from)?;
+    let (partition, offset) = (sent.partition, sent.offset);
     Ok(Json(
         json!({ "topic": name, "partition": partition, "offset": offset }),
     ))

@@ -647,6 +647,13 @@ pub enum BenchCommand {
     Consume(BenchConsumeArgs),
     /// Send-to-delivery latency through a consumer group at a fixed rate
     Latency(BenchLatencyArgs),
+    /// Cost of many partitions: produce, plain consume and group drains,
+    /// peak RSS, etcd requests and rebalance settle, each phase in a child
+    /// process
+    Partitions(BenchPartitionsArgs),
+    /// One phase of `bench partitions`, run by it in a child process
+    #[command(hide = true)]
+    PartitionsWorker(PartitionsWorkerArgs),
 }
 
 /// Options every benchmark takes.
@@ -671,6 +678,8 @@ impl BenchCommand {
             BenchCommand::Produce(args) => &args.options,
             BenchCommand::Consume(args) => &args.options,
             BenchCommand::Latency(args) => &args.options,
+            BenchCommand::Partitions(args) => &args.options,
+            BenchCommand::PartitionsWorker(args) => &args.options,
         }
     }
 }
@@ -751,6 +760,91 @@ pub struct BenchConsumeArgs {
     #[command(flatten)]
     pub data: BenchDataArgs,
 
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchPartitionsArgs {
+    /// Partition counts to run, comma-separated
+    #[arg(long, value_name = "P1,P2", value_delimiter = ',', default_value = "64,1024,4096", value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: Vec<u32>,
+
+    /// Messages produced to each partition
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages_per_partition: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Group sizes that drain the partitions, comma-separated
+    #[arg(long, value_name = "K1,K2", value_delimiter = ',', default_value = "1,2,8", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub members: Vec<u32>,
+
+    /// At the largest partition count, a group of this many members
+    /// settles and then one more joins [default: 64]
+    #[arg(long, value_name = "K", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub join_group: u32,
+
+    /// A group's members are tasks spread over at most this many child
+    /// processes (the join's extra member gets one more)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub processes: u32,
+
+    /// A phase still running after this long is reported as "timeout",
+    /// its processes killed, and the benchmark goes on
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub phase_timeout: Duration,
+
+    /// etcd's Prometheus metrics URL, for the request counts
+    /// [default: http://<first endpoint>/metrics]
+    #[arg(long, value_name = "URL")]
+    pub etcd_metrics: Option<String>,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+/// What one `bench partitions` child process does.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PartitionsRole {
+    Produce,
+    Consume,
+    Group,
+    Join,
+}
+
+impl PartitionsRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionsRole::Produce => "produce",
+            PartitionsRole::Consume => "consume",
+            PartitionsRole::Group => "group",
+            PartitionsRole::Join => "join",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PartitionsWorkerArgs {
+    /// The parent's bench namespace, used as it is
+    #[arg(long)]
+    pub bench_namespace: String,
+    #[arg(long, value_enum)]
+    pub role: PartitionsRole,
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long)]
+    pub group: String,
+    #[arg(long)]
+    pub partitions: u32,
+    #[arg(long)]
+    pub messages_per_partition: u64,
+    #[arg(long)]
+    pub size: u32,
+    #[arg(long)]
+    pub members: u32,
     #[command(flatten)]
     pub options: BenchOptions,
 }

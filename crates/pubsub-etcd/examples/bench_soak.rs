@@ -269,7 +269,7 @@ async fn produce(
             due -= 1.0;
             if in_flight.len() >= WINDOW {
                 if let Some(delivery) = in_flight.pop_front() {
-                    let _: (u32, u64) = delivery.await?;
+                    delivery.await?;
                 }
             }
             in_flight.push_back(producer.enqueue(Record::new(stamped(size, base))).await?);

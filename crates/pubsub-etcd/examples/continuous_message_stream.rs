@@ -57,7 +57,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 let record = Record::new(format!("message {n}")).key(format!("key-{}", n % 5));
                 match producer.send(record).await {
-                    Ok((partition, offset)) => {
+                    Ok(sent) => {
+                        let (partition, offset) = (sent.partition, sent.offset);
                         println!("sent message {n} to partition {partition} at offset {offset}")
                     }
                     Err(e) => eprintln!("send failed: {e}"),

@@ -36,17 +36,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .send_batch(words.iter().map(|w| Record::new(*w)))
         .await;
     for (word, result) in words.iter().zip(&results) {
-        let (partition, offset) = result.as_ref().map_err(Clone::clone)?;
+        let sent = result.as_ref().map_err(|e| e.error.clone())?;
+        let (partition, offset) = (sent.partition, sent.offset);
         println!("sent {word:?} to partition {partition} at offset {offset}");
     }
-    let (partition, offset) = producer
+    let sent = producer
         .send(
             Record::new("keyed")
                 .key("user-42")
                 .header("source", "quickstart"),
         )
         .await?;
-    println!("sent a keyed message to partition {partition} at offset {offset}");
+    println!(
+        "sent a keyed message to partition {} at offset {}",
+        sent.partition, sent.offset
+    );
     producer.close().await?;
 
     for p in 0..topic.partitions {

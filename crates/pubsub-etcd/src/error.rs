@@ -83,6 +83,16 @@ pub enum Error {
     #[error("etcd did not answer {op} within {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },
 
+    /// etcd could not be reached, or did not answer, for `waited` while
+    /// records were being stored: they were not acknowledged, and may or
+    /// may not be stored (an attempt may have applied unseen).
+    #[error("etcd unavailable: {op} got no answer for {waited:?} ({detail}); the records may or may not be stored")]
+    Unavailable {
+        op: &'static str,
+        waited: Duration,
+        detail: String,
+    },
+
     /// etcd's backend quota is exhausted (NOSPACE alarm): writes fail until
     /// an operator compacts, defragments and disarms the alarm.
     #[error("etcd quota exceeded during {op}: database space exceeded (compact, defragment and disarm the NOSPACE alarm)")]
@@ -200,7 +210,7 @@ impl Error {
     /// is only safe when it is idempotent.
     pub fn is_outcome_unknown(&self) -> bool {
         match self {
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::Unavailable { .. } => true,
             Error::Etcd { source, .. } => match source.inner() {
                 etcd_client::Error::GRpcStatus(status) => matches!(
                     status.code(),

@@ -39,8 +39,8 @@
 //!
 //! let producer = client.producer("orders").build().await?;
 //! // Resolves once the message is durable in etcd.
-//! let (partition, offset) = producer.send(Record::new("hello").key("user-42")).await?;
-//! println!("stored at partition {partition}, offset {offset}");
+//! let sent = producer.send(Record::new("hello").key("user-42")).await?;
+//! println!("stored at partition {}, offset {}", sent.partition, sent.offset);
 //! let results = producer.send_batch(["a", "b", "c"].map(Record::new)).await;
 //! assert_eq!(results.len(), 3);
 //! producer.close().await?; // waits for everything in flight
@@ -177,7 +177,8 @@ pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};
 pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};
 pub use producer::{
-    partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, DEFAULT_MAX_BATCH_BYTES,
+    partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, RecordMetadata, SendError,
+    DEFAULT_MAX_BATCH_BYTES,
 };
 pub use queue::{Job, QueueConsumer, QueueConsumerBuilder, QueueStats};
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};

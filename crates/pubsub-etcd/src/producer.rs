@@ -1,22 +1,33 @@
 //! Producing: the [`Producer`] that partitions records, coalesces concurrent
 //! sends into shared transactions, and reports where each record landed.
 //!
-//! Each partition has one worker task with a bounded queue. The worker takes
-//! every record queued so far (waiting up to `linger` for more), appends them
-//! as one batch (one transaction, see `append`), and answers each sender.
-//! While a transaction is in flight the queue fills, so batches grow with
-//! load. A byte semaphore bounds the memory of all queued records: when it
-//! is exhausted, senders wait (back-pressure); nothing is dropped.
+//! Each partition being written has one worker task with a bounded queue.
+//! The worker takes every record queued so far (waiting up to `linger` for
+//! more), appends them as one batch (one transaction, see `append`), and
+//! answers each sender. While a transaction is in flight the queue fills, so
+//! batches grow with load. A byte semaphore bounds the memory of all queued
+//! records: when it is exhausted, senders wait (back-pressure); nothing is
+//! dropped.
+//!
+//! A worker ends once it has had nothing to do for `worker_idle_timeout`, so
+//! the producer's memory follows the partitions written lately, not the
+//! partition count. It ends only when no record is queued for it nor being
+//! handed to it (checked under the workers lock, which every hand-over takes),
+//! so nothing is lost and a partition's records never have two workers at
+//! once, which keeps their order. Each worker appends under a random
+//! producer id of its own (see `append`: idempotence is per id and
+//! sequence), as a successor cannot continue its predecessor's sequence.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -78,9 +89,11 @@ pub struct ProducerBuilder {
     max_batch_records: usize,
     buffer_bytes: usize,
     delivery_timeout: Duration,
+    unavailable_timeout: Duration,
     metadata_max_age: Duration,
     partitioner: Partitioner,
     compression: Option<Compression>,
+    worker_idle_timeout: Duration,
 }
 
 impl ProducerBuilder {
@@ -93,9 +106,11 @@ impl ProducerBuilder {
             max_batch_records: MAX_RECORDS_PER_BATCH as usize,
             buffer_bytes: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(60),
+            unavailable_timeout: Duration::from_secs(10),
             metadata_max_age: Duration::from_secs(30),
             partitioner: Partitioner::KeyHash,
             compression: None,
+            worker_idle_timeout: Duration::from_secs(5),
         }
     }
 
@@ -127,10 +142,23 @@ impl ProducerBuilder {
         self
     }
 
-    /// How long a batch may keep retrying while etcd is unreachable before
-    /// its records fail with the last error. Default: 60 s.
+    /// How long a batch may keep retrying while other producers win every
+    /// append to its partition before its records fail with
+    /// [`Error::Contended`]; also the longest any send waits for its batch.
+    /// Default: 60 s.
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
+        self
+    }
+
+    /// How long a batch may keep retrying while etcd cannot be reached or
+    /// does not answer before its records fail with [`Error::Unavailable`]
+    /// (their outcome unknown). A send to an unreachable etcd fails within
+    /// this plus one request timeout of the client (an attempt in flight
+    /// when it passes is not cut short). Default: 10 s; at most the
+    /// delivery timeout.
+    pub fn unavailable_timeout(mut self, timeout: Duration) -> Self {
+        self.unavailable_timeout = timeout;
         self
     }
 
@@ -148,10 +176,23 @@ impl ProducerBuilder {
     }
 
     /// How the records of each batch are compressed. Default: the topic's
-    /// [`TopicConfig::compression`](crate::TopicConfig::compression) when a
-    /// partition is first written to.
+    /// [`TopicConfig::compression`](crate::TopicConfig::compression) as the
+    /// producer last read it when a partition's worker starts.
     pub fn compression(mut self, compression: Compression) -> Self {
         self.compression = Some(compression);
+        self
+    }
+
+    /// How long a partition's worker stays with nothing to send before it
+    /// ends; the next record for that partition starts a new one (which
+    /// first reads the partition's head: one more etcd request). Default: 5 s.
+    ///
+    /// This bounds the producer's memory: `buffer_bytes` of queued records,
+    /// plus one worker (a few KiB, its queue growing with what is queued)
+    /// for each partition written within the last `worker_idle_timeout`,
+    /// whatever the topic's partition count.
+    pub fn worker_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.worker_idle_timeout = timeout;
         self
     }
 
@@ -189,23 +230,22 @@ impl ProducerBuilder {
         Ok(Producer {
             shared: Arc::new(Shared {
                 client: self.client.clone(),
-                producer_id: rand::random(),
                 memory: Arc::new(Semaphore::new(self.buffer_bytes)),
                 workers: Mutex::new(Workers {
-                    senders: Vec::new(),
-                    tasks: Vec::new(),
+                    slots: HashMap::new(),
                     closed: false,
                 }),
+                live: watch::channel(0).0,
                 metadata: Mutex::new(Metadata {
                     refreshed: Instant::now(),
                     topic: topic.clone(),
                     max_record_bytes,
                 }),
-                retention: Arc::new(Mutex::new(topic.config.clone())),
-                leases: Arc::new(LeaseCache::default()),
+                retention: Mutex::new(topic.config.clone()),
+                leases: LeaseCache::default(),
                 name: topic.name.as_str().into(),
                 rotation: AtomicU64::new(rand::random::<u32>().into()),
-                deleted: Arc::new(AtomicBool::new(false)),
+                deleted: AtomicBool::new(false),
                 config: self,
             }),
         })
@@ -226,23 +266,22 @@ pub struct Producer {
 struct Shared {
     client: Client,
     config: ProducerBuilder,
-    /// Random per producer: with the per-partition sequence it makes appends
-    /// idempotent.
-    producer_id: u64,
     /// Bytes of queued records not yet answered.
     memory: Arc<Semaphore>,
     /// A std mutex: it is never held across an await.
     workers: Mutex<Workers>,
+    /// Workers not yet ended; `close` waits for none.
+    live: watch::Sender<usize>,
     metadata: Mutex<Metadata>,
     name: Arc<str>,
     /// Next partition for records that rotate.
     rotation: AtomicU64,
     /// Set by a worker that found the topic deleted.
-    deleted: Arc<AtomicBool>,
+    deleted: AtomicBool,
     /// The topic's settings as last read, for the workers' retention trims.
-    retention: Arc<Mutex<TopicConfig>>,
+    retention: Mutex<TopicConfig>,
     /// Leases of records with a time to live, shared by the workers.
-    leases: Arc<LeaseCache>,
+    leases: LeaseCache,
 }
 
 /// One etcd lease per deadline bucket, granted on first use and shared by
@@ -294,10 +333,30 @@ fn ttl_bucket(record: &pb::Record) -> Option<i64> {
 
 #[derive(Debug)]
 struct Workers {
-    /// Queue of each partition's worker, started on first use.
-    senders: Vec<Option<mpsc::Sender<Item>>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The worker of each partition that has one, started on first use and
+    /// removed by the worker itself when it ends idle.
+    slots: HashMap<u32, Slot>,
     closed: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    queue: mpsc::Sender<Item>,
+    /// Senders handed this queue that have not finished putting their
+    /// record in it: the worker must not end while any has.
+    handing: Arc<AtomicUsize>,
+}
+
+/// A sender's claim on a worker's queue, taken under the workers lock.
+struct Handing {
+    queue: mpsc::Sender<Item>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Handing {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug)]
@@ -324,20 +383,72 @@ struct Pending {
     reply: oneshot::Sender<Result<(u32, u64)>>,
 }
 
-/// Resolves to `(partition, offset)` once the record is stored in etcd.
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RecordMetadata {
+    pub partition: u32,
+    pub offset: u64,
+    /// The record's timestamp in milliseconds since the Unix epoch: its own,
+    /// or the producer's clock when the producer accepted it.
+    pub timestamp: i64,
+}
+
+/// A record that was not acknowledged, handed back with the reason, so the
+/// application can retry or divert it. Converts into [`Error`] for `?`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SendError {
+    pub error: Error,
+    pub record: Record,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Error {
+        e.error
+    }
+}
+
+/// Resolves to the record's [`RecordMetadata`] once it is stored in etcd,
+/// or to the record and why it was not.
 #[derive(Debug)]
 #[must_use = "a delivery does nothing unless awaited; drop it to ignore the outcome"]
 pub struct Delivery {
     reply: oneshot::Receiver<Result<(u32, u64)>>,
+    timestamp: i64,
+    /// Handed back on failure (its bytes are shared with the queued copy).
+    record: Record,
 }
 
 impl Future for Delivery {
-    type Output = Result<(u32, u64)>;
+    type Output = std::result::Result<RecordMetadata, SendError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.reply)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::ProducerClosed)))
+        let outcome = std::task::ready!(Pin::new(&mut self.reply).poll(cx))
+            .unwrap_or(Err(Error::ProducerClosed));
+        Poll::Ready(match outcome {
+            Ok((partition, offset)) => Ok(RecordMetadata {
+                partition,
+                offset,
+                timestamp: self.timestamp,
+            }),
+            Err(error) => Err(SendError {
+                error,
+                record: std::mem::take(&mut self.record),
+            }),
+        })
     }
 }
 
@@ -355,7 +466,14 @@ impl Producer {
     }
 
     /// Sends one record and waits until it is durable in etcd.
-    pub async fn send(&self, record: Record) -> Result<(u32, u64)> {
+    ///
+    /// # Errors
+    /// The record comes back with the error: [`Error::Unavailable`] once
+    /// etcd could not be reached for the unavailable timeout (see
+    /// [`ProducerBuilder::unavailable_timeout`]), [`Error::Contended`],
+    /// [`Error::MessageTooLarge`], [`Error::PartitionOutOfRange`],
+    /// [`Error::TopicDeleted`] or [`Error::ProducerClosed`].
+    pub async fn send(&self, record: Record) -> std::result::Result<RecordMetadata, SendError> {
         self.enqueue(record).await?.await
     }
 
@@ -364,7 +482,7 @@ impl Producer {
     pub async fn send_batch(
         &self,
         records: impl IntoIterator<Item = Record>,
-    ) -> Vec<Result<(u32, u64)>> {
+    ) -> Vec<std::result::Result<RecordMetadata, SendError>> {
         let mut deliveries = Vec::new();
         for record in records {
             deliveries.push(self.enqueue(record).await);
@@ -382,7 +500,28 @@ impl Producer {
     /// Queues a record, waiting only for buffer room, and returns a
     /// [`Delivery`] to await its outcome. Lets one task keep many records in
     /// flight; records enqueued by one task to one partition keep their order.
-    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+    ///
+    /// # Errors
+    /// The record comes back with the error when it cannot be queued: too
+    /// large, partition out of range, topic deleted, producer closed, or
+    /// etcd failing the metadata refresh.
+    pub async fn enqueue(&self, record: Record) -> std::result::Result<Delivery, SendError> {
+        let kept = record.clone();
+        match self.queue(record).await {
+            Ok((reply, timestamp)) => Ok(Delivery {
+                reply,
+                timestamp,
+                record: kept,
+            }),
+            Err(error) => Err(SendError {
+                error,
+                record: kept,
+            }),
+        }
+    }
+
+    /// Queues a record; returns where its outcome comes and its timestamp.
+    async fn queue(&self, record: Record) -> Result<(oneshot::Receiver<Result<(u32, u64)>>, i64)> {
         let shared = &self.shared;
         if shared.deleted.load(Ordering::Relaxed) {
             return Err(Error::TopicDeleted(shared.name.to_string()));
@@ -394,6 +533,7 @@ impl Producer {
             Partitioner::RoundRobin => None,
         };
         let record = record.into_pb();
+        let timestamp = record.timestamp_ms;
         let size = record::encoded_record_len(&record);
         let (partitions, max_record_bytes) = {
             let metadata = shared.metadata.lock().expect("metadata lock");
@@ -436,9 +576,10 @@ impl Producer {
             .acquire_many_owned(size as u32)
             .await
             .map_err(|_| Error::ProducerClosed)?;
-        let sender = self.worker(partition)?;
+        let handing = self.worker(partition)?;
         let (reply, receiver) = oneshot::channel();
-        sender
+        handing
+            .queue
             .send(Item::Record(Pending {
                 record,
                 size,
@@ -447,14 +588,14 @@ impl Producer {
             }))
             .await
             .map_err(|_| Error::ProducerClosed)?;
-        Ok(Delivery { reply: receiver })
+        Ok((receiver, timestamp))
     }
 
     /// Waits until every record enqueued before this call is answered.
     pub async fn flush(&self) -> Result<()> {
         let senders: Vec<_> = {
             let workers = self.shared.workers.lock().expect("workers lock");
-            workers.senders.iter().flatten().cloned().collect()
+            workers.slots.values().map(|s| s.queue.clone()).collect()
         };
         let mut waits = Vec::with_capacity(senders.len());
         for sender in senders {
@@ -464,7 +605,8 @@ impl Producer {
             }
         }
         for wait in waits {
-            // An error means the worker ended, having answered everything.
+            // An error means the worker ended, having answered everything
+            // (it ends idle only with nothing queued).
             let _ = wait.await;
         }
         Ok(())
@@ -474,34 +616,34 @@ impl Producer {
     /// and stops the partition workers. Other clones then fail with
     /// [`Error::ProducerClosed`].
     pub async fn close(&self) -> Result<()> {
-        let tasks = {
+        let mut live = {
             let mut workers = self.shared.workers.lock().expect("workers lock");
             workers.closed = true;
-            workers.senders.clear();
-            std::mem::take(&mut workers.tasks)
+            workers.slots.clear();
+            self.shared.live.subscribe()
         };
-        for task in tasks {
-            let _ = task.await;
-        }
+        // Each worker answers what it has queued, then ends.
+        let _ = live.wait_for(|n| *n == 0).await;
         Ok(())
     }
 
-    /// The queue of `partition`'s worker, starting the worker if needed.
-    fn worker(&self, partition: u32) -> Result<mpsc::Sender<Item>> {
+    /// A claim on `partition`'s worker's queue, starting the worker if
+    /// needed.
+    fn worker(&self, partition: u32) -> Result<Handing> {
         let shared = &self.shared;
         let mut workers = shared.workers.lock().expect("workers lock");
         if workers.closed {
             return Err(Error::ProducerClosed);
         }
-        let index = partition as usize;
-        if workers.senders.len() <= index {
-            workers.senders.resize(index + 1, None);
-        }
-        if let Some(sender) = &workers.senders[index] {
-            // A worker that ended (it only does on a panic while the
-            // producer is open) is replaced rather than failing every send.
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        if let Some(slot) = workers.slots.get(&partition) {
+            // A worker that ended without removing its slot (it only does
+            // on a panic) is replaced rather than failing every send.
+            if !slot.queue.is_closed() {
+                slot.handing.fetch_add(1, Ordering::SeqCst);
+                return Ok(Handing {
+                    queue: slot.queue.clone(),
+                    count: slot.handing.clone(),
+                });
             }
         }
         let (incarnation, topic_compression) = {
@@ -511,36 +653,42 @@ impl Producer {
                 metadata.topic.config.compression,
             )
         };
-        let (sender, receiver) = mpsc::channel(2 * shared.config.max_batch_records);
+        let (queue, receiver) = mpsc::channel(2 * shared.config.max_batch_records);
+        let handing = Arc::new(AtomicUsize::new(1));
+        shared.live.send_modify(|n| *n += 1);
         let worker = Worker {
             appender: PartitionAppender::new(
                 shared.client.clone(),
                 shared.name.clone(),
                 incarnation,
                 partition,
-                shared.producer_id,
+                // Each worker its own id: a successor cannot continue its
+                // predecessor's sequence.
+                rand::random(),
                 shared.config.compression.unwrap_or(topic_compression),
             ),
+            shared: shared.clone(),
             partition,
             queue: receiver,
+            handing: handing.clone(),
             held: None,
-            linger: shared.config.linger,
-            max_batch_bytes: shared.config.max_batch_bytes,
-            max_batch_records: shared.config.max_batch_records,
-            delivery_timeout: shared.config.delivery_timeout,
-            deleted: shared.deleted.clone(),
-            client: shared.client.clone(),
-            topic: shared.name.clone(),
             incarnation,
-            retention: shared.retention.clone(),
-            leases: shared.leases.clone(),
             last_trim: None,
             appended_since_trim: false,
             trim_task: None,
         };
-        workers.tasks.push(tokio::spawn(worker.run()));
-        workers.senders[index] = Some(sender.clone());
-        Ok(sender)
+        tokio::spawn(worker.run());
+        workers.slots.insert(
+            partition,
+            Slot {
+                queue: queue.clone(),
+                handing: handing.clone(),
+            },
+        );
+        Ok(Handing {
+            queue,
+            count: handing,
+        })
     }
 
     async fn refresh_if_stale(&self) -> Result<()> {
@@ -590,23 +738,18 @@ impl Producer {
     }
 }
 
-/// One partition's batching loop.
+/// One partition's batching loop. What all workers share stays in
+/// `Shared`, so a worker costs little beside its appender and queue.
 struct Worker {
+    shared: Arc<Shared>,
     appender: PartitionAppender,
     partition: u32,
     queue: mpsc::Receiver<Item>,
+    /// Its slot's count of senders handing it a record.
+    handing: Arc<AtomicUsize>,
     /// A record taken from the queue that did not fit the last batch.
     held: Option<Pending>,
-    linger: Duration,
-    max_batch_bytes: usize,
-    max_batch_records: usize,
-    delivery_timeout: Duration,
-    deleted: Arc<AtomicBool>,
-    client: Client,
-    topic: Arc<str>,
     incarnation: i64,
-    retention: Arc<Mutex<TopicConfig>>,
-    leases: Arc<LeaseCache>,
     /// When the last retention trim started.
     last_trim: Option<Instant>,
     appended_since_trim: bool,
@@ -615,23 +758,38 @@ struct Worker {
     trim_task: Option<JoinHandle<()>>,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shared.live.send_modify(|n| *n -= 1);
+    }
+}
+
 impl Worker {
     async fn run(mut self) {
+        let config = &self.shared.config;
+        let (linger, idle) = (config.linger, config.worker_idle_timeout);
+        let (max_batch_bytes, max_batch_records) =
+            (config.max_batch_bytes, config.max_batch_records);
         loop {
             let mut batch = Vec::new();
             let mut flushes = Vec::new();
             let mut bytes = 0usize;
             let first = match self.held.take() {
                 Some(pending) => Item::Record(pending),
-                None => match self.queue.recv().await {
-                    Some(item) => item,
-                    None => {
+                None => match tokio::time::timeout(idle, self.queue.recv()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => {
                         self.final_trim().await;
                         return;
                     }
+                    Err(_) if self.retire() => {
+                        self.final_trim().await;
+                        return;
+                    }
+                    Err(_) => continue,
                 },
             };
-            let linger_until = Instant::now() + self.linger;
+            let linger_until = Instant::now() + linger;
             let mut item = Some(first);
             loop {
                 match item.take() {
@@ -643,21 +801,21 @@ impl Worker {
                             ttl_bucket(&first.record) != ttl_bucket(&pending.record)
                         });
                         if !batch.is_empty()
-                            && (bytes + pending.size > self.max_batch_bytes || other_bucket)
+                            && (bytes + pending.size > max_batch_bytes || other_bucket)
                         {
                             self.held = Some(pending);
                             break;
                         }
                         bytes += pending.size;
                         batch.push(pending);
-                        if batch.len() >= self.max_batch_records {
+                        if batch.len() >= max_batch_records {
                             break;
                         }
                     }
                     // A flush ends lingering: its caller wants the batch now.
                     Some(Item::Flush(done)) => {
                         flushes.push(done);
-                        if !self.linger.is_zero() {
+                        if !linger.is_zero() {
                             break;
                         }
                     }
@@ -686,6 +844,26 @@ impl Worker {
         }
     }
 
+    /// Ends this worker if nothing is queued for it nor being handed to it:
+    /// its slot goes, so the next record for the partition starts a new
+    /// worker. Under the workers lock, which every hand-over takes first.
+    fn retire(&mut self) -> bool {
+        let mut workers = self.shared.workers.lock().expect("workers lock");
+        if self.handing.load(Ordering::SeqCst) > 0 || !self.queue.is_empty() {
+            return false;
+        }
+        if workers
+            .slots
+            .get(&self.partition)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.handing, &self.handing))
+        {
+            workers.slots.remove(&self.partition);
+        }
+        // Flushes that still hold the queue see it closed: nothing to wait for.
+        self.queue.close();
+        true
+    }
+
     async fn send(&mut self, batch: Vec<Pending>) {
         let mut records = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
@@ -696,11 +874,27 @@ impl Worker {
             replies.push(pending.reply);
             permits.push(pending.permit);
         }
-        let deadline = Instant::now() + self.delivery_timeout;
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let delivery_deadline = started + config.delivery_timeout;
         let lease = match records.first().and_then(ttl_bucket) {
-            Some(bucket) => match self.leases.lease_for(&self.client, bucket).await {
+            Some(bucket) => match self
+                .shared
+                .leases
+                .lease_for(&self.shared.client, bucket)
+                .await
+            {
                 Ok(lease) => Some(lease),
                 Err(e) => {
+                    let e = if e.is_outcome_unknown() {
+                        Error::Unavailable {
+                            op: "grant lease",
+                            waited: started.elapsed(),
+                            detail: e.to_string(),
+                        }
+                    } else {
+                        e
+                    };
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -709,7 +903,38 @@ impl Worker {
             },
             None => None,
         };
-        match self.appender.append_leased(records, deadline, lease).await {
+        let outcome = loop {
+            // The append gives up at the unavailable deadline, also when
+            // other producers won every attempt; those records were never
+            // written, so they may go again until the delivery deadline.
+            let deadline = (Instant::now() + config.unavailable_timeout).min(delivery_deadline);
+            let retry = (delivery_deadline > deadline).then(|| records.clone());
+            match self.appender.append_leased(records, deadline, lease).await {
+                Err(Error::Contended { .. })
+                    if Instant::now() < delivery_deadline && retry.is_some() =>
+                {
+                    records = retry.expect("checked");
+                }
+                Err(Error::Contended {
+                    topic, partition, ..
+                }) => {
+                    break Err(Error::Contended {
+                        topic,
+                        partition,
+                        waited: started.elapsed(),
+                    })
+                }
+                Err(e) if e.is_outcome_unknown() => {
+                    break Err(Error::Unavailable {
+                        op: "append",
+                        waited: started.elapsed(),
+                        detail: e.to_string(),
+                    })
+                }
+                outcome => break outcome,
+            }
+        };
+        match outcome {
             Ok(base) => {
                 for (i, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok((self.partition, base + i as u64)));
@@ -719,7 +944,7 @@ impl Worker {
             }
             Err(e) => {
                 if matches!(e, Error::TopicDeleted(_)) {
-                    self.deleted.store(true, Ordering::Relaxed);
+                    self.shared.deleted.store(true, Ordering::Relaxed);
                 }
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
@@ -732,14 +957,19 @@ impl Worker {
     /// A trim of this partition to the topic's retention limits, when the
     /// topic has limits and this worker knows the partition's head.
     fn trim_job(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let config = self.retention.lock().expect("retention lock").clone();
+        let config = self
+            .shared
+            .retention
+            .lock()
+            .expect("retention lock")
+            .clone();
         if !retention::wants_trim(&config) {
             return None;
         }
         let (next, total_bytes) = self.appender.known_head()?;
         Some(retention::producer_trim(
-            self.client.clone(),
-            self.topic.clone(),
+            self.shared.client.clone(),
+            self.shared.name.clone(),
             self.incarnation,
             self.partition,
             config,

@@ -326,7 +326,11 @@ async fn a_client_refused_by_rbac_logs_once_and_carries_on() {
         .unwrap();
     // Many intervals, producing and reading all along.
     for i in 0..40u64 {
-        let (_, offset) = producer.send(Record::new(i.to_string())).await.unwrap();
+        let offset = producer
+            .send(Record::new(i.to_string()))
+            .await
+            .unwrap()
+            .offset;
         assert_eq!(offset, i);
         let m = within(Duration::from_secs(10), reader.recv()).await;
         assert_eq!(m.offset, i);

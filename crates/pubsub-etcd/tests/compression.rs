@@ -83,7 +83,7 @@ async fn send_one_batch(producer: &Producer, records: Vec<Record>) -> Vec<u64> {
     producer.flush().await.unwrap();
     let mut out = Vec::new();
     for d in deliveries {
-        out.push(d.await.unwrap().1);
+        out.push(d.await.unwrap().offset);
     }
     out
 }
@@ -492,7 +492,11 @@ async fn size_limits_count_the_uncompressed_record_and_the_stored_batch() {
         .await
         .unwrap();
     let p = producer(&client, "small", Some(Compression::zstd())).await;
-    match p.send(Record::new(vec![0u8; 20_000])).await {
+    match p
+        .send(Record::new(vec![0u8; 20_000]))
+        .await
+        .map_err(|e| e.error)
+    {
         Err(Error::MessageTooLarge { size, limit }) => {
             assert!(size >= 20_000, "{size}");
             assert_eq!(limit, 10_000);

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pubsub_etcd::{
-    partition_for_key, Bytes, Client, Error, Message, NewTopic, Record, TopicConfig, TopicUpdate,
-    MAX_NAME_LEN, MAX_PARTITIONS,
+    partition_for_key, Bytes, Client, Error, Message, NewTopic, Record, RecordMetadata, SendError,
+    TopicConfig, TopicUpdate, MAX_NAME_LEN, MAX_PARTITIONS,
 };
 
 use common::{bounded, now_ms, ns};
@@ -193,6 +193,7 @@ async fn topic_create_get_list_describe_update_delete() {
         producer
             .send(Record::new("new partition").partition(4))
             .await
+            .map(|m| (m.partition, m.offset))
             .unwrap(),
         (4, 0)
     );
@@ -213,7 +214,11 @@ async fn topic_create_get_list_describe_update_delete() {
     assert_eq!(updated.partitions, 5, "partitions unchanged");
     assert_eq!(updated.config, config);
     assert_eq!(client.topic("orders").await.unwrap().config, config);
-    match producer.send(Record::new(vec![b'x'; 500])).await {
+    match producer
+        .send(Record::new(vec![b'x'; 500]))
+        .await
+        .map_err(|e| e.error)
+    {
         Err(Error::MessageTooLarge { size, limit }) => {
             assert_eq!(limit, 200);
             assert!(size > 500, "size {size}");
@@ -340,7 +345,9 @@ async fn many_tasks_one_shared_producer_one_partition() {
             let mut acked = Vec::with_capacity(PER_TASK);
             for i in 0..PER_TASK {
                 let value = Bytes::from(format!("shared-{task:02}-{i:04}"));
-                let (partition, offset) = producer
+                let RecordMetadata {
+                    partition, offset, ..
+                } = producer
                     .send(Record::new(value.clone()))
                     .await
                     .unwrap_or_else(|e| panic!("task {task} send {i}: {e}"));
@@ -382,10 +389,11 @@ async fn several_producers_one_partition() {
                     // Each send is bounded, not the whole task: 300 sends
                     // contending with 15 other tasks on a loaded 2-core
                     // machine can take longer than one call's bound.
-                    let (partition, offset) =
-                        bounded("send", producer.send(Record::new(value.clone())))
-                            .await
-                            .unwrap_or_else(|e| panic!("producer {p} task {task} send {i}: {e}"));
+                    let RecordMetadata {
+                        partition, offset, ..
+                    } = bounded("send", producer.send(Record::new(value.clone())))
+                        .await
+                        .unwrap_or_else(|e| panic!("producer {p} task {task} send {i}: {e}"));
                     assert_eq!(partition, 0);
                     acked.push((offset, value));
                 }
@@ -429,7 +437,7 @@ async fn contending_producers_both_make_progress() {
                 while !stop.load(Ordering::SeqCst) {
                     let value = Bytes::from(format!("p{p}-{task}-{i}"));
                     i += 1;
-                    let (_, offset) = producer
+                    let RecordMetadata { offset, .. } = producer
                         .send(Record::new(value.clone()))
                         .await
                         .unwrap_or_else(|e| panic!("producer {p}: {e}"));
@@ -506,7 +514,9 @@ fn child_producer() {
                 let mut acked = Vec::new();
                 for i in (task..count).step_by(TASKS) {
                     let value = format!("child{id}-{i:05}");
-                    let (partition, offset) = producer
+                    let RecordMetadata {
+                        partition, offset, ..
+                    } = producer
                         .send(Record::new(value.clone()))
                         .await
                         .unwrap_or_else(|e| panic!("child {id}: send {i} failed: {e}"));
@@ -612,7 +622,9 @@ async fn send_batch_results_in_input_order_and_partitioning() {
     let mut last_offset: BTreeMap<u32, u64> = BTreeMap::new();
     let mut keyless_partitions = HashSet::new();
     for (i, (record, result)) in records.iter().zip(&results).enumerate() {
-        let (partition, offset) = result
+        let RecordMetadata {
+            partition, offset, ..
+        } = result
             .as_ref()
             .unwrap_or_else(|e| panic!("record {i}: {e}"));
         let (partition, offset) = (*partition, *offset);
@@ -645,19 +657,31 @@ async fn send_batch_results_in_input_order_and_partitioning() {
     );
 
     // A key always maps to the same partition.
-    let (a, _) = producer.send(Record::new("x").key("stable")).await.unwrap();
-    let (b, _) = producer.send(Record::new("y").key("stable")).await.unwrap();
+    let a = producer
+        .send(Record::new("x").key("stable"))
+        .await
+        .unwrap()
+        .partition;
+    let b = producer
+        .send(Record::new("y").key("stable"))
+        .await
+        .unwrap()
+        .partition;
     assert_eq!(a, b);
     assert_eq!(a, partition_for_key(b"stable", 4));
     // An explicit partition wins over the key.
-    let (p, _) = producer
+    let RecordMetadata { partition: p, .. } = producer
         .send(Record::new("z").key("stable").partition((a + 1) % 4))
         .await
         .unwrap();
     assert_eq!(p, (a + 1) % 4);
 
     // A partition the topic does not have.
-    match producer.send(Record::new("nope").partition(4)).await {
+    match producer
+        .send(Record::new("nope").partition(4))
+        .await
+        .map_err(|e| e.error)
+    {
         Err(Error::PartitionOutOfRange {
             topic,
             partition,
@@ -677,16 +701,19 @@ async fn send_batch_results_in_input_order_and_partitioning() {
     assert!(
         matches!(
             &results[1],
-            Err(Error::PartitionOutOfRange {
-                partition: 17,
-                partitions: 4,
+            Err(SendError {
+                error: Error::PartitionOutOfRange {
+                    partition: 17,
+                    partitions: 4,
+                    ..
+                },
                 ..
             })
         ),
         "{:?}",
         results[1]
     );
-    assert_eq!(results[2].as_ref().unwrap().0, 1);
+    assert_eq!(results[2].as_ref().unwrap().partition, 1);
     match client.fetch("t", 4, 0, 10).await {
         Err(Error::PartitionOutOfRange {
             partition,
@@ -728,7 +755,7 @@ async fn delete_while_producing_then_recreate() {
                     Ok(_) => {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => return (i, e),
+                    Err(e) => return (i, e.error),
                 }
             }
             unreachable!()
@@ -753,7 +780,10 @@ async fn delete_while_producing_then_recreate() {
         }
     }
     assert!(matches!(
-        producer.send(Record::new("after delete")).await,
+        producer
+            .send(Record::new("after delete"))
+            .await
+            .map_err(|e| e.error),
         Err(Error::TopicDeleted(_))
     ));
 
@@ -766,7 +796,10 @@ async fn delete_while_producing_then_recreate() {
             Record::new("stale").partition(1),
             Record::new("stale").key("k"),
         ] {
-            match bounded("stale send", p.send(record)).await {
+            match bounded("stale send", p.send(record))
+                .await
+                .map_err(|e| e.error)
+            {
                 Err(Error::TopicDeleted(name)) => assert_eq!(name, TOPIC),
                 other => panic!("{what} producer wrote to the re-created topic: {other:?}"),
             }
@@ -787,7 +820,11 @@ async fn delete_while_producing_then_recreate() {
     // The new topic works for a new producer, from offset 0.
     let fresh = client.producer(TOPIC).build().await.unwrap();
     assert_eq!(
-        fresh.send(Record::new("first").partition(1)).await.unwrap(),
+        fresh
+            .send(Record::new("first").partition(1))
+            .await
+            .map(|m| (m.partition, m.offset))
+            .unwrap(),
         (1, 0)
     );
     fresh.close().await.unwrap();
@@ -805,7 +842,7 @@ async fn oversize_messages_are_refused_and_nothing_is_written() {
     let limit_default = pubsub_etcd::DEFAULT_MAX_BATCH_BYTES;
 
     let huge = Record::new(vec![7u8; limit_default]).key("k");
-    match producer.send(huge.clone()).await {
+    match producer.send(huge.clone()).await.map_err(|e| e.error) {
         Err(e @ Error::MessageTooLarge { .. }) => {
             let Error::MessageTooLarge { size, limit } = e else {
                 unreachable!()
@@ -828,19 +865,41 @@ async fn oversize_messages_are_refused_and_nothing_is_written() {
             Record::new("b").partition(0),
         ])
         .await;
-    assert_eq!(results[0].as_ref().unwrap(), &(0, 0));
+    assert_eq!(
+        results[0]
+            .as_ref()
+            .map(|m| (m.partition, m.offset))
+            .unwrap(),
+        (0, 0)
+    );
     assert!(
-        matches!(results[1], Err(Error::MessageTooLarge { .. })),
+        matches!(
+            results[1],
+            Err(SendError {
+                error: Error::MessageTooLarge { .. },
+                ..
+            })
+        ),
         "{:?}",
         results[1]
     );
-    assert_eq!(results[2].as_ref().unwrap(), &(0, 1));
+    assert_eq!(
+        results[2]
+            .as_ref()
+            .map(|m| (m.partition, m.offset))
+            .unwrap(),
+        (0, 1)
+    );
     let description = client.describe_topic("t").await.unwrap();
     assert_eq!(description.partitions[0].next, 2);
     assert_eq!(description.partitions[1].next, 0, "nothing written");
     // A large record within the limit goes through whole.
     let big = vec![9u8; 900 * 1024];
-    let (p, o) = producer
+    let RecordMetadata {
+        partition: p,
+        offset: o,
+        ..
+    } = producer
         .send(Record::new(big.clone()).partition(1))
         .await
         .unwrap();
@@ -857,7 +916,11 @@ async fn oversize_messages_are_refused_and_nothing_is_written() {
         .unwrap();
     let keys_before = ns::key_count(&client, &ns).await;
     let producer = client.producer("small").build().await.unwrap();
-    match producer.send(Record::new(vec![1u8; 1000])).await {
+    match producer
+        .send(Record::new(vec![1u8; 1000]))
+        .await
+        .map_err(|e| e.error)
+    {
         Err(e @ Error::MessageTooLarge { .. }) => {
             let Error::MessageTooLarge { size, limit } = e else {
                 unreachable!()
@@ -882,7 +945,11 @@ async fn oversize_messages_are_refused_and_nothing_is_written() {
         0
     );
     assert_eq!(
-        producer.send(Record::new(vec![1u8; 900])).await.unwrap(),
+        producer
+            .send(Record::new(vec![1u8; 900]))
+            .await
+            .map(|m| (m.partition, m.offset))
+            .unwrap(),
         (0, 0)
     );
     producer.close().await.unwrap();
@@ -1208,7 +1275,9 @@ async fn records_round_trip_and_fetch_positions() {
     let stored = read_all(&client, "t", 0).await;
     assert_eq!(stored.len(), records.len());
     for (i, ((record, result), message)) in records.iter().zip(&results).zip(&stored).enumerate() {
-        let (partition, offset) = result.as_ref().unwrap();
+        let RecordMetadata {
+            partition, offset, ..
+        } = result.as_ref().unwrap();
         assert_eq!((*partition, *offset), (0, i as u64));
         assert_eq!(message.offset, i as u64);
         assert_eq!(message.partition, 0);

@@ -9,7 +9,12 @@
 //!   leader is frozen with SIGSTOP while two producers append to one
 //!   partition, then thawed.
 //!
-//! Both check, once every send has resolved, that the partition's offsets
+//! - `send_to_killed_etcd_fails_unavailable_within_bound`: etcd is killed
+//!   under a producer with the default 60 s delivery timeout; a send fails
+//!   with `Error::Unavailable`, the record handed back, within the
+//!   producer's unavailable timeout plus one request timeout.
+//!
+//! The first two check, once every send has resolved, that the partition's offsets
 //! are contiguous and that every acknowledged value is stored exactly once,
 //! at its acknowledged offset. A counting `tracing` subscriber confirms that
 //! appends really ended with an unknown outcome (the retry path ran).
@@ -334,7 +339,12 @@ impl Senders {
                     while !stop.load(Ordering::SeqCst) {
                         let value = Bytes::from(format!("{prefix}-{task}-{i}"));
                         i += 1;
-                        match producer.send(Record::new(value.clone())).await {
+                        match producer
+                            .send(Record::new(value.clone()))
+                            .await
+                            .map(|m| (m.partition, m.offset))
+                            .map_err(|e| e.error)
+                        {
                             Ok((0, offset)) => acked.lock().unwrap().push((offset, value)),
                             Ok(other) => panic!("{value:?} landed at {other:?}"),
                             Err(e) => failed.lock().unwrap().push((value, e)),
@@ -665,13 +675,14 @@ async fn etcd_gone_after_connect_fails_fast() {
         producer
             .send(Record::new("before").partition(0))
             .await
+            .map(|m| (m.partition, m.offset))
             .unwrap(),
         (0, 0)
     );
 
     proxy.shut_down();
     let unreachable = |e: &Error| match e {
-        Error::Timeout { .. } => true,
+        Error::Timeout { .. } | Error::Unavailable { .. } => true,
         Error::Etcd { .. } => e.is_outcome_unknown(),
         _ => false,
     };
@@ -711,6 +722,7 @@ async fn etcd_gone_after_connect_fails_fast() {
                     .send(Record::new("lost").partition(0))
                     .await
                     .map(drop)
+                    .map_err(|e| e.error)
             }),
         ),
         (
@@ -721,6 +733,7 @@ async fn etcd_gone_after_connect_fails_fast() {
                     .send(Record::new("lost").partition(1))
                     .await
                     .map(drop)
+                    .map_err(|e| e.error)
             }),
         ),
     ];
@@ -738,4 +751,65 @@ async fn etcd_gone_after_connect_fails_fast() {
     let description = direct.describe_topic(TOPIC).await.unwrap();
     let nexts: Vec<u64> = description.partitions.iter().map(|p| p.next).collect();
     assert_eq!(nexts, [1, 0]);
+}
+
+// ---------------------------------------------------------------------------
+// etcd killed under a producer
+// ---------------------------------------------------------------------------
+
+/// A killed etcd makes a send fail with `Error::Unavailable` within the
+/// unavailable timeout plus one request timeout, not after the 60 s
+/// delivery timeout, and the record comes back with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_killed_etcd_fails_unavailable_within_bound() {
+    const TOPIC: &str = "killed";
+    let mut cluster = EtcdCluster::start(1);
+    let request_timeout = Duration::from_secs(1);
+    let unavailable = Duration::from_secs(2);
+    let client = Client::builder(cluster.endpoints())
+        .namespace("killed-etcd")
+        .connect_timeout(request_timeout)
+        .request_timeout(request_timeout)
+        .connect()
+        .await
+        .unwrap();
+    client.create_topic(NewTopic::new(TOPIC, 2)).await.unwrap();
+    let producer = client
+        .producer(TOPIC)
+        .unavailable_timeout(unavailable)
+        .build()
+        .await
+        .unwrap();
+    let sent = producer
+        .send(Record::new("before").partition(0))
+        .await
+        .unwrap();
+    assert_eq!((sent.partition, sent.offset), (0, 0));
+
+    cluster.kill(0);
+    // Partition 0 has a cached head (an append attempt first), partition 1
+    // not yet (a head read first).
+    for partition in [0, 1] {
+        let record = Record::new(format!("lost-{partition}")).partition(partition);
+        let started = std::time::Instant::now();
+        let Ok(sent) =
+            tokio::time::timeout(Duration::from_secs(30), producer.send(record.clone())).await
+        else {
+            panic!("send to partition {partition} hung for 30 s");
+        };
+        let failed = sent.expect_err("etcd is dead");
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(failed.error, Error::Unavailable { .. }),
+            "partition {partition}: unclear error {:?}",
+            failed.error
+        );
+        assert_eq!(failed.record, record, "the record comes back");
+        let bound = unavailable + request_timeout + Duration::from_secs(2);
+        assert!(
+            elapsed < bound,
+            "partition {partition}: failed after {elapsed:?}, over {bound:?}: {}",
+            failed.error
+        );
+    }
 }

@@ -231,7 +231,9 @@ async fn invalid_topic_metadata_is_refused_by_every_operation() {
         // refuses to send: it never applies the bad ones.
         assert_corrupt(
             &what("send"),
-            bounded("send", producer.send(Record::new("x").partition(0))).await,
+            bounded("send", producer.send(Record::new("x").partition(0)))
+                .await
+                .map_err(|e| e.error),
             &key,
             reason,
         );

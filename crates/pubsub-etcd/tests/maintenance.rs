@@ -85,7 +85,7 @@ async fn compact_history_and_defrag_reclaim_space() {
 
     // The reader's watch started before the compaction: it still gets new
     // messages, and offsets continue.
-    let (_, offset) = producer.send(Record::new("after")).await.unwrap();
+    let offset = producer.send(Record::new("after")).await.unwrap().offset;
     assert_eq!(offset, 20);
     let m = timeout(Duration::from_secs(10), reader.recv())
         .await
@@ -145,8 +145,13 @@ async fn nospace_quota_exceeded_and_recovery() {
     let value = vec![3u8; 64 * 1024];
     let mut stored = 0u64;
     let error = loop {
-        match producer.send(Record::new(value.clone())).await {
-            Ok((_, offset)) => {
+        match producer
+            .send(Record::new(value.clone()))
+            .await
+            .map_err(|e| e.error)
+        {
+            Ok(sent) => {
+                let offset = sent.offset;
                 assert_eq!(offset, stored);
                 stored += 1;
                 assert!(stored < 200, "quota never exceeded");
@@ -201,7 +206,7 @@ async fn nospace_quota_exceeded_and_recovery() {
     let info = client.truncate_partition("t", 0, u64::MAX).await.unwrap();
     assert_eq!((info.earliest, info.next), (stored, stored));
     // Still armed: writes keep failing although the keys are gone.
-    let err = producer.send(Record::new("x")).await.unwrap_err();
+    let err = producer.send(Record::new("x")).await.unwrap_err().error;
     assert!(matches!(err, Error::QuotaExceeded { .. }), "{err:?}");
 
     // Step 2: compact and defragment.
@@ -217,7 +222,7 @@ async fn nospace_quota_exceeded_and_recovery() {
     assert!(client.alarms().await.unwrap().is_empty());
 
     // Producing works again; offsets are not reused; the reader follows.
-    let (_, offset) = producer.send(Record::new("back")).await.unwrap();
+    let offset = producer.send(Record::new("back")).await.unwrap().offset;
     assert_eq!(offset, stored);
     let m = timeout(Duration::from_secs(10), reader.recv())
         .await

@@ -10,8 +10,8 @@ use common::group::send_all;
 use common::now_ms;
 use common::ns::Namespace;
 use pubsub_etcd::{
-    AutoCommit, CleanupPolicy, Client, Event, Message, NewTopic, Producer, Record, StartOffset,
-    TopicUpdate,
+    AutoCommit, CleanupPolicy, Client, Event, Message, NewTopic, Producer, Record, RecordMetadata,
+    StartOffset, TopicUpdate,
 };
 use tokio::time::{sleep, timeout, Instant};
 
@@ -42,7 +42,7 @@ async fn send_one_batch(producer: &Producer, records: Vec<Record>) -> Vec<u64> {
     producer.flush().await.unwrap();
     let mut out = Vec::new();
     for d in deliveries {
-        out.push(d.await.unwrap().1);
+        out.push(d.await.unwrap().offset);
     }
     out
 }
@@ -134,7 +134,7 @@ async fn delete_inside_a_batch_and_whole_batch() {
     assert_eq!((d.partitions[0].earliest, d.partitions[0].next), (10, 10));
 
     // Offsets are never reused.
-    let (_, offset) = producer
+    let RecordMetadata { offset, .. } = producer
         .send(Record::new("after").partition(0))
         .await
         .unwrap();
@@ -203,7 +203,7 @@ async fn truncate_partition() {
     let info = client.truncate_partition("t", 0, 1_000).await.unwrap();
     assert_eq!((info.earliest, info.next), (30, 30));
     assert!(batch_keys(&client, &ns).await.is_empty());
-    let (_, offset) = producer.send(Record::new("y")).await.unwrap();
+    let offset = producer.send(Record::new("y")).await.unwrap().offset;
     assert_eq!(offset, 30, "offsets are never reused");
     // Later messages are not affected by the earlier truncation.
     assert_eq!(offsets(&all_messages(&client, "t", 0).await), vec![30]);
@@ -700,11 +700,11 @@ async fn an_enormous_ttl_is_capped_and_the_producer_keeps_working() {
     let client = ns.connect().await;
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    let (_, first) = producer
+    let RecordMetadata { offset: first, .. } = producer
         .send(Record::new("forever").ttl(Duration::MAX))
         .await
         .unwrap();
-    let (_, second) = producer.send(Record::new("plain")).await.unwrap();
+    let second = producer.send(Record::new("plain")).await.unwrap().offset;
     assert_eq!((first, second), (0, 1));
     let fetched = client.fetch("t", 0, 0, 10).await.unwrap();
     assert_eq!(fetched.messages.len(), 2, "the capped TTL has not expired");

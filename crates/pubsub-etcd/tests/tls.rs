@@ -67,7 +67,7 @@ async fn mutual_tls_works_and_a_client_without_certificate_is_refused() {
         .unwrap();
     client.create_topic(NewTopic::new("t", 1)).await.unwrap();
     let producer = client.producer("t").build().await.unwrap();
-    let (_, offset) = producer.send(Record::new("secret")).await.unwrap();
+    let offset = producer.send(Record::new("secret")).await.unwrap().offset;
     producer.close().await.unwrap();
     let fetched = client.fetch("t", 0, offset, 1).await.unwrap();
     assert_eq!(fetched.messages[0].value.as_ref(), b"secret");

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pubsub_etcd::{Bytes, Client, Delivery, Error, Record, DEFAULT_MAX_BATCH_BYTES};
+use pubsub_etcd::{
+    Bytes, Client, Delivery, Error, Record, RecordMetadata, DEFAULT_MAX_BATCH_BYTES,
+};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -34,6 +36,12 @@ struct Failure {
     message: String,
     /// The topic is gone: every later line would fail the same way.
     fatal: bool,
+}
+
+impl From<pubsub_etcd::SendError> for Failure {
+    fn from(failed: pubsub_etcd::SendError) -> Self {
+        failed.error.into()
+    }
 }
 
 impl From<pubsub_etcd::Error> for Failure {
@@ -104,7 +112,9 @@ pub async fn run(
                         fatal = Some((line, failure.message));
                         break;
                     }
-                    other => other.map_err(|failure| failure.message),
+                    other => other
+                        .map(|sent| (sent.partition, sent.offset))
+                        .map_err(|failure| failure.message),
                 };
                 // Flushing when caught up shows results at once to someone
                 // typing lines, while bulk input still writes in large blocks.
@@ -175,7 +185,9 @@ pub async fn run(
 
 /// The outcome of the oldest line in flight, without removing it (so that
 /// the caller's `select!` can drop this future without losing a result).
-async fn settle_front(in_flight: &mut VecDeque<(u64, InFlight)>) -> Result<(u32, u64), Failure> {
+async fn settle_front(
+    in_flight: &mut VecDeque<(u64, InFlight)>,
+) -> Result<RecordMetadata, Failure> {
     match in_flight.front_mut() {
         Some((_, InFlight::Queued(delivery))) => delivery.await.map_err(Failure::from),
         Some((_, InFlight::Failed(failure))) => Err(Failure {

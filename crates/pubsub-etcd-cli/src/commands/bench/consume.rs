@@ -165,7 +165,7 @@ async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Re
         let (failed, bar) = (failed_tx.clone(), bar.clone());
         tokio::spawn(async move {
             if let Err(e) = delivery.await {
-                let _ = failed.try_send(e);
+                let _ = failed.try_send(e.error);
             }
             bar.inc(1);
             drop(permit);

@@ -9,6 +9,7 @@
 
 mod consume;
 mod latency;
+mod partitions;
 mod payload;
 mod produce;
 
@@ -51,12 +52,18 @@ pub async fn run(
     credentials: Option<(String, String)>,
     command: BenchCommand,
 ) -> anyhow::Result<()> {
+    if let BenchCommand::PartitionsWorker(args) = &command {
+        // A child of `bench partitions`: its parent owns the namespace.
+        connection.namespace.clone_from(&args.bench_namespace);
+        let client = super::connect(&connection, credentials).await?;
+        return partitions::worker(&client, args).await;
+    }
     let base = connection.namespace.trim_end_matches('/');
     let namespace = format!("{base}-bench-{:08x}", rand::random::<u32>());
     connection.namespace = namespace.clone();
-    let client = super::connect(&connection, credentials).await?;
+    let client = super::connect(&connection, credentials.clone()).await?;
     let outcome = tokio::select! {
-        outcome = dispatch(&client, &namespace, command) => outcome,
+        outcome = dispatch(&client, &namespace, &connection, credentials.as_ref(), command) => outcome,
         () = interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
     let cleaned = tokio::time::timeout(CLEAN_UP, clean_up(&client, &namespace))
@@ -86,6 +93,8 @@ pub async fn run(
 async fn dispatch(
     client: &Client,
     namespace: &str,
+    connection: &ConnectionArgs,
+    credentials: Option<&(String, String)>,
     command: BenchCommand,
 ) -> anyhow::Result<String> {
     match command {
@@ -101,6 +110,12 @@ async fn dispatch(
             let format = args.options.format;
             render(latency::run(client, &args).await?, namespace, format)
         }
+        BenchCommand::Partitions(args) => {
+            let format = args.options.format;
+            let summary = partitions::run(client, connection, credentials, &args).await?;
+            render(summary, namespace, format)
+        }
+        BenchCommand::PartitionsWorker(_) => unreachable!("run without a bench namespace"),
     }
 }
 

@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use pubsub_etcd::{Client, Compression, Delivery, NewTopic, Producer, Record};
+use pubsub_etcd::{
+    Client, Compression, Delivery, NewTopic, Producer, Record, RecordMetadata, SendError,
+};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -234,9 +236,9 @@ async fn send(
 ) -> anyhow::Result<u64> {
     let mut pending: VecDeque<(Instant, Delivery)> = VecDeque::with_capacity(WINDOW as usize);
     let mut bytes = 0;
-    let settle = |sent: Instant, outcome: pubsub_etcd::Result<(u32, u64)>| match outcome {
+    let settle = |sent: Instant, outcome: Result<RecordMetadata, SendError>| match outcome {
         Ok(_) => tally.stored(micros_since(sent)),
-        Err(e) => tally.failed(e),
+        Err(e) => tally.failed(e.error),
     };
     for _ in 0..count {
         Pacer::tick(&mut pacer).await;

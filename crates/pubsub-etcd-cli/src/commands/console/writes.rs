@@ -43,9 +43,9 @@ pub(super) async fn produce(
     }
     let sent = producer.send(record).await;
     producer.close().await?;
-    let (partition, offset) = sent?;
+    let sent = sent.map_err(pubsub_etcd::Error::from)?;
     Ok(Json(
-        json!({ "topic": name, "partition": partition, "offset": offset }),
+        json!({ "topic": name, "partition": sent.partition, "offset": sent.offset }),
     ))
 }
 

@@ -167,7 +167,7 @@ pub use client::{
     USER_ENV,
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
-pub use consumer::{AssignedReader, Consumer, ConsumerBuilder};
+pub use consumer::{AssignedReader, CommitHandle, Consumer, ConsumerBuilder};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};

@@ -1021,3 +1021,103 @@ async fn commits_do_not_wake_the_members() {
         c.close().await.unwrap();
     }
 }
+
+/// Issue 11, item 4: the consumer is an `Unpin` stream, and a commit handle
+/// commits from another task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_handle_commits_from_a_spawned_task() {
+    use futures::StreamExt;
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..5).map(|i| Record::new(format!("{i}")))).await;
+    let mut consumer = member(&client, "t", "g").await;
+    let commits = consumer.commit_handle();
+    let mut last = within(Duration::from_secs(10), consumer.next()).await;
+    while last.offset < 4 {
+        last = within(Duration::from_secs(10), consumer.next()).await;
+    }
+    let handle = commits.clone();
+    tokio::spawn(async move { handle.commit(&last).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 5)])
+    );
+    consumer.close().await.unwrap();
+    // A closed consumer's handle commits nothing more.
+    let err = commits
+        .commit_offsets(&BTreeMap::from([(0, 5)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition: 0, .. }),
+        "{err}"
+    );
+}
+
+/// Issue 11, item 4: a handle keeps the consumer's fencing. Once a partition
+/// moved to another member, committing a message the first member read of
+/// it is refused, and the new owner's commit stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_handle_is_refused_once_the_partition_moved() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for p in 0..2 {
+        send_all(
+            &producer,
+            (0..10).map(|i| Record::new(format!("{i}")).partition(p)),
+        )
+        .await;
+    }
+    let mut a = member(&client, "t", "g").await;
+    let commits = a.commit_handle();
+    // `a` alone reads both partitions; it keeps message 5 of each.
+    let mut held = BTreeMap::new();
+    let mut seen = 0;
+    while seen < 20 {
+        let m = within(Duration::from_secs(10), a.recv()).await;
+        seen += 1;
+        if m.offset == 5 {
+            held.insert(m.partition, m);
+        }
+    }
+    let mut b = member(&client, "t", "g").await;
+    pump_until(&mut [&mut a, &mut b], Duration::from_secs(20), |cs| {
+        cs.iter().all(|c| c.assignment().len() == 1)
+    })
+    .await;
+    let (mine, theirs) = (a.assignment()[0], b.assignment()[0]);
+    let mut last = within(Duration::from_secs(10), b.recv()).await;
+    while last.offset < 9 {
+        last = within(Duration::from_secs(10), b.recv()).await;
+    }
+    assert_eq!(last.partition, theirs);
+    b.commit(&last).await.unwrap();
+    let stale = held.remove(&theirs).unwrap();
+    let err = tokio::spawn({
+        let commits = commits.clone();
+        async move { commits.commit(&stale).await }
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition, .. } if partition == theirs),
+        "{err}"
+    );
+    // The partition `a` kept still takes its commits.
+    commits.commit(&held[&mine]).await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(mine, 6), (theirs, 10)]),
+        "the moved partition's commit did not go back"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -671,6 +671,17 @@ pub struct AssignedReader {
 
 impl Client {
     /// Follows `partitions` of `topic`, each from its [`StartOffset`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`]; [`Error::PartitionOutOfRange`] for a
+    /// partition the topic does not have; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer while the start offsets
+    /// are resolved.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: nothing runs until it returns the reader.
     pub async fn assign(
         &self,
         topic: &str,
@@ -742,6 +753,10 @@ impl AssignedReader {
     }
 
     /// Stops every reader task.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the reader, which aborts its tasks too.
     pub async fn close(mut self) {
         self.stop().await;
     }

@@ -1121,3 +1121,60 @@ async fn a_commit_handle_is_refused_once_the_partition_moved() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Issue 11, item 4: `next_event` is cancel-safe inside `select!`. Calls cut
+/// short again and again (most of them while the auto-commit of the message
+/// before is under way) lose no message, and every auto-commit lands before
+/// the next message is returned (it used to be dropped with the call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_event_cut_short_in_select_loses_no_message_and_no_commit() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..40).map(|i| Record::new(format!("{i}")))).await;
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::EveryMessage)
+        .join()
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    let mut cut_short = 0;
+    let until = Instant::now() + Duration::from_secs(60);
+    while offsets.len() < 40 {
+        assert!(Instant::now() < until, "only {offsets:?} within 60 s");
+        let event = tokio::select! {
+            event = consumer.next_event() => event,
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                cut_short += 1;
+                continue;
+            }
+        };
+        let Event::Message(m) = event.expect("the consumer ended").unwrap() else {
+            continue;
+        };
+        if m.offset > 0 {
+            assert_eq!(
+                client.committed_offsets("t", "g").await.unwrap(),
+                BTreeMap::from([(0, m.offset)]),
+                "the message before {} was committed before it came",
+                m.offset
+            );
+        }
+        offsets.push(m.offset);
+    }
+    assert_eq!(
+        offsets,
+        (0..40).collect::<Vec<u64>>(),
+        "each message once, in order"
+    );
+    assert!(cut_short > 0, "no call was cut short");
+    eprintln!("{cut_short} calls of next_event cut short");
+    consumer.close().await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 40)])
+    );
+}

@@ -28,6 +28,16 @@ pub enum StartOffset {
 impl Client {
     /// The offset a [`StartOffset`] means on one partition of `topic` now
     /// (clamped to the stored range).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`]; [`Error::PartitionOutOfRange`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer;
+    /// [`Error::Corrupt`] for an unreadable partition head or batch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn resolve_offset(
         &self,
         topic: &str,

@@ -209,7 +209,8 @@ struct StoredTopic {
 }
 
 /// A topic as stored in etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TopicInfo {
     pub name: String,
     pub partitions: u32,
@@ -220,11 +221,13 @@ pub struct TopicInfo {
     /// later topic of the same name, and names the topic's data keys.
     pub incarnation: i64,
     /// The etcd revision of the last change to the topic's metadata.
+    #[serde(skip)]
     pub(crate) mod_revision: i64,
 }
 
 /// One partition's range of offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PartitionInfo {
     pub partition: u32,
     /// The lowest offset still stored (equal to `next` when empty).
@@ -234,7 +237,8 @@ pub struct PartitionInfo {
 }
 
 /// A topic with the offsets of each of its partitions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TopicDescription {
     pub topic: TopicInfo,
     pub partitions: Vec<PartitionInfo>,

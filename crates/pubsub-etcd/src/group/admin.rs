@@ -16,6 +16,7 @@ use crate::topic::validate_group_name;
 
 /// One partition of a group's view of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PartitionLag {
     pub topic: String,
     pub partition: u32,

@@ -180,6 +180,6 @@ pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{
-    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate,
-    MAX_NAME_LEN, MAX_PARTITIONS,
+    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, MAX_NAME_LEN,
+    MAX_PARTITIONS,
 };

@@ -126,23 +126,17 @@ impl Template {
 mod tests {
     use std::collections::BTreeMap;
 
-    use pubsub_etcd::Bytes;
+    use pubsub_etcd::Record;
 
     use super::*;
 
     fn message() -> Message {
-        Message {
-            topic: "orders".into(),
-            partition: 3,
-            offset: 42,
-            timestamp: 1_700_000_000_000,
-            key: Some(Bytes::from_static(b"k1")),
-            value: Bytes::from_static(b"hello"),
-            headers: BTreeMap::from([
-                ("a".to_string(), Bytes::from_static(b"1")),
-                ("b".to_string(), Bytes::from_static(b"2")),
-            ]),
-        }
+        let record = Record::new("hello")
+            .key("k1")
+            .header("a", "1")
+            .header("b", "2")
+            .timestamp(1_700_000_000_000);
+        Message::from_record("orders", 3, 42, record)
     }
 
     fn render(format: &str, message: &Message) -> String {
@@ -160,11 +154,9 @@ mod tests {
             render("%t %p %o %k(%K) %s(%S) %T [%h] 100%%\\n", &message()),
             "orders 3 42 k1(2) hello(5) 1700000000000 [a=1,b=2] 100%\n"
         );
-        let keyless = Message {
-            key: None,
-            headers: BTreeMap::new(),
-            ..message()
-        };
+        let mut keyless = message();
+        keyless.key = None;
+        keyless.headers = BTreeMap::new();
         assert_eq!(render("%k|%K|%h|\\t✓", &keyless), "|-1||\t✓");
     }
 

@@ -1,6 +1,10 @@
 //! Reading without a group: [`AssignedReader`] follows chosen partitions
 //! from chosen positions, with no ownership and no commits.
 
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,6 +27,17 @@ pub struct AssignedReader {
 
 impl Client {
     /// Follows `partitions` of `topic`, each from its [`StartOffset`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`]; [`Error::PartitionOutOfRange`] for a
+    /// partition the topic does not have; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer while the start offsets
+    /// are resolved.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: nothing runs until it returns the reader.
     pub async fn assign(
         &self,
         topic: &str,
@@ -63,31 +78,41 @@ impl AssignedReader {
     /// The next message of any assigned partition. Once the topic is
     /// deleted (or deleted and created again), yields
     /// [`Error::TopicDeleted`] after the messages read before, then ends.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicDeleted`] as above; [`Error::Corrupt`] for an
+    /// undecodable batch, which is skipped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped call loses no message.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
-        match self.queue.recv().await? {
-            Envelope::Message { message, .. } => Some(Ok(message)),
-            Envelope::Error {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
+        Poll::Ready(match ready!(self.queue.poll_recv(cx)) {
+            None => None,
+            Some(Envelope::Message { message, .. }) => Some(Ok(message)),
+            Some(Envelope::Error {
                 error: error @ Error::TopicDeleted(_),
                 ..
-            } => {
+            }) => {
                 for task in &self.tasks {
                     task.abort();
                 }
                 Some(Err(error))
             }
-            Envelope::Error { error, .. } => Some(Err(error)),
-        }
-    }
-
-    /// The messages as a `Stream`.
-    pub fn stream(&mut self) -> impl Stream<Item = Result<Message>> + '_ {
-        futures::stream::unfold(self, |reader| async move {
-            let item = reader.recv().await?;
-            Some((item, reader))
+            Some(Envelope::Error { error, .. }) => Some(Err(error)),
         })
     }
 
     /// Stops every reader task.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the reader, which aborts its tasks too.
     pub async fn close(mut self) {
         self.stop().await;
     }
@@ -99,6 +124,15 @@ impl AssignedReader {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+    }
+}
+
+/// The messages, as [`AssignedReader::recv`] yields them.
+impl Stream for AssignedReader {
+    type Item = Result<Message>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
     }
 }
 

@@ -171,7 +171,7 @@ pub use client::{
 };
 pub use compactor::{AutoCompaction, CompactionRecord};
 pub use compression::{Compression, DEFAULT_ZSTD_LEVEL, MAX_DECODED_RECORDS_BYTES};
-pub use consumer::{Consumer, ConsumerBuilder};
+pub use consumer::{CommitHandle, Consumer, ConsumerBuilder};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};
@@ -185,6 +185,6 @@ pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{
-    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, TopicUpdate,
-    MAX_NAME_LEN, MAX_PARTITIONS,
+    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, MAX_NAME_LEN,
+    MAX_PARTITIONS,
 };

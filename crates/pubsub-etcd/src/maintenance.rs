@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions};
+use serde::Serialize;
 
 use crate::client::Client;
 use crate::compactor::{self, CompactionRecord};
@@ -27,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 
 /// What [`Client::compact_history`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct CompactReport {
     /// The revision etcd's history was compacted to (the current revision
@@ -40,7 +41,7 @@ pub struct CompactReport {
 }
 
 /// One etcd member's database size before and after a compaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct MemberSpace {
     pub member_id: u64,
@@ -59,7 +60,7 @@ pub struct MemberSpace {
 }
 
 /// The state of etcd's history and space, for [`Client::history_status`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct HistoryStatus {
     /// etcd's current revision.
@@ -79,7 +80,7 @@ pub struct HistoryStatus {
 }
 
 /// One etcd member's database size.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct MemberStatus {
     pub member_id: u64,
@@ -103,14 +104,15 @@ pub struct MemberStatus {
 }
 
 /// An alarm raised by an etcd member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Alarm {
     pub member_id: u64,
     pub kind: AlarmKind,
 }
 
 /// The kinds of etcd alarm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub enum AlarmKind {
     /// The backend quota is exhausted: writes fail until disarmed.

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use prost::Message as _;
+use serde::Serialize;
 
 use crate::compression::{self, Compression};
 use crate::error::{Error, Result};
@@ -38,7 +39,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// use pubsub_etcd::Record;
 /// let record = Record::new("hello").key("user-42").header("trace", "abc");
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Record {
     /// The payload; any bytes, empty allowed.
     pub value: Bytes,
@@ -124,7 +126,8 @@ impl Record {
 }
 
 /// A message read back from a partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Message {
     pub topic: Arc<str>,
     pub partition: u32,
@@ -134,6 +137,30 @@ pub struct Message {
     pub key: Option<Bytes>,
     pub value: Bytes,
     pub headers: BTreeMap<String, Bytes>,
+}
+
+impl Message {
+    /// The message a reader would yield for `record` stored at `offset` of
+    /// `partition`: for tests of code that handles messages, since the
+    /// struct is `#[non_exhaustive]`. As a producer does, it takes the
+    /// record's timestamp or else the current time; the record's partition
+    /// and TTL play no part.
+    pub fn from_record(
+        topic: impl Into<Arc<str>>,
+        partition: u32,
+        offset: u64,
+        record: Record,
+    ) -> Message {
+        Message {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp: record.timestamp.unwrap_or_else(now_millis),
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock.

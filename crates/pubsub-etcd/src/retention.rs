@@ -49,7 +49,7 @@ const PAGE: i64 = 32;
 const MAX_REWRITE_ATTEMPTS: u32 = 100;
 
 /// What a retention sweep, truncation or compaction did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct RetentionReport {
     /// Batch keys deleted whole (each held one or more messages).

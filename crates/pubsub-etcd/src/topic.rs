@@ -209,15 +209,6 @@ impl NewTopic {
     }
 }
 
-/// A change to an existing topic; fields left `None` stay as they are.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TopicUpdate {
-    /// New partition count; it may only grow.
-    pub partitions: Option<u32>,
-    /// New settings, replacing the old ones whole.
-    pub config: Option<TopicConfig>,
-}
-
 /// The stored metadata of a topic (the JSON value of its topic key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredTopic {
@@ -228,7 +219,8 @@ struct StoredTopic {
 }
 
 /// A topic as stored in etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TopicInfo {
     pub name: String,
     pub partitions: u32,
@@ -239,11 +231,13 @@ pub struct TopicInfo {
     /// later topic of the same name, and names the topic's data keys.
     pub incarnation: i64,
     /// The etcd revision of the last change to the topic's metadata.
+    #[serde(skip)]
     pub(crate) mod_revision: i64,
 }
 
 /// One partition's range of offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PartitionInfo {
     pub partition: u32,
     /// The lowest offset still stored (equal to `next` when empty).
@@ -261,7 +255,8 @@ pub struct PartitionInfo {
 }
 
 /// A topic with the offsets of each of its partitions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TopicDescription {
     pub topic: TopicInfo,
     pub partitions: Vec<PartitionInfo>,
@@ -464,21 +459,12 @@ impl Client {
         Ok(fetched.messages.first().map_or(next, |m| m.offset))
     }
 
-    /// Changes a topic's partition count (growing only) or settings.
-    pub async fn update_topic(&self, name: &str, update: TopicUpdate) -> Result<TopicInfo> {
-        let TopicUpdate { partitions, config } = update;
-        self.alter_topic(name, partitions, |current| {
-            if let Some(config) = &config {
-                *current = config.clone();
-            }
-        })
-        .await
-    }
-
     /// Changes a topic's partition count (growing only) and edits its
     /// current settings with `change`, which sees the stored settings and
     /// may run more than once: the write is guarded by the metadata's mod
     /// revision, so two concurrent edits of different settings both land.
+    /// `None` keeps the partition count; `|_| {}` keeps the settings, and
+    /// `|c| *c = new.clone()` replaces them whole.
     pub async fn alter_topic(
         &self,
         name: &str,

@@ -13,10 +13,7 @@ use std::time::Duration;
 use common::group::{member, within};
 use common::ns::Namespace;
 use prost::Message as _;
-use pubsub_etcd::{
-    Client, Compression, Error, Message, NewTopic, Producer, Record, StartOffset, TopicConfig,
-    TopicUpdate,
-};
+use pubsub_etcd::{Client, Compression, Error, Message, NewTopic, Producer, Record, StartOffset};
 
 const GUARD: Duration = Duration::from_secs(20);
 
@@ -217,16 +214,8 @@ async fn mixed_codecs_on_one_partition_and_the_topic_default() {
     );
 
     // A changed default applies to producers built afterwards.
-    let mut config: TopicConfig = topic.config.clone();
-    config.compression = Compression::None;
     client
-        .update_topic(
-            "t",
-            TopicUpdate {
-                config: Some(config),
-                ..TopicUpdate::default()
-            },
-        )
+        .alter_topic("t", None, |c| c.compression = Compression::None)
         .await
         .unwrap();
     let p = producer(&client, "t", None).await;

@@ -1075,3 +1075,160 @@ async fn batched_claims_stay_exclusive_under_churn() {
         c.close().await.unwrap();
     }
 }
+
+/// Issue 11, item 4: the consumer is an `Unpin` stream, and a commit handle
+/// commits from another task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_handle_commits_from_a_spawned_task() {
+    use futures::StreamExt;
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..5).map(|i| Record::new(format!("{i}")))).await;
+    let mut consumer = member(&client, "t", "g").await;
+    let commits = consumer.commit_handle();
+    let mut last = within(Duration::from_secs(10), consumer.next()).await;
+    while last.offset < 4 {
+        last = within(Duration::from_secs(10), consumer.next()).await;
+    }
+    let handle = commits.clone();
+    tokio::spawn(async move { handle.commit(&last).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 5)])
+    );
+    consumer.close().await.unwrap();
+    // A closed consumer's handle commits nothing more.
+    let err = commits
+        .commit_offsets(&BTreeMap::from([(0, 5)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition: 0, .. }),
+        "{err}"
+    );
+}
+
+/// Issue 11, item 4: a handle keeps the consumer's fencing. Once a partition
+/// moved to another member, committing a message the first member read of
+/// it is refused, and the new owner's commit stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_handle_is_refused_once_the_partition_moved() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 2)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    for p in 0..2 {
+        send_all(
+            &producer,
+            (0..10).map(|i| Record::new(format!("{i}")).partition(p)),
+        )
+        .await;
+    }
+    let mut a = member(&client, "t", "g").await;
+    let commits = a.commit_handle();
+    // `a` alone reads both partitions; it keeps message 5 of each.
+    let mut held = BTreeMap::new();
+    let mut seen = 0;
+    while seen < 20 {
+        let m = within(Duration::from_secs(10), a.recv()).await;
+        seen += 1;
+        if m.offset == 5 {
+            held.insert(m.partition, m);
+        }
+    }
+    let mut b = member(&client, "t", "g").await;
+    pump_until(&mut [&mut a, &mut b], Duration::from_secs(20), |cs| {
+        cs.iter().all(|c| c.assignment().len() == 1)
+    })
+    .await;
+    let (mine, theirs) = (a.assignment()[0], b.assignment()[0]);
+    let mut last = within(Duration::from_secs(10), b.recv()).await;
+    while last.offset < 9 {
+        last = within(Duration::from_secs(10), b.recv()).await;
+    }
+    assert_eq!(last.partition, theirs);
+    b.commit(&last).await.unwrap();
+    let stale = held.remove(&theirs).unwrap();
+    let err = tokio::spawn({
+        let commits = commits.clone();
+        async move { commits.commit(&stale).await }
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        matches!(err, pubsub_etcd::Error::NotOwner { partition, .. } if partition == theirs),
+        "{err}"
+    );
+    // The partition `a` kept still takes its commits.
+    commits.commit(&held[&mine]).await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(mine, 6), (theirs, 10)]),
+        "the moved partition's commit did not go back"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Issue 11, item 4: `next_event` is cancel-safe inside `select!`. Calls cut
+/// short again and again (most of them while the auto-commit of the message
+/// before is under way) lose no message, and every auto-commit lands before
+/// the next message is returned (it used to be dropped with the call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_event_cut_short_in_select_loses_no_message_and_no_commit() {
+    let ns = Namespace::new();
+    let client = ns.connect().await;
+    client.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    send_all(&producer, (0..40).map(|i| Record::new(format!("{i}")))).await;
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(TTL)
+        .auto_commit(AutoCommit::EveryMessage)
+        .join()
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    let mut cut_short = 0;
+    let until = Instant::now() + Duration::from_secs(60);
+    while offsets.len() < 40 {
+        assert!(Instant::now() < until, "only {offsets:?} within 60 s");
+        let event = tokio::select! {
+            event = consumer.next_event() => event,
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                cut_short += 1;
+                continue;
+            }
+        };
+        let Event::Message(m) = event.expect("the consumer ended").unwrap() else {
+            continue;
+        };
+        if m.offset > 0 {
+            assert_eq!(
+                client.committed_offsets("t", "g").await.unwrap(),
+                BTreeMap::from([(0, m.offset)]),
+                "the message before {} was committed before it came",
+                m.offset
+            );
+        }
+        offsets.push(m.offset);
+    }
+    assert_eq!(
+        offsets,
+        (0..40).collect::<Vec<u64>>(),
+        "each message once, in order"
+    );
+    assert!(cut_short > 0, "no call was cut short");
+    eprintln!("{cut_short} calls of next_event cut short");
+    consumer.close().await.unwrap();
+    assert_eq!(
+        client.committed_offsets("t", "g").await.unwrap(),
+        BTreeMap::from([(0, 40)])
+    );
+}

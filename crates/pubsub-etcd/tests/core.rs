@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pubsub_etcd::{
     partition_for_key, Bytes, Client, Error, Message, NewTopic, Record, RecordMetadata, SendError,
-    TopicConfig, TopicUpdate, MAX_NAME_LEN, MAX_PARTITIONS,
+    TopicConfig, MAX_NAME_LEN, MAX_PARTITIONS,
 };
 
 use common::{bounded, now_ms, ns};
@@ -172,16 +172,7 @@ async fn topic_create_get_list_describe_update_delete() {
     assert_eq!(nexts, [(0, 2), (0, 0), (0, 5)]);
 
     // update: more partitions, usable by a live producer.
-    let updated = client
-        .update_topic(
-            "orders",
-            TopicUpdate {
-                partitions: Some(5),
-                config: None,
-            },
-        )
-        .await
-        .unwrap();
+    let updated = client.alter_topic("orders", Some(5), |_| {}).await.unwrap();
     assert_eq!(updated.partitions, 5);
     assert_eq!(updated.incarnation, created.incarnation);
     assert_eq!(updated.created_ms, created.created_ms);
@@ -202,13 +193,7 @@ async fn topic_create_get_list_describe_update_delete() {
     let mut config = TopicConfig::default();
     config.max_message_bytes = Some(200);
     let updated = client
-        .update_topic(
-            "orders",
-            TopicUpdate {
-                partitions: None,
-                config: Some(config.clone()),
-            },
-        )
+        .alter_topic("orders", None, |c| *c = config.clone())
         .await
         .unwrap();
     assert_eq!(updated.partitions, 5, "partitions unchanged");
@@ -228,16 +213,7 @@ async fn topic_create_get_list_describe_update_delete() {
     producer.send(Record::new("small")).await.unwrap();
 
     // update: fewer partitions is refused and changes nothing.
-    match client
-        .update_topic(
-            "orders",
-            TopicUpdate {
-                partitions: Some(2),
-                config: None,
-            },
-        )
-        .await
-    {
+    match client.alter_topic("orders", Some(2), |_| {}).await {
         Err(Error::PartitionDecrease {
             topic,
             current,
@@ -1027,10 +1003,6 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
     let long = "x".repeat(MAX_NAME_LEN + 1);
     let bad_names = ["", ".", "..", "a/b", "a b", "é", long.as_str()];
     for bad in bad_names {
-        let update = TopicUpdate {
-            partitions: Some(4),
-            config: None,
-        };
         let results: Vec<(&str, Result<(), Error>)> = vec![
             (
                 "create_topic",
@@ -1039,8 +1011,8 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
             ("topic", client.topic(bad).await.map(drop)),
             ("describe_topic", client.describe_topic(bad).await.map(drop)),
             (
-                "update_topic",
-                client.update_topic(bad, update).await.map(drop),
+                "alter_topic",
+                client.alter_topic(bad, Some(4), |_| {}).await.map(drop),
             ),
             ("delete_topic", client.delete_topic(bad).await),
             ("fetch", client.fetch(bad, 0, 0, 1).await.map(drop)),
@@ -1083,15 +1055,9 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
                     .map(drop),
             ),
             (
-                "update_topic",
+                "alter_topic",
                 client
-                    .update_topic(
-                        "real",
-                        TopicUpdate {
-                            partitions: Some(count),
-                            config: None,
-                        },
-                    )
+                    .alter_topic("real", Some(count), |_| {})
                     .await
                     .map(drop),
             ),
@@ -1115,16 +1081,7 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
     assert_eq!(client.topic("real").await.unwrap().partitions, 3);
 
     // Fewer partitions.
-    match client
-        .update_topic(
-            "real",
-            TopicUpdate {
-                partitions: Some(1),
-                config: None,
-            },
-        )
-        .await
-    {
+    match client.alter_topic("real", Some(1), |_| {}).await {
         Err(e @ Error::PartitionDecrease { .. }) => {
             let text = e.to_string();
             assert!(matches!(
@@ -1177,7 +1134,7 @@ async fn invalid_inputs_are_refused_with_their_exact_error() {
         Err(Error::TopicNotFound(name)) if name == "missing"
     ));
     assert!(matches!(
-        client.update_topic("missing", TopicUpdate::default()).await,
+        client.alter_topic("missing", None, |_| {}).await,
         Err(Error::TopicNotFound(name)) if name == "missing"
     ));
 

@@ -11,7 +11,7 @@ use common::now_ms;
 use common::ns::Namespace;
 use pubsub_etcd::{
     AutoCommit, CleanupPolicy, Client, Event, Message, NewTopic, Producer, Record, RecordMetadata,
-    StartOffset, TopicUpdate,
+    StartOffset,
 };
 use tokio::time::{sleep, timeout, Instant};
 
@@ -249,13 +249,7 @@ async fn topic_config_retention_fields() {
     let mut config = old.config.clone();
     config.retention_messages = Some(5);
     client
-        .update_topic(
-            "old",
-            TopicUpdate {
-                config: Some(config),
-                ..TopicUpdate::default()
-            },
-        )
+        .alter_topic("old", None, |c| *c = config.clone())
         .await
         .unwrap();
     assert_eq!(
@@ -424,13 +418,7 @@ async fn retention_age_and_sweep_after_config_change() {
     let mut config = client.topic("t").await.unwrap().config;
     config.retention_ms = Some(60_000);
     client
-        .update_topic(
-            "t",
-            TopicUpdate {
-                config: Some(config.clone()),
-                ..TopicUpdate::default()
-            },
-        )
+        .alter_topic("t", None, |c| *c = config.clone())
         .await
         .unwrap();
     let report = client.enforce_retention("t").await.unwrap();
@@ -443,13 +431,7 @@ async fn retention_age_and_sweep_after_config_change() {
     // Then a messages limit, enforced by the sweep alone (no producer).
     config.retention_messages = Some(7);
     client
-        .update_topic(
-            "t",
-            TopicUpdate {
-                config: Some(config),
-                ..TopicUpdate::default()
-            },
-        )
+        .alter_topic("t", None, |c| *c = config.clone())
         .await
         .unwrap();
     let report = client.enforce_retention("t").await.unwrap();

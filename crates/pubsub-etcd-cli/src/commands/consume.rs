@@ -783,21 +783,14 @@ pub(crate) fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn message(key: Option<&'static [u8]>, value: &'static [u8]) -> Message {
-        Message {
-            topic: Arc::from("t"),
-            partition: 1,
-            offset: 7,
-            timestamp: 42,
-            key: key.map(pubsub_etcd::Bytes::from_static),
-            value: pubsub_etcd::Bytes::from_static(value),
-            headers: BTreeMap::from([
-                ("a".to_string(), pubsub_etcd::Bytes::from_static(b"x")),
-                ("b".to_string(), pubsub_etcd::Bytes::from_static(&[0xff])),
-            ]),
-        }
+        let mut record = pubsub_etcd::Record::new(value)
+            .header("a", "x")
+            .header("b", &[0xff][..])
+            .timestamp(42);
+        record.key = key.map(pubsub_etcd::Bytes::from_static);
+        Message::from_record("t", 1, 7, record)
     }
 
     #[test]

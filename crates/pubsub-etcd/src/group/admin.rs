@@ -16,6 +16,7 @@ use crate::topic::validate_group_name;
 
 /// One partition of a group's view of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PartitionLag {
     pub topic: String,
     pub partition: u32,
@@ -32,6 +33,15 @@ pub struct PartitionLag {
 impl Client {
     /// Names of every group with state (commits or members) in this
     /// namespace, with the topics each has state for.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not
+    /// answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn list_groups(&self) -> Result<BTreeMap<String, BTreeSet<String>>> {
         let root = self.keys.groups_root();
         let options = GetOptions::new()
@@ -55,6 +65,16 @@ impl Client {
     }
 
     /// Committed offsets of a group on a topic, by partition.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidGroupName`]; [`Error::Corrupt`] for a stored offset
+    /// that is not a number; [`Error::Timeout`] or [`Error::Etcd`] when etcd does not
+    /// answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn committed_offsets(&self, topic: &str, group: &str) -> Result<BTreeMap<u32, u64>> {
         validate_group_name(group)?;
         let prefix = self.keys.offsets_prefix(topic, group);
@@ -70,6 +90,16 @@ impl Client {
     }
 
     /// Per partition of `topic`: owner, committed offset, next offset, lag.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidGroupName`]; [`Error::TopicNotFound`];
+    /// [`Error::Corrupt`] for an unreadable stored value; [`Error::Timeout`] or [`Error::Etcd`] when etcd does not
+    /// answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>> {
         validate_group_name(group)?;
         let description = self.describe_topic(topic).await?;
@@ -128,6 +158,14 @@ impl Client {
 
     /// Moves a group's committed offsets on every partition of `topic` to
     /// `to`. The group must have no live member owning a partition.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Client::commit_offsets_unowned`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`Client::commit_offsets_unowned`].
     pub async fn reset_offsets(
         &self,
         topic: &str,
@@ -144,6 +182,16 @@ impl Client {
     }
 
     /// Deletes a group's state on every topic. Refused while a member is live.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GroupNotFound`] when it has no state; [`Error::GroupActive`]
+    /// while a member is live; [`Error::Timeout`] or [`Error::Etcd`].
+    ///
+    /// # Cancel safety
+    ///
+    /// The state of each topic goes in one transaction: a dropped call may
+    /// have deleted the group on some topics only.
     pub async fn delete_group(&self, group: &str) -> Result<()> {
         validate_group_name(group)?;
         let groups = self.list_groups().await?;

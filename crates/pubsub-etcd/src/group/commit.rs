@@ -208,6 +208,18 @@ impl Client {
     /// and manual assignment. Refused with [`Error::GroupActive`] while any
     /// member owns a partition of the topic, since its commits would race
     /// with these.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::GroupActive`] as above; [`Error::InvalidGroupName`];
+    /// [`Error::TopicNotFound`]; [`Error::PartitionOutOfRange`];
+    /// [`Error::Timeout`] or [`Error::Etcd`]. Partitions go 100 to a
+    /// transaction, so a failed commit of more may have landed for the
+    /// first ones.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves each transaction either done or not done.
     pub async fn commit_offsets_unowned(
         &self,
         topic: &str,

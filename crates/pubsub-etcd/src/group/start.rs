@@ -3,6 +3,9 @@
 //! group members (a partition with no commit), admin resets and the
 //! group-less [`crate::AssignedReader`].
 
+use std::fmt;
+use std::str::FromStr;
+
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
@@ -10,6 +13,18 @@ use crate::topic::{topic_arc, TopicInfo};
 
 /// Where a group starts reading a partition it has no committed offset for,
 /// or where an admin reset puts it.
+///
+/// Its text form, read by [`FromStr`] and written by [`Display`]
+/// (`fmt::Display`), is `earliest`, `latest`, an offset (`42`) or `@` and
+/// a timestamp in ms since the epoch (`@1700000000000`).
+///
+/// ```
+/// use pubsub_etcd::StartOffset;
+///
+/// let start: StartOffset = "@1700000000000".parse().unwrap();
+/// assert_eq!(start, StartOffset::Timestamp(1_700_000_000_000));
+/// assert_eq!(start.to_string(), "@1700000000000");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum StartOffset {
@@ -25,9 +40,64 @@ pub enum StartOffset {
     Timestamp(i64),
 }
 
+impl fmt::Display for StartOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartOffset::Earliest => f.write_str("earliest"),
+            StartOffset::Latest => f.write_str("latest"),
+            StartOffset::Offset(offset) => write!(f, "{offset}"),
+            StartOffset::Timestamp(ms) => write!(f, "@{ms}"),
+        }
+    }
+}
+
+impl FromStr for StartOffset {
+    type Err = Error;
+
+    /// Reads the text form (the words in any case); anything else is
+    /// [`Error::InvalidConfig`] naming the input.
+    fn from_str(s: &str) -> Result<StartOffset> {
+        let parsed = if s.eq_ignore_ascii_case("earliest") {
+            Some(StartOffset::Earliest)
+        } else if s.eq_ignore_ascii_case("latest") {
+            Some(StartOffset::Latest)
+        } else if let Some(ms) = s.strip_prefix('@') {
+            digits(ms.strip_prefix('-').unwrap_or(ms))
+                .then(|| ms.parse().ok())
+                .flatten()
+                .map(StartOffset::Timestamp)
+        } else {
+            digits(s)
+                .then(|| s.parse().ok())
+                .flatten()
+                .map(StartOffset::Offset)
+        };
+        parsed.ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "start offset {s:?}: expected earliest, latest, an offset or @<ms since the epoch>"
+            ))
+        })
+    }
+}
+
+/// Only ASCII digits: `u64`/`i64` parsing alone would also take a `+`.
+fn digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 impl Client {
     /// The offset a [`StartOffset`] means on one partition of `topic` now
     /// (clamped to the stored range).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`]; [`Error::PartitionOutOfRange`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer;
+    /// [`Error::Corrupt`] for an unreadable partition head or batch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn resolve_offset(
         &self,
         topic: &str,
@@ -138,4 +208,57 @@ pub(crate) fn check_partition(topic: &TopicInfo, partition: u32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StartOffset;
+
+    #[test]
+    fn the_text_form_round_trips() {
+        for start in [
+            StartOffset::Earliest,
+            StartOffset::Latest,
+            StartOffset::Offset(0),
+            StartOffset::Offset(u64::MAX),
+            StartOffset::Timestamp(1_700_000_000_000),
+            StartOffset::Timestamp(-5),
+            StartOffset::Timestamp(i64::MIN),
+        ] {
+            assert_eq!(start.to_string().parse::<StartOffset>().unwrap(), start);
+        }
+        assert_eq!(StartOffset::Offset(42).to_string(), "42");
+        assert_eq!(
+            "EARLIEST".parse::<StartOffset>().unwrap(),
+            StartOffset::Earliest
+        );
+        assert_eq!(
+            "Latest".parse::<StartOffset>().unwrap(),
+            StartOffset::Latest
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused_naming_the_input() {
+        for bad in [
+            "",
+            "@",
+            "+5",
+            "-1",
+            "@+5",
+            "@-",
+            "1.5",
+            " 1",
+            "18446744073709551616",
+            "@9223372036854775808",
+            "first",
+            "@latest",
+        ] {
+            let err = bad.parse::<StartOffset>().unwrap_err();
+            assert!(
+                matches!(&err, crate::Error::InvalidConfig(m) if m.contains(&format!("{bad:?}"))),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 }

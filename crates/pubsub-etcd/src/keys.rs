@@ -184,6 +184,11 @@ impl Keys {
     /// no RBAC grant of one) covers it.
     pub(crate) const COMPACTION: &'static str = "_pubsub-etcd!/compaction";
 
+    /// Every queue's state on one topic.
+    pub(crate) fn topic_queues_prefix(&self, topic: &str) -> String {
+        format!("{}queues/{topic}/", self.root)
+    }
+
     /// Every partition's state of one queue.
     pub(crate) fn queue_prefix(&self, topic: &str, queue: &str) -> String {
         format!("{}queues/{topic}/{queue}/", self.root)
@@ -194,6 +199,23 @@ impl Keys {
             "{}{partition:0PARTITION_WIDTH$}",
             self.queue_prefix(topic, queue)
         )
+    }
+
+    /// The partition a key under [`Keys::queue_prefix`] names; None for a
+    /// key of any other shape.
+    pub(crate) fn queue_partition_of(&self, topic: &str, queue: &str, key: &[u8]) -> Option<u32> {
+        let rest = key.strip_prefix(self.queue_prefix(topic, queue).as_bytes())?;
+        if rest.len() != PARTITION_WIDTH || !rest.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(rest).ok()?.parse().ok()
+    }
+
+    /// The queue a key under [`Keys::topic_queues_prefix`] belongs to.
+    pub(crate) fn queue_of<'k>(&self, topic: &str, key: &'k [u8]) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.topic_queues_prefix(topic).as_bytes())?;
+        let (queue, _) = std::str::from_utf8(rest).ok()?.split_once('/')?;
+        Some(queue)
     }
 }
 
@@ -223,6 +245,26 @@ mod tests {
     }
 
     #[test]
+    fn queue_keys_parse_back_and_refuse_other_shapes() {
+        let keys = Keys::new("ns").unwrap();
+        let key = keys.queue_partition("t", "q", 42);
+        assert_eq!(keys.queue_partition_of("t", "q", key.as_bytes()), Some(42));
+        assert_eq!(keys.queue_of("t", key.as_bytes()), Some("q"));
+        for bad in [
+            "ns/queues/t/q/42",
+            "ns/queues/t/q/0004x",
+            "ns/queues/t/q/000420",
+        ] {
+            assert_eq!(
+                keys.queue_partition_of("t", "q", bad.as_bytes()),
+                None,
+                "{bad}"
+            );
+        }
+        assert_eq!(keys.queue_partition_of("t", "q-b", key.as_bytes()), None);
+    }
+
+    #[test]
     fn prefixes_do_not_match_longer_names() {
         let keys = Keys::new("ns/").unwrap();
         let a = keys.topic_data_prefix("a");
@@ -248,6 +290,7 @@ mod tests {
                 all.push(keys.owner(topic, group, 0));
                 all.push(keys.offset(topic, group, 0));
             }
+            all.push(keys.topic_queues_prefix(topic));
             for queue in ["q", "queues", "q-b"] {
                 all.push(keys.queue_prefix(topic, queue));
                 all.push(keys.queue_partition(topic, queue, 0));

@@ -5,20 +5,24 @@
 
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
-use crate::record::{now_millis, Message, Record};
+use crate::record::{self, now_millis, pb, Message, Record};
 use crate::topic::{topic_arc, validate_group_name, TopicInfo};
 use crate::Producer;
 use state::{Op, State};
@@ -27,8 +31,18 @@ use state::{Op, State};
 const MAX_STATE_BYTES: usize = 1024 * 1024;
 /// Settle operations buffered before a flush regardless of the interval.
 const FLUSH_OPS: usize = 1024;
-/// CAS attempts per lease or flush before giving up until the next round.
-const CAS_ATTEMPTS: usize = 32;
+/// How long a lease or flush keeps retrying a CAS that other workers win
+/// before it gives up (a flush then fails the acks it carried).
+const CAS_PATIENCE: Duration = Duration::from_secs(10);
+/// Longest pause between two CAS attempts on one partition.
+const CAS_BACKOFF: Duration = Duration::from_millis(20);
+/// Pause after a failed lease round or a broken watch before trying again.
+const ERROR_PAUSE: Duration = Duration::from_millis(200);
+/// How soon a worker whose job buffer has no room for a lease looks again.
+const FULL_PAUSE: Duration = Duration::from_millis(2);
+/// Partition heads read per transaction; the first one also reads the
+/// queue's states, within etcd's 128 operations per transaction.
+const HEADS_PER_TXN: usize = 127;
 
 /// Configures a [`QueueConsumer`]; see [`Client::queue`].
 #[derive(Debug, Clone)]
@@ -41,7 +55,6 @@ pub struct QueueConsumerBuilder {
     dead_letter: Option<String>,
     max_batch: u64,
     flush_interval: Duration,
-    poll_interval: Duration,
 }
 
 /// Queue counters, from [`Client::queue_stats`].
@@ -51,12 +64,26 @@ pub struct QueueStats {
     pub pending: u64,
     /// Offsets leased to a worker now.
     pub in_flight: u64,
-    /// Deliveries made again after a lease expired.
+    /// Deliveries made again, after a nack or an expired lease.
     pub redelivered: u64,
+    /// Offsets whose lease expired before they were settled: the only
+    /// deliveries a worker may have processed that come back (duplicates).
+    pub expired: u64,
     pub dead_lettered: u64,
     pub terminated: u64,
     /// Timestamp (ms) of the oldest unsettled message, if any.
     pub oldest_unsettled_ms: Option<i64>,
+}
+
+/// Where [`Client::reset_queue`] puts a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueReset {
+    /// Forget every lease and settlement: the earliest stored message is
+    /// delivered next.
+    Earliest,
+    /// Settle everything stored now: only messages appended later are
+    /// delivered.
+    Latest,
 }
 
 impl Client {
@@ -71,34 +98,34 @@ impl Client {
             dead_letter: None,
             max_batch: 256,
             flush_interval: Duration::from_millis(10),
-            poll_interval: Duration::from_millis(100),
         }
     }
 
-    /// Pending, in-flight, redelivered and dead-lettered counts of a queue.
+    /// Pending, in-flight, redelivered and dead-lettered counts of a queue,
+    /// from one read of its state and the partition heads.
     pub async fn queue_stats(&self, topic: &str, name: &str) -> Result<QueueStats> {
         validate_group_name(name)?;
         let info = self.topic(topic).await?;
-        let heads = self
-            .next_offsets(&info, &(0..info.partitions).collect::<Vec<_>>())
-            .await?;
+        let snapshot = read_snapshot(self, &info, name).await?;
+        let now = now_millis();
+        let topic = topic_arc(topic);
         let mut stats = QueueStats::default();
-        for (partition, head) in heads {
-            let state = read_state(self, &info, name, partition).await?.1;
-            let fresh = head.saturating_sub(state.next);
-            stats.pending += state.pending_count() + fresh;
+        for (partition, (head, slot)) in snapshot.heads.iter().zip(snapshot.slots).enumerate() {
+            let mut state = slot.state;
+            state.expire(now);
+            stats.pending += state.pending_count() + head.saturating_sub(state.next);
             stats.in_flight += state.in_flight();
-            stats.redelivered += state.redelivered;
-            stats.dead_lettered += state.dead_lettered;
-            stats.terminated += state.terminated;
+            stats.redelivered = stats.redelivered.saturating_add(state.redelivered);
+            stats.expired = stats.expired.saturating_add(state.expired);
+            stats.dead_lettered = stats.dead_lettered.saturating_add(state.dead_lettered);
+            stats.terminated = stats.terminated.saturating_add(state.terminated);
             let low = state.low_watermark();
-            if low < head {
-                let topic = topic_arc(topic);
+            if low < *head {
                 let page = fetch_partition(
                     self,
                     &topic,
                     info.incarnation,
-                    partition,
+                    partition as u32,
                     low,
                     1,
                     Cut::Exact,
@@ -111,6 +138,25 @@ impl Client {
             }
         }
         Ok(stats)
+    }
+
+    /// The queues that have state on `topic`, in name order.
+    pub async fn list_queues(&self, topic: &str) -> Result<Vec<String>> {
+        let prefix = self.keys.topic_queues_prefix(topic);
+        let response = self
+            .read(
+                "list queues",
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let names: BTreeSet<String> = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.keys.queue_of(topic, kv.key()))
+            .map(str::to_string)
+            .collect();
+        Ok(names.into_iter().collect())
     }
 
     /// Deletes a queue's state: a worker joining later starts from the
@@ -126,6 +172,29 @@ impl Client {
             ),
         )
         .await?;
+        Ok(())
+    }
+
+    /// Moves a queue to `to`, dropping its leases, pending redeliveries and
+    /// counters. Workers still running keep the jobs they hold; their acks
+    /// and nacks then change nothing, so stop them first.
+    pub async fn reset_queue(&self, topic: &str, name: &str, to: QueueReset) -> Result<()> {
+        validate_group_name(name)?;
+        let info = self.topic(topic).await?;
+        if to == QueueReset::Earliest {
+            return self.delete_queue(topic, name).await;
+        }
+        let heads = self
+            .next_offsets(&info, &(0..info.partitions).collect::<Vec<_>>())
+            .await?;
+        for (partition, head) in heads {
+            let key = self.keys.queue_partition(topic, name, partition);
+            let state = State::fresh(info.incarnation, head);
+            let value =
+                serde_json::to_vec(&state).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            self.timed("reset queue", self.kv.clone().put(key, value, None))
+                .await?;
+        }
         Ok(())
     }
 }
@@ -162,12 +231,6 @@ impl QueueConsumerBuilder {
         self
     }
 
-    /// How often an idle worker looks for work; default 100 ms.
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
     /// Joins the queue and starts leasing work.
     pub async fn join(self) -> Result<QueueConsumer> {
         validate_group_name(&self.name)?;
@@ -177,9 +240,14 @@ impl QueueConsumerBuilder {
                 self.max_batch
             )));
         }
-        if self.max_deliveries == 0 || self.ack_wait.is_zero() {
+        if self.max_deliveries == 0
+            || self.max_deliveries == u32::MAX
+            || self.ack_wait.is_zero()
+            || self.flush_interval.is_zero()
+        {
             return Err(Error::InvalidConfig(
-                "queue max_deliveries and ack_wait must be above zero".into(),
+                "queue max_deliveries (below u32::MAX), ack_wait and flush_interval must be above zero"
+                    .into(),
             ));
         }
         let info = self.client.topic(&self.topic).await?;
@@ -212,6 +280,7 @@ impl QueueConsumerBuilder {
             next_lease: 0,
             next_partition: rand::random::<u32>(),
             skip: HashMap::new(),
+            slots: HashMap::new(),
         };
         let task = tokio::spawn(worker_task.run(ops_rx, stop_rx));
         Ok(QueueConsumer {
@@ -225,24 +294,29 @@ impl QueueConsumerBuilder {
 /// A worker of a queue: yields [`Job`]s until closed.
 #[derive(Debug)]
 pub struct QueueConsumer {
-    jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Result<Job>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl QueueConsumer {
-    /// The next job whose lease has not expired; None once closed.
-    pub async fn recv(&mut self) -> Option<Job> {
-        while let Some(job) = self.jobs.recv().await {
-            if job.deadline > Instant::now() {
-                return Some(job);
+    /// The next job whose lease has not expired, or an error that stops
+    /// this worker from leasing (a corrupt queue state, a deleted topic,
+    /// a failed dead-letter append...; the worker keeps trying, the caller
+    /// decides whether to close). Transient etcd errors are retried, not
+    /// returned. None once closed.
+    pub async fn recv(&mut self) -> Option<Result<Job>> {
+        while let Some(item) = self.jobs.recv().await {
+            match item {
+                Ok(job) if job.deadline <= Instant::now() => continue,
+                other => return Some(other),
             }
         }
         None
     }
 
     /// The jobs as a stream.
-    pub fn stream(self) -> impl futures::Stream<Item = Job> {
+    pub fn stream(self) -> impl futures::Stream<Item = Result<Job>> {
         futures::stream::unfold(self, |mut q| async move { q.recv().await.map(|j| (j, q)) })
     }
 
@@ -257,7 +331,6 @@ impl QueueConsumer {
         }
     }
 }
-
 /// One delivery of one message, leased to this worker until `ack_wait`.
 #[derive(Debug)]
 pub struct Job {
@@ -330,32 +403,144 @@ impl Job {
     }
 }
 
-async fn read_state(
-    client: &Client,
-    info: &TopicInfo,
-    name: &str,
-    partition: u32,
-) -> Result<(i64, State)> {
-    let key = client.keys.queue_partition(&info.name, name, partition);
-    let response = client.read("read queue state", key.clone(), None).await?;
-    match response.kvs().first() {
-        Some(kv) => {
-            let state: State = serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            if state.inc != info.incarnation {
-                return Ok((kv.mod_revision(), State::fresh(info.incarnation, 0)));
-            }
-            Ok((kv.mod_revision(), state))
-        }
-        None => Ok((0, State::fresh(info.incarnation, 0))),
+/// A partition's queue state and the `mod_revision` it was read at (0: no
+/// key yet).
+#[derive(Debug, Clone)]
+struct Slot {
+    revision: i64,
+    state: State,
+}
+
+/// Every partition's queue state and head, read in one transaction (one
+/// per [`HEADS_PER_TXN`] partitions beyond the first).
+struct Snapshot {
+    revision: i64,
+    heads: Vec<u64>,
+    slots: Vec<Slot>,
+}
+
+/// Decodes and checks one stored state. A state of another incarnation of
+/// the topic is stale: the queue starts over on this one.
+fn parse_state(key: &[u8], value: &[u8], incarnation: i64, head: Option<u64>) -> Result<State> {
+    let corrupt = |reason: String| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    let state: State = serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
+    if state.inc != incarnation {
+        return Ok(State::fresh(incarnation, 0));
+    }
+    state.validate(head).map_err(corrupt)?;
+    Ok(state)
+}
+
+fn slot_of(
+    kv: Option<&etcd_client::KeyValue>,
+    incarnation: i64,
+    head: Option<u64>,
+) -> Result<Slot> {
+    match kv {
+        Some(kv) => Ok(Slot {
+            revision: kv.mod_revision(),
+            state: parse_state(kv.key(), kv.value(), incarnation, head)?,
+        }),
+        None => Ok(Slot {
+            revision: 0,
+            state: State::fresh(incarnation, 0),
+        }),
     }
 }
 
-/// Writes `state` if the key is still at `revision` (0: absent); false when
-/// another worker changed it first.
-async fn write_state(client: &Client, key: &str, revision: i64, state: &State) -> Result<bool> {
+async fn read_snapshot(client: &Client, info: &TopicInfo, name: &str) -> Result<Snapshot> {
+    let prefix = client.keys.queue_prefix(&info.name, name);
+    let partitions: Vec<u32> = (0..info.partitions).collect();
+    let mut heads = Vec::with_capacity(partitions.len());
+    let mut stored: Vec<Option<etcd_client::KeyValue>> = vec![None; partitions.len()];
+    let mut revision = 0;
+    for (i, chunk) in partitions.chunks(HEADS_PER_TXN).enumerate() {
+        let mut ops = Vec::with_capacity(chunk.len() + 1);
+        if i == 0 {
+            ops.push(TxnOp::get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix()),
+            ));
+        }
+        ops.extend(
+            chunk
+                .iter()
+                .map(|&p| TxnOp::get(client.keys.head(&info.name, info.incarnation, p), None)),
+        );
+        let response = client
+            .read_txn("read queue state", Txn::new().and_then(ops))
+            .await?;
+        let mut responses = response.op_responses().into_iter();
+        if i == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+            if let Some(TxnOpResponse::Get(get)) = responses.next() {
+                for kv in get.kvs() {
+                    let Some(p) = client.keys.queue_partition_of(&info.name, name, kv.key()) else {
+                        return Err(Error::Corrupt {
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                            reason: "not a queue partition key".into(),
+                        });
+                    };
+                    // A partition beyond the count this worker knows belongs
+                    // to a topic that grew since; it is not this worker's.
+                    if let Some(slot) = stored.get_mut(p as usize) {
+                        *slot = Some(kv.clone());
+                    }
+                }
+            }
+        }
+        for op in responses {
+            let next = match op {
+                TxnOpResponse::Get(get) => match get.kvs().first() {
+                    Some(kv) => {
+                        let head: pb::PartitionHead =
+                            record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
+                        head.next_offset
+                    }
+                    None => 0,
+                },
+                _ => 0,
+            };
+            heads.push(next);
+        }
+    }
+    let slots = stored
+        .iter()
+        .zip(&heads)
+        .map(|(kv, &head)| slot_of(kv.as_ref(), info.incarnation, Some(head)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Snapshot {
+        revision,
+        heads,
+        slots,
+    })
+}
+
+async fn read_slot(client: &Client, info: &TopicInfo, key: &str) -> Result<Slot> {
+    let response = client.read("read queue state", key, None).await?;
+    slot_of(response.kvs().first(), info.incarnation, None)
+}
+
+/// The outcome of a compare-and-swap of one partition's state.
+enum Cas {
+    /// Stored at this revision.
+    Written(i64),
+    /// Another worker changed it first: what it holds now.
+    Lost(Slot),
+}
+
+/// Writes `state` if the key is still at `revision`; else returns what the
+/// key holds, read by the same transaction.
+async fn cas(
+    client: &Client,
+    info: &TopicInfo,
+    key: &str,
+    revision: i64,
+    state: &State,
+) -> Result<Cas> {
     let value = serde_json::to_vec(state).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     if value.len() > MAX_STATE_BYTES {
         return Err(Error::QueueStateTooLarge {
@@ -364,14 +549,96 @@ async fn write_state(client: &Client, key: &str, revision: i64, state: &State) -
             limit: MAX_STATE_BYTES,
         });
     }
-    let compare = Compare::mod_revision(key, CompareOp::Equal, revision);
     let txn = Txn::new()
-        .when([compare])
-        .and_then([TxnOp::put(key, value, None)]);
+        .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+        .and_then([TxnOp::put(key, value, None)])
+        .or_else([TxnOp::get(key, None)]);
     let response = client
         .timed("write queue state", client.kv.clone().txn(txn))
         .await?;
-    Ok(response.succeeded())
+    if response.succeeded() {
+        return Ok(Cas::Written(response.header().map_or(0, |h| h.revision())));
+    }
+    let kv = match response.op_responses().into_iter().next() {
+        Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+        _ => None,
+    };
+    Ok(Cas::Lost(slot_of(kv.as_ref(), info.incarnation, None)?))
+}
+
+/// A random pause after the `lost`-th lost CAS in a row, growing up to
+/// [`CAS_BACKOFF`], so workers writing one partition's state at once spread
+/// out instead of colliding again in lockstep.
+async fn backoff(lost: u32) {
+    let cap = CAS_BACKOFF.as_micros() as u64;
+    let ceiling = (100u64 << lost.min(10)).min(cap);
+    let pause = rand::random::<u64>() % ceiling.max(1);
+    tokio::time::sleep(Duration::from_micros(pause)).await;
+}
+
+/// What wakes the worker for its next lease round.
+type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What one lease round found.
+enum Round {
+    Leased,
+    /// No partition had work at `revision`; the earliest lease deadline or
+    /// nack delay (ms) is when some may come without any write.
+    Idle {
+        revision: i64,
+        due_ms: Option<i64>,
+    },
+}
+
+/// Returns once anything is written under one of `prefixes` after
+/// `revision` (a new message, or a queue state change such as a nack), or
+/// after [`ERROR_PAUSE`] once a watch fails.
+async fn changed_after(client: Client, prefixes: [String; 2], revision: i64) {
+    let mut streams = Vec::with_capacity(prefixes.len());
+    for prefix in prefixes {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        match client
+            .timed(
+                "watch queue",
+                client.watch.clone().watch(prefix, Some(options)),
+            )
+            .await
+        {
+            Ok(stream) => streams.push(stream),
+            Err(error) => {
+                tracing::debug!(%error, "watching for queue work failed");
+                tokio::time::sleep(ERROR_PAUSE).await;
+                return;
+            }
+        }
+    }
+    async fn first_event(mut stream: WatchStream) {
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) if response.canceled() => break,
+                Ok(Some(response)) if response.events().is_empty() => continue,
+                Ok(Some(_)) => return,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tokio::time::sleep(ERROR_PAUSE).await;
+    }
+    let mut streams = streams.into_iter();
+    let (Some(a), Some(b)) = (streams.next(), streams.next()) else {
+        return;
+    };
+    tokio::select! {
+        _ = first_event(a) => {}
+        _ = first_event(b) => {}
+    }
+}
+
+/// Leased or found nothing to lease on one partition.
+enum Leased {
+    Took,
+    Nothing { due_ms: Option<i64> },
 }
 
 struct Worker {
@@ -382,19 +649,22 @@ struct Worker {
     worker: String,
     config: QueueConsumerBuilder,
     dead_letter: Option<Producer>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Result<Job>>,
     ops: mpsc::Sender<Cmd>,
     buffered: Vec<Cmd>,
     next_lease: u64,
     next_partition: u32,
     /// Per partition, an offset below which no message is stored any more.
     skip: HashMap<u32, u64>,
+    /// The last state seen per partition: flushes start their CAS from it.
+    slots: HashMap<u32, Slot>,
 }
 
 impl Worker {
     async fn run(mut self, mut ops: mpsc::Receiver<Cmd>, mut stop: oneshot::Receiver<()>) {
         let mut flush = tokio::time::interval(self.config.flush_interval);
-        let mut lease_at = Instant::now();
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wake: Wake = Box::pin(std::future::ready(()));
         loop {
             tokio::select! {
                 biased;
@@ -406,20 +676,7 @@ impl Worker {
                     }
                 }
                 _ = flush.tick() => self.flush().await,
-                _ = tokio::time::sleep_until(lease_at) => {
-                    lease_at = if self.jobs.capacity() < self.config.max_batch as usize {
-                        Instant::now() + Duration::from_millis(2)
-                    } else {
-                        match self.lease().await {
-                            Ok(true) => Instant::now(),
-                            Ok(false) => Instant::now() + self.config.poll_interval,
-                            Err(error) => {
-                                tracing::warn!(%error, queue = %self.name, "queue lease failed");
-                                Instant::now() + self.config.poll_interval
-                            }
-                        }
-                    };
-                }
+                _ = &mut wake => wake = self.round().await,
             }
         }
         ops.close();
@@ -429,6 +686,46 @@ impl Worker {
         self.flush().await;
         if let Some(producer) = self.dead_letter.take() {
             let _ = producer.close().await;
+        }
+    }
+
+    /// Leases once if there is room for the jobs, and says what wakes the
+    /// next round: at once after a lease; a change in etcd or the next due
+    /// time when idle, so idle workers cost a watch, not polling reads.
+    async fn round(&mut self) -> Wake {
+        if self.jobs.capacity() < self.config.max_batch as usize {
+            return Box::pin(tokio::time::sleep(FULL_PAUSE));
+        }
+        match self.lease().await {
+            Ok(Round::Leased) => Box::pin(std::future::ready(())),
+            Ok(Round::Idle { revision, due_ms }) => {
+                let prefixes = [
+                    self.client.keys.topic_data_prefix(&self.info.name),
+                    self.client.keys.queue_prefix(&self.info.name, &self.name),
+                ];
+                let changed = changed_after(self.client.clone(), prefixes, revision);
+                let Some(due_ms) = due_ms else {
+                    return Box::pin(changed);
+                };
+                let wait = Duration::from_millis(due_ms.saturating_sub(now_millis()).max(0) as u64);
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = changed => {}
+                    }
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = %self.name, "queue lease failed");
+                let transient =
+                    error.is_outcome_unknown() || matches!(error, Error::Contended { .. });
+                if !transient {
+                    // Full means the caller has not taken the last ones
+                    // yet; the next failing round reports it again.
+                    let _ = self.jobs.try_send(Err(error));
+                }
+                Box::pin(tokio::time::sleep(ERROR_PAUSE))
+            }
         }
     }
 
@@ -451,63 +748,96 @@ impl Worker {
         }
     }
 
-    async fn flush_partition(&self, partition: u32, cmds: &[Cmd]) -> Result<()> {
+    async fn flush_partition(&mut self, partition: u32, cmds: &[Cmd]) -> Result<()> {
         let key = self
             .client
             .keys
             .queue_partition(&self.info.name, &self.name, partition);
-        for _ in 0..CAS_ATTEMPTS {
-            let (revision, mut state) =
-                read_state(&self.client, &self.info, &self.name, partition).await?;
+        let mut slot = match self.slots.remove(&partition) {
+            Some(slot) => slot,
+            None => read_slot(&self.client, &self.info, &key).await?,
+        };
+        let started = Instant::now();
+        let mut lost = 0;
+        while started.elapsed() < CAS_PATIENCE {
+            let mut state = slot.state.clone();
             for cmd in cmds {
                 state.apply(&self.worker, &cmd.op);
             }
-            match write_state(&self.client, &key, revision, &state).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => continue,
+            // Offsets only ever go from unsettled to settled and leases
+            // only shrink, so what changes nothing on an older state
+            // changes nothing on the current one either.
+            if state == slot.state {
+                self.slots.insert(partition, slot);
+                return Ok(());
+            }
+            match cas(&self.client, &self.info, &key, slot.revision, &state).await {
+                Ok(Cas::Written(revision)) => {
+                    self.slots.insert(partition, Slot { revision, state });
+                    return Ok(());
+                }
+                Ok(Cas::Lost(current)) => {
+                    slot = current;
+                    lost += 1;
+                    backoff(lost).await;
+                }
                 // A write whose outcome is unknown is repeated on a fresh
                 // read: settling an already settled offset changes nothing.
-                Err(e) if e.is_outcome_unknown() => continue,
+                Err(e) if e.is_outcome_unknown() => {
+                    slot = read_slot(&self.client, &self.info, &key).await?;
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(Error::Contended {
             topic: self.info.name.clone(),
             partition,
-            waited: Duration::ZERO,
+            waited: started.elapsed(),
         })
     }
 
-    /// Leases one range of some partition and hands out its jobs; false when
-    /// no partition had work.
-    async fn lease(&mut self) -> Result<bool> {
+    /// Leases one range of some partition and hands out its jobs, from one
+    /// read of every partition's state and head.
+    async fn lease(&mut self) -> Result<Round> {
+        let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
         let partitions = self.info.partitions;
-        let all: Vec<u32> = (0..partitions).collect();
-        let heads: HashMap<u32, u64> = self
-            .client
-            .next_offsets(&self.info, &all)
-            .await?
-            .into_iter()
-            .collect();
+        let mut slots: Vec<Option<Slot>> = snapshot.slots.into_iter().map(Some).collect();
         self.next_partition = self.next_partition.wrapping_add(1);
+        let mut due: Option<i64> = None;
         for i in 0..partitions {
-            let partition = (self.next_partition.wrapping_add(i)) % partitions;
-            if self.lease_partition(partition, heads[&partition]).await? {
-                return Ok(true);
+            let partition = self.next_partition.wrapping_add(i) % partitions;
+            let Some(slot) = slots[partition as usize].take() else {
+                continue;
+            };
+            let head = snapshot.heads[partition as usize];
+            match self.lease_partition(partition, head, slot).await? {
+                Leased::Took => return Ok(Round::Leased),
+                Leased::Nothing { due_ms } => {
+                    due = due.into_iter().chain(due_ms).min();
+                }
             }
         }
-        Ok(false)
+        Ok(Round::Idle {
+            revision: snapshot.revision,
+            due_ms: due,
+        })
     }
 
-    async fn lease_partition(&mut self, partition: u32, head: u64) -> Result<bool> {
+    async fn lease_partition(
+        &mut self,
+        partition: u32,
+        head: u64,
+        mut slot: Slot,
+    ) -> Result<Leased> {
         let key = self
             .client
             .keys
             .queue_partition(&self.info.name, &self.name, partition);
         let ack_wait = self.config.ack_wait.as_millis() as i64;
+        let started = Instant::now();
+        let mut lost = 0;
         let (taken, id) = loop {
-            let (revision, mut state) =
-                read_state(&self.client, &self.info, &self.name, partition).await?;
+            let mut state = slot.state.clone();
             let now = now_millis();
             if let Some(&skip) = self.skip.get(&partition) {
                 if skip > state.next && state.next < head {
@@ -522,14 +852,30 @@ impl Worker {
                 id,
                 head,
                 self.config.max_batch,
+                self.config.max_deliveries,
                 now,
                 now + ack_wait,
             ) else {
-                return Ok(false);
+                let due_ms = state.next_due_ms();
+                self.slots.insert(partition, slot);
+                return Ok(Leased::Nothing { due_ms });
             };
-            if write_state(&self.client, &key, revision, &state).await? {
-                break (taken, id);
+            match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
+                Cas::Written(revision) => {
+                    self.slots.insert(partition, Slot { revision, state });
+                    break (taken, id);
+                }
+                Cas::Lost(current) => slot = current,
             }
+            if started.elapsed() >= CAS_PATIENCE {
+                return Err(Error::Contended {
+                    topic: self.info.name.clone(),
+                    partition,
+                    waited: started.elapsed(),
+                });
+            }
+            lost += 1;
+            backoff(lost).await;
         };
         let deadline = Instant::now() + self.config.ack_wait;
         let fetched = fetch_partition(
@@ -571,7 +917,7 @@ impl Worker {
                 ack_wait: self.config.ack_wait,
                 ops: self.ops.clone(),
             };
-            if self.jobs.try_send(job).is_err() {
+            if self.jobs.try_send(Ok(job)).is_err() {
                 break;
             }
         }
@@ -607,6 +953,6 @@ impl Worker {
                 done: None,
             });
         }
-        Ok(true)
+        Ok(Leased::Took)
     }
 }

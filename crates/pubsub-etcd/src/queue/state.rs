@@ -46,6 +46,8 @@ pub(crate) struct State {
     pub dead_lettered: u64,
     #[serde(default)]
     pub terminated: u64,
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// What a lease request took.
@@ -83,6 +85,67 @@ impl State {
             next,
             ..State::default()
         }
+    }
+
+    /// Checks what the protocols rely on of a state read from etcd, so a
+    /// garbage value that still parses is refused instead of delivering an
+    /// offset twice at once, overflowing a count or stalling forever: every
+    /// range non-empty, below `next` and disjoint from every other, delivery
+    /// counts from 1 to below `u32::MAX`, reasons of at most [`MAX_REASON`]
+    /// bytes, and `next` not beyond the partition's `head` when that was
+    /// read in the same snapshot.
+    pub(crate) fn validate(&self, head: Option<u64>) -> Result<(), String> {
+        if let Some(head) = head.filter(|&h| self.next > h) {
+            return Err(format!(
+                "next {} is beyond the partition head {head}",
+                self.next
+            ));
+        }
+        let mut ranges = Vec::with_capacity(self.ranges());
+        for lease in &self.leases {
+            check_deliveries(lease.deliveries)?;
+            if lease.ranges.is_empty() {
+                return Err(format!(
+                    "lease {} of {:?} has no ranges",
+                    lease.id, lease.worker
+                ));
+            }
+            ranges.extend(lease.ranges.iter().copied());
+        }
+        for p in &self.pending {
+            check_deliveries(p.deliveries)?;
+            if p.reason.len() > MAX_REASON {
+                return Err(format!(
+                    "pending reason of {} bytes, above {MAX_REASON}",
+                    p.reason.len()
+                ));
+            }
+            ranges.push((p.from, p.to));
+        }
+        ranges.sort_unstable();
+        let mut end = 0;
+        for &(from, to) in &ranges {
+            if from >= to || to > self.next {
+                return Err(format!(
+                    "range [{from}, {to}) is empty or not below next {}",
+                    self.next
+                ));
+            }
+            if from < end {
+                return Err(format!("range [{from}, {to}) overlaps another one"));
+            }
+            end = to;
+        }
+        Ok(())
+    }
+
+    /// The earliest time (ms) at which a lease expires or a pending span
+    /// becomes due: when an idle worker must look again even if nothing is
+    /// written.
+    pub(crate) fn next_due_ms(&self) -> Option<i64> {
+        let deadlines = self.leases.iter().map(|l| l.deadline_ms);
+        let due = self.pending.iter().map(|p| p.not_before_ms);
+        deadlines.chain(due).min()
     }
 
     /// Everything below is settled.
@@ -123,7 +186,7 @@ impl State {
         self.leases = live;
         for lease in expired {
             for (from, to) in lease.ranges {
-                self.redelivered += to - from;
+                self.expired = self.expired.saturating_add(to - from);
                 self.pending.push(Pending {
                     from,
                     to,
@@ -137,12 +200,16 @@ impl State {
 
     /// Takes a lease for `worker`: due pending offsets first, else fresh ones
     /// below `head`. Refuses (None) when nothing is due or the state is full.
+    /// Offsets taken again count as redelivered unless they are past
+    /// `max_deliveries` (those go to the dead-letter topic, not to a worker).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn take(
         &mut self,
         worker: &str,
         id: u64,
         head: u64,
         max: u64,
+        max_deliveries: u32,
         now_ms: i64,
         deadline_ms: i64,
     ) -> Option<Taken> {
@@ -163,6 +230,9 @@ impl State {
                 self.pending.remove(i);
             } else {
                 p.from = to;
+            }
+            if taken.deliveries <= max_deliveries {
+                self.redelivered = self.redelivered.saturating_add(to - taken.from);
             }
             taken
         } else {
@@ -233,12 +303,12 @@ impl State {
             }
             Op::Term(offset) => {
                 if self.settle(*offset) {
-                    self.terminated += 1;
+                    self.terminated = self.terminated.saturating_add(1);
                 }
             }
             Op::DeadLettered(offset) => {
                 if self.settle(*offset) {
-                    self.dead_lettered += 1;
+                    self.dead_lettered = self.dead_lettered.saturating_add(1);
                 }
             }
             Op::Nack {
@@ -280,6 +350,13 @@ impl State {
     }
 }
 
+fn check_deliveries(deliveries: u32) -> Result<(), String> {
+    if deliveries == 0 || deliveries == u32::MAX {
+        return Err(format!("delivery count {deliveries} is out of range"));
+    }
+    Ok(())
+}
+
 /// Removes `offset` from sorted disjoint ranges, splitting the one holding it.
 fn remove(ranges: &mut Vec<(u64, u64)>, offset: u64) -> bool {
     let Some(i) = ranges.iter().position(|&(a, b)| a <= offset && offset < b) else {
@@ -317,7 +394,7 @@ mod tests {
     #[test]
     fn acks_settle_and_the_watermark_follows() {
         let mut s = State::fresh(1, 0);
-        let t = s.take("w", 1, 10, 4, 0, 100).unwrap();
+        let t = s.take("w", 1, 10, 4, 5, 0, 100).unwrap();
         assert_eq!((t.from, t.to, t.deliveries), (0, 4, 1));
         s.apply("w", &Op::Ack(1));
         assert_eq!(s.low_watermark(), 0);
@@ -340,7 +417,7 @@ mod tests {
     #[test]
     fn expiry_and_nack_redeliver_with_counts() {
         let mut s = State::fresh(1, 0);
-        s.take("a", 1, 3, 3, 0, 100).unwrap();
+        s.take("a", 1, 3, 3, 5, 0, 100).unwrap();
         s.apply(
             "a",
             &Op::Nack {
@@ -360,18 +437,23 @@ mod tests {
             },
         );
         s.expire(100);
-        assert_eq!(s.redelivered, 2);
-        let t = s.take("b", 1, 3, 10, 100, 200).unwrap();
+        assert_eq!((s.expired, s.redelivered), (2, 0));
+        let t = s.take("b", 1, 3, 10, 5, 100, 200).unwrap();
         assert_eq!((t.from, t.to, t.deliveries), (0, 1, 2));
-        let t = s.take("b", 2, 3, 10, 100, 200).unwrap();
+        let t = s.take("b", 2, 3, 10, 5, 100, 200).unwrap();
         assert_eq!((t.from, t.to), (2, 3));
         assert_eq!(
-            s.take("b", 3, 3, 10, 100, 200),
+            s.take("b", 3, 3, 10, 5, 100, 200),
             None,
             "the nack delay holds"
         );
-        let t = s.take("b", 3, 3, 10, 500, 600).unwrap();
+        let t = s.take("b", 3, 3, 10, 5, 500, 600).unwrap();
         assert_eq!((t.from, t.deliveries, t.reason.len()), (1, 2, MAX_REASON));
+        assert_eq!(
+            (s.expired, s.redelivered),
+            (2, 3),
+            "nacks count as redelivered"
+        );
     }
 
     #[test]
@@ -379,7 +461,7 @@ mod tests {
         let mut s = State::fresh(1, 0);
         let mut got = Vec::new();
         for w in 0..50 {
-            let t = s.take(&format!("w{w}"), 1, 2000, 256, 0, 10);
+            let t = s.take(&format!("w{w}"), 1, 2000, 256, 5, 0, 10);
             got.push(t.map_or(0, |t| t.to - t.from));
         }
         assert!(got.iter().all(|&n| n >= 1), "{got:?}");
@@ -389,7 +471,7 @@ mod tests {
     #[test]
     fn in_progress_extends_only_the_owners_lease() {
         let mut s = State::fresh(1, 0);
-        s.take("a", 7, 5, 5, 0, 100).unwrap();
+        s.take("a", 7, 5, 5, 5, 0, 100).unwrap();
         s.apply(
             "b",
             &Op::Extend {

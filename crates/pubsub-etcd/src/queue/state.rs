@@ -61,7 +61,8 @@ pub(crate) struct Taken {
 }
 
 /// One settle operation of a flush.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Op {
     Ack(u64),
     Term(u64),
@@ -75,6 +76,12 @@ pub(crate) enum Op {
     Extend {
         lease: u64,
         deadline_ms: i64,
+    },
+    /// A job never handed to the caller (the worker closed first): due at
+    /// once, and its delivery does not count.
+    Release {
+        offset: u64,
+        lease: u64,
     },
 }
 
@@ -113,7 +120,8 @@ impl State {
             ranges.extend(lease.ranges.iter().copied());
         }
         for p in &self.pending {
-            check_deliveries(p.deliveries)?;
+            // 0: released before its first delivery reached a caller.
+            check_deliveries(p.deliveries.max(1))?;
             if p.reason.len() > MAX_REASON {
                 return Err(format!(
                     "pending reason of {} bytes, above {MAX_REASON}",
@@ -231,7 +239,7 @@ impl State {
             } else {
                 p.from = to;
             }
-            if taken.deliveries <= max_deliveries {
+            if taken.deliveries > 1 && taken.deliveries <= max_deliveries {
                 self.redelivered = self.redelivered.saturating_add(to - taken.from);
             }
             taken
@@ -295,6 +303,103 @@ impl State {
         false
     }
 
+    /// Whether `offset` is unsettled (in a lease or a pending span).
+    fn holds(&self, offset: u64) -> bool {
+        let leased = self
+            .leases
+            .iter()
+            .flat_map(|l| &l.ranges)
+            .any(|&(a, b)| a <= offset && offset < b);
+        leased
+            || self
+                .pending
+                .iter()
+                .any(|p| p.from <= offset && offset < p.to)
+    }
+
+    /// Whether any offset of `[from, to)` is unsettled.
+    fn holds_any(&self, from: u64, to: u64) -> bool {
+        let leased = self
+            .leases
+            .iter()
+            .flat_map(|l| &l.ranges)
+            .any(|&(a, b)| a < to && from < b);
+        leased || self.pending.iter().any(|p| p.from < to && from < p.to)
+    }
+
+    /// Settles every offset of `[from, to)`, in time proportional to the
+    /// ranges held, not to the size of the range.
+    fn settle_range(&mut self, from: u64, to: u64) {
+        for lease in &mut self.leases {
+            lease.ranges = subtract(&lease.ranges, from, to);
+        }
+        self.leases.retain(|l| !l.ranges.is_empty());
+        let mut kept = Vec::with_capacity(self.pending.len());
+        for p in self.pending.drain(..) {
+            for (a, b) in subtract(&[(p.from, p.to)], from, to) {
+                kept.push(Pending {
+                    from: a,
+                    to: b,
+                    ..p.clone()
+                });
+            }
+        }
+        self.pending = kept;
+    }
+
+    /// Whether applying `op` of `worker` would change nothing. Once true it
+    /// stays true: offsets only go from unsettled to settled, a lease only
+    /// loses offsets and its deadline only grows.
+    pub(crate) fn is_settled(&self, worker: &str, op: &Op) -> bool {
+        let lease = |id: u64| {
+            self.leases
+                .iter()
+                .find(move |l| l.id == id && l.worker == worker)
+        };
+        match op {
+            Op::Ack(o) | Op::Term(o) | Op::DeadLettered(o) => !self.holds(*o),
+            Op::Nack {
+                offset, lease: id, ..
+            }
+            | Op::Release { offset, lease: id } => !lease(*id)
+                .is_some_and(|l| l.ranges.iter().any(|&(a, b)| a <= *offset && *offset < b)),
+            Op::Extend {
+                lease: id,
+                deadline_ms,
+            } => lease(*id).is_none_or(|l| l.deadline_ms >= *deadline_ms),
+        }
+    }
+
+    /// Moves `offset` from lease `lease` of `worker` to pending, its
+    /// delivery count lowered by `undo`.
+    fn unlease(
+        &mut self,
+        worker: &str,
+        offset: u64,
+        lease: u64,
+        undo: u32,
+        not_before_ms: i64,
+        reason: String,
+    ) {
+        let Some(l) = self
+            .leases
+            .iter_mut()
+            .find(|l| l.id == lease && l.worker == worker)
+        else {
+            return;
+        };
+        if remove(&mut l.ranges, offset) {
+            self.pending.push(Pending {
+                from: offset,
+                to: offset + 1,
+                deliveries: l.deliveries - undo,
+                not_before_ms,
+                reason,
+            });
+            self.leases.retain(|l| !l.ranges.is_empty());
+        }
+    }
+
     /// Applies one settle operation of `worker`.
     pub(crate) fn apply(&mut self, worker: &str, op: &Op) {
         match op {
@@ -317,25 +422,12 @@ impl State {
                 not_before_ms,
                 reason,
             } => {
-                let Some(l) = self
-                    .leases
-                    .iter_mut()
-                    .find(|l| l.id == *lease && l.worker == worker)
-                else {
-                    return;
-                };
-                if remove(&mut l.ranges, *offset) {
-                    let mut reason = reason.clone();
-                    truncate(&mut reason, MAX_REASON);
-                    self.pending.push(Pending {
-                        from: *offset,
-                        to: offset + 1,
-                        deliveries: l.deliveries,
-                        not_before_ms: *not_before_ms,
-                        reason,
-                    });
-                    self.leases.retain(|l| !l.ranges.is_empty());
-                }
+                let mut reason = reason.clone();
+                truncate(&mut reason, MAX_REASON);
+                self.unlease(worker, *offset, *lease, 0, *not_before_ms, reason);
+            }
+            Op::Release { offset, lease } => {
+                self.unlease(worker, *offset, *lease, 1, 0, String::new());
             }
             Op::Extend { lease, deadline_ms } => {
                 if let Some(l) = self
@@ -355,6 +447,121 @@ fn check_deliveries(deliveries: u32) -> Result<(), String> {
         return Err(format!("delivery count {deliveries} is out of range"));
     }
     Ok(())
+}
+
+/// `ranges` without `[from, to)`.
+fn subtract(ranges: &[(u64, u64)], from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(a, b) in ranges {
+        if b <= from || to <= a {
+            out.push((a, b));
+            continue;
+        }
+        if a < from {
+            out.push((a, from));
+        }
+        if to < b {
+            out.push((to, b));
+        }
+    }
+    out
+}
+
+/// The settle operations one worker made on one partition that may not be
+/// in the partition's state yet: acks as sorted disjoint offset ranges
+/// (a worker acks mostly contiguous offsets), everything else one by one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Settled {
+    #[serde(default)]
+    pub acked: Vec<(u64, u64)>,
+    #[serde(default)]
+    pub ops: Vec<Op>,
+}
+
+impl Settled {
+    pub(crate) fn push(&mut self, op: Op) {
+        match op {
+            Op::Ack(offset) => insert(&mut self.acked, offset),
+            other => self.ops.push(other),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.acked.is_empty() && self.ops.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.acked.len() + self.ops.len()
+    }
+
+    /// Applies these operations of `worker` to `state`; true if that changed
+    /// it.
+    pub(crate) fn apply_to(&self, worker: &str, state: &mut State) -> bool {
+        let before = state.clone();
+        for &(from, to) in &self.acked {
+            state.settle_range(from, to);
+        }
+        for op in &self.ops {
+            state.apply(worker, op);
+        }
+        *state != before
+    }
+
+    /// Drops what `state` already reflects; true if anything was dropped.
+    pub(crate) fn prune(&mut self, worker: &str, state: &State) -> bool {
+        let before = self.len();
+        self.acked.retain(|&(a, b)| state.holds_any(a, b));
+        self.ops.retain(|op| !state.is_settled(worker, op));
+        self.len() != before
+    }
+
+    /// Refuses what no worker writes: empty or unsorted ack ranges, and
+    /// reasons beyond [`MAX_REASON`].
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let mut end = 0;
+        for (i, &(a, b)) in self.acked.iter().enumerate() {
+            if a >= b || (i > 0 && a <= end) {
+                return Err(format!(
+                    "acked range [{a}, {b}) is empty, unsorted or touches another"
+                ));
+            }
+            end = b;
+        }
+        for op in &self.ops {
+            if let Op::Nack { reason, .. } = op {
+                if reason.len() > MAX_REASON {
+                    return Err(format!(
+                        "nack reason of {} bytes, above {MAX_REASON}",
+                        reason.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds `offset` to sorted disjoint ranges, joining neighbours.
+fn insert(ranges: &mut Vec<(u64, u64)>, offset: u64) {
+    let i = ranges.partition_point(|&(_, b)| b < offset);
+    if let Some(r) = ranges.get_mut(i) {
+        if r.0 <= offset && offset < r.1 {
+            return;
+        }
+        if r.1 == offset {
+            r.1 = offset + 1;
+            if ranges.get(i + 1).is_some_and(|n| n.0 == offset + 1) {
+                ranges[i].1 = ranges[i + 1].1;
+                ranges.remove(i + 1);
+            }
+            return;
+        }
+        if r.0 == offset + 1 {
+            r.0 = offset;
+            return;
+        }
+    }
+    ranges.insert(i, (offset, offset + 1));
 }
 
 /// Removes `offset` from sorted disjoint ranges, splitting the one holding it.
@@ -377,7 +584,7 @@ fn remove(ranges: &mut Vec<(u64, u64)>, offset: u64) -> bool {
     true
 }
 
-fn truncate(s: &mut String, max: usize) {
+pub(crate) fn truncate(s: &mut String, max: usize) {
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
@@ -466,6 +673,33 @@ mod tests {
         }
         assert!(got.iter().all(|&n| n >= 1), "{got:?}");
         assert!(s.next <= 2000);
+    }
+
+    #[test]
+    fn settled_ops_coalesce_apply_and_prune() {
+        let mut s = State::fresh(1, 0);
+        s.take("a", 1, 100, 10, 5, 0, 100).unwrap();
+        let mut settled = Settled::default();
+        for o in [3, 1, 2, 0, 7, 5, 6] {
+            settled.push(Op::Ack(o));
+        }
+        assert_eq!(settled.acked, [(0, 4), (5, 8)]);
+        settled.validate().unwrap();
+        settled.push(Op::Term(4));
+        let mut merged = s.clone();
+        assert!(settled.apply_to("a", &mut merged));
+        assert_eq!(
+            (merged.leases[0].ranges.clone(), merged.terminated),
+            (vec![(8, 10)], 1)
+        );
+        assert!(!settled.clone().prune("a", &s));
+        assert!(settled.prune("a", &merged) && settled.is_empty());
+        assert!(!Settled::default().apply_to("a", &mut merged));
+        let bad = Settled {
+            acked: vec![(5, 9), (2, 3)],
+            ops: vec![],
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]

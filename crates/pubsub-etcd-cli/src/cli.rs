@@ -119,6 +119,9 @@ pub enum Command {
     /// Inspect, reposition and delete consumer groups
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Work queues: consume with per-message acks, describe, reset, delete
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Delete individual messages
     #[command(subcommand)]
     Message(MessageCommand),
@@ -617,6 +620,70 @@ pub enum GroupCommand {
     Delete {
         /// Group to delete
         group: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Work on a queue: print each message (or run --exec on it) and ack it
+    Consume {
+        topic: String,
+        /// Queue name
+        #[arg(long)]
+        name: String,
+        /// Run this shell command per message (the value on its stdin, and
+        /// PUBSUB_TOPIC, PUBSUB_PARTITION, PUBSUB_OFFSET, PUBSUB_DELIVERY in its
+        /// environment): ack on exit 0, nack otherwise
+        #[arg(long, value_name = "CMD")]
+        exec: Option<String>,
+        /// Stop after settling N messages
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Lease time before an unsettled message is redelivered
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+        ack_wait: Duration,
+        /// Deliveries before a message goes to the dead-letter topic
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        max_deliveries: u32,
+        /// Topic for messages past --max-deliveries [default: none, dropped]
+        #[arg(long, value_name = "T")]
+        dead_letter: Option<String>,
+        /// How long a nacked message waits before redelivery
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+        nack_delay: Duration,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Pending, in-flight, redelivered and dead-lettered counts and the
+    /// oldest unsettled message's age
+    Describe {
+        topic: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Drop a queue's leases and redeliveries: from the earliest stored
+    /// message again, or past everything stored with --to-latest
+    Reset {
+        topic: String,
+        #[arg(long)]
+        name: String,
+        /// Settle everything stored now instead
+        #[arg(long)]
+        to_latest: bool,
+    },
+    /// Delete a queue's state (it stops holding retention back)
+    Delete {
+        topic: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// The queues that have state on a topic
+    List {
+        topic: String,
         #[command(flatten)]
         format: FormatArg,
     },

@@ -12,6 +12,7 @@
 //! <ns>/groups/<topic>/<group>/offsets/<partition>   committed offset (next offset to read)
 //! _pubsub-etcd!/compaction                          cluster-wide: automatic history compaction
 //! <ns>/queues/<topic>/<queue>/<partition>           queue state of one partition (JSON)
+//! <ns>/queues/<topic>/<queue>/s/<worker>            settle operations of one worker (JSON)
 //! ```
 //!
 //! `<ns>` is a single name, optionally after a leading `/` ([`Keys::new`]),
@@ -184,6 +185,11 @@ impl Keys {
     /// no RBAC grant of one) covers it.
     pub(crate) const COMPACTION: &'static str = "_pubsub-etcd!/compaction";
 
+    /// Every queue's state on one topic.
+    pub(crate) fn topic_queues_prefix(&self, topic: &str) -> String {
+        format!("{}queues/{topic}/", self.root)
+    }
+
     /// Every partition's state of one queue.
     pub(crate) fn queue_prefix(&self, topic: &str, queue: &str) -> String {
         format!("{}queues/{topic}/{queue}/", self.root)
@@ -195,6 +201,57 @@ impl Keys {
             self.queue_prefix(topic, queue)
         )
     }
+
+    /// Where one worker of a queue keeps the settle operations it made that
+    /// may not be in the partition states yet.
+    pub(crate) fn queue_settled(&self, topic: &str, queue: &str, worker: &str) -> String {
+        format!("{}{worker}", self.queue_settled_prefix(topic, queue))
+    }
+
+    /// Every worker's settled key of one queue.
+    pub(crate) fn queue_settled_prefix(&self, topic: &str, queue: &str) -> String {
+        format!("{}s/", self.queue_prefix(topic, queue))
+    }
+
+    /// What a key under [`Keys::queue_prefix`] is; None for a key of any
+    /// other shape.
+    pub(crate) fn queue_key<'k>(
+        &self,
+        topic: &str,
+        queue: &str,
+        key: &'k [u8],
+    ) -> Option<QueueKey<'k>> {
+        let rest = key.strip_prefix(self.queue_prefix(topic, queue).as_bytes())?;
+        if let Some(worker) = rest.strip_prefix(b"s/") {
+            let worker = std::str::from_utf8(worker).ok()?;
+            return (!worker.is_empty() && !worker.contains('/'))
+                .then_some(QueueKey::Settled(worker));
+        }
+        if rest.len() != PARTITION_WIDTH || !rest.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(rest)
+            .ok()?
+            .parse()
+            .ok()
+            .map(QueueKey::Partition)
+    }
+
+    /// The queue a key under [`Keys::topic_queues_prefix`] belongs to.
+    pub(crate) fn queue_of<'k>(&self, topic: &str, key: &'k [u8]) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.topic_queues_prefix(topic).as_bytes())?;
+        let (queue, _) = std::str::from_utf8(rest).ok()?.split_once('/')?;
+        Some(queue)
+    }
+}
+
+/// The two kinds of key under a queue's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueKey<'k> {
+    /// The state of one partition.
+    Partition(u32),
+    /// One worker's settle operations.
+    Settled(&'k str),
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -223,6 +280,32 @@ mod tests {
     }
 
     #[test]
+    fn queue_keys_parse_back_and_refuse_other_shapes() {
+        let keys = Keys::new("ns").unwrap();
+        let key = keys.queue_partition("t", "q", 42);
+        let parse = |queue: &str, key: &str| {
+            keys.queue_key("t", queue, key.as_bytes()).map(|k| match k {
+                QueueKey::Partition(p) => p.to_string(),
+                QueueKey::Settled(w) => format!("s {w}"),
+            })
+        };
+        assert_eq!(parse("q", &key).as_deref(), Some("42"));
+        assert_eq!(keys.queue_of("t", key.as_bytes()), Some("q"));
+        let settled = keys.queue_settled("t", "q", "host-1-a");
+        assert_eq!(parse("q", &settled).as_deref(), Some("s host-1-a"));
+        for bad in [
+            "ns/queues/t/q/42",
+            "ns/queues/t/q/0004x",
+            "ns/queues/t/q/000420",
+            "ns/queues/t/q/s/",
+            "ns/queues/t/q/s/a/b",
+        ] {
+            assert_eq!(parse("q", bad), None, "{bad}");
+        }
+        assert_eq!(parse("q-b", &key), None);
+    }
+
+    #[test]
     fn prefixes_do_not_match_longer_names() {
         let keys = Keys::new("ns/").unwrap();
         let a = keys.topic_data_prefix("a");
@@ -248,9 +331,11 @@ mod tests {
                 all.push(keys.owner(topic, group, 0));
                 all.push(keys.offset(topic, group, 0));
             }
+            all.push(keys.topic_queues_prefix(topic));
             for queue in ["q", "queues", "q-b"] {
                 all.push(keys.queue_prefix(topic, queue));
                 all.push(keys.queue_partition(topic, queue, 0));
+                all.push(keys.queue_settled(topic, queue, "w"));
             }
         }
         all

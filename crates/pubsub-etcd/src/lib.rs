@@ -180,7 +180,7 @@ pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, RecordMetadata, SendError,
     DEFAULT_MAX_BATCH_BYTES,
 };
-pub use queue::{Job, QueueConsumer, QueueConsumerBuilder, QueueStats};
+pub use queue::{Job, QueueConsumer, QueueConsumerBuilder, QueueReset, QueueStats};
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};

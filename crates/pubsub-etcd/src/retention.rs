@@ -540,7 +540,15 @@ pub(crate) async fn trim_partition(
             limit = (limit * 4).min(PAGE);
         }
     }
-    truncate_before(client, part, cutoff.min(next)).await
+    // Never below what a queue on this topic has not settled yet.
+    let floor =
+        crate::queue::retention_floor(client, part.topic, part.incarnation, part.partition).await?;
+    truncate_before(
+        client,
+        part,
+        cutoff.min(next).min(floor.unwrap_or(u64::MAX)),
+    )
+    .await
 }
 
 /// Key compaction of one partition (see [`Client::compact_topic`]).

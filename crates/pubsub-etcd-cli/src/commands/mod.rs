@@ -9,6 +9,7 @@ mod context;
 mod group;
 mod message;
 mod produce;
+mod queue;
 mod status;
 mod topic;
 
@@ -58,6 +59,7 @@ pub async fn run(
         Command::Produce(args) => produce::run(&client, args, cli.connection.timeout).await,
         Command::Consume(args) => consume::run(&client, args, cli.log.quiet > 0).await,
         Command::Group(command) => group::run(&client, command).await,
+        Command::Queue(command) => queue::run(&client, command).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
         Command::Status(args) => status::run(&client, args).await,

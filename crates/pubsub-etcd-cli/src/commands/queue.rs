@@ -1,0 +1,203 @@
+//! `queue consume | describe | reset | delete | list`.
+
+use std::io::Write as _;
+use std::process::Stdio;
+
+use anyhow::Context as _;
+use pubsub_etcd::{Client, Job, QueueReset};
+use serde_json::json;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::cli::{Format, QueueCommand};
+use crate::output::{self, Table};
+
+pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
+    match command {
+        QueueCommand::Consume {
+            topic,
+            name,
+            exec,
+            max,
+            ack_wait,
+            max_deliveries,
+            dead_letter,
+            nack_delay,
+            format,
+        } => {
+            let mut builder = client
+                .queue(&topic, &name)
+                .ack_wait(ack_wait)
+                .max_deliveries(max_deliveries);
+            if let Some(dlq) = dead_letter {
+                builder = builder.dead_letter(dlq);
+            }
+            let mut queue = builder.join().await?;
+            let result = consume(&mut queue, exec.as_deref(), max, nack_delay, format.format).await;
+            queue.close().await;
+            result
+        }
+        QueueCommand::Describe {
+            topic,
+            name,
+            format,
+        } => {
+            let stats = client.queue_stats(&topic, &name).await?;
+            let age_ms = stats.oldest_unsettled_ms.map(|t| (now_ms() - t).max(0));
+            match format.format {
+                Format::Json => output::print_json(&json!({
+                    "topic": topic,
+                    "queue": name,
+                    "pending": stats.pending,
+                    "in_flight": stats.in_flight,
+                    "redelivered": stats.redelivered,
+                    "expired": stats.expired,
+                    "dead_lettered": stats.dead_lettered,
+                    "terminated": stats.terminated,
+                    "oldest_unsettled_age_ms": age_ms,
+                })),
+                Format::Table => {
+                    let mut table = Table::new([
+                        "PENDING",
+                        "IN FLIGHT",
+                        "REDELIVERED",
+                        "EXPIRED",
+                        "DEAD LETTERED",
+                        "TERMINATED",
+                        "OLDEST UNSETTLED",
+                    ]);
+                    table.row([
+                        stats.pending.to_string(),
+                        stats.in_flight.to_string(),
+                        stats.redelivered.to_string(),
+                        stats.expired.to_string(),
+                        stats.dead_lettered.to_string(),
+                        stats.terminated.to_string(),
+                        output::or_dash(age_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0))),
+                    ]);
+                    table.print()
+                }
+            }
+        }
+        QueueCommand::Reset {
+            topic,
+            name,
+            to_latest,
+        } => {
+            let to = if to_latest {
+                QueueReset::Latest
+            } else {
+                QueueReset::Earliest
+            };
+            client.reset_queue(&topic, &name, to).await?;
+            Ok(())
+        }
+        QueueCommand::Delete { topic, name } => {
+            client.delete_queue(&topic, &name).await?;
+            Ok(())
+        }
+        QueueCommand::List { topic, format } => {
+            let queues = client.list_queues(&topic).await?;
+            match format.format {
+                Format::Json => output::print_json(&queues),
+                Format::Table => {
+                    let mut table = Table::new(["QUEUE"]);
+                    for queue in queues {
+                        table.row([queue]);
+                    }
+                    table.print()
+                }
+            }
+        }
+    }
+}
+
+/// Prints (or runs `exec` on) each job and settles it, until `max` are
+/// settled or the queue ends. A failed ack stops with its error: the job
+/// comes back after ack_wait.
+async fn consume(
+    queue: &mut pubsub_etcd::QueueConsumer,
+    exec: Option<&str>,
+    max: Option<u64>,
+    nack_delay: std::time::Duration,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut settled = 0u64;
+    while max.is_none_or(|max| settled < max) {
+        let Some(job) = queue.recv().await else {
+            break;
+        };
+        let job = job?;
+        match exec {
+            Some(command) => {
+                if run_exec(command, &job).await? {
+                    job.ack().await?;
+                } else {
+                    job.nack_with_reason(nack_delay, &format!("{command} failed"))
+                        .await?;
+                }
+            }
+            None => {
+                print_job(&job, format)?;
+                job.ack().await?;
+            }
+        }
+        settled += 1;
+    }
+    Ok(())
+}
+
+fn print_job(job: &Job, format: Format) -> anyhow::Result<()> {
+    let m = &job.message;
+    let mut out = output::stdout();
+    match format {
+        Format::Json => {
+            serde_json::to_writer(
+                &mut out,
+                &json!({
+                    "topic": &*m.topic,
+                    "partition": m.partition,
+                    "offset": m.offset,
+                    "timestamp_ms": m.timestamp,
+                    "delivery_count": job.delivery_count,
+                    "key": m.key.as_ref().map(|k| String::from_utf8_lossy(k)),
+                    "value": String::from_utf8_lossy(&m.value),
+                }),
+            )?;
+            out.write_all(b"\n")?;
+        }
+        Format::Table => {
+            out.write_all(&m.value)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs `command` with `sh -c`, the message value on its stdin; true on
+/// exit status 0.
+async fn run_exec(command: &str, job: &Job) -> anyhow::Result<bool> {
+    let m = &job.message;
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("PUBSUB_TOPIC", &*m.topic)
+        .env("PUBSUB_PARTITION", m.partition.to_string())
+        .env("PUBSUB_OFFSET", m.offset.to_string())
+        .env("PUBSUB_DELIVERY", job.delivery_count.to_string())
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input closes the pipe early:
+        // not an error.
+        let _ = stdin.write_all(&m.value).await;
+    }
+    Ok(child.wait().await?.success())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

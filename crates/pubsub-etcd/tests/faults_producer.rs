@@ -813,3 +813,73 @@ async fn send_to_killed_etcd_fails_unavailable_within_bound() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Workers that end idle
+// ---------------------------------------------------------------------------
+
+/// With a 10 ms idle timeout a partition's worker ends and restarts over
+/// and over while one task keeps enqueueing with pauses around that
+/// timeout: every acknowledged record is stored once, at its acknowledged
+/// offset, in enqueue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_workers_restart_without_loss_or_reorder() {
+    const TOPIC: &str = "idle";
+    const COUNT: u64 = 300;
+    let (client, _ns) = ns::client().await;
+    client.create_topic(NewTopic::new(TOPIC, 2)).await.unwrap();
+    let producer = client
+        .producer(TOPIC)
+        .worker_idle_timeout(Duration::from_millis(10))
+        .build()
+        .await
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..COUNT {
+        let record = Record::new(format!("{i:04}")).partition((i % 2) as u32);
+        deliveries.push(producer.enqueue(record).await.unwrap());
+        // Pauses from 0 to 19 ms straddle the idle timeout.
+        tokio::time::sleep(Duration::from_millis(i * 7 % 20)).await;
+    }
+    let mut offsets = [Vec::new(), Vec::new()];
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        let sent = tokio::time::timeout(Duration::from_secs(30), delivery)
+            .await
+            .expect("a delivery hung")
+            .unwrap_or_else(|e| panic!("record {i}: {e}"));
+        assert_eq!(sent.partition as usize, i % 2);
+        offsets[i % 2].push(sent.offset);
+    }
+    producer.close().await.unwrap();
+    for (partition, acked) in offsets.iter().enumerate() {
+        let expected: Vec<u64> = (0..COUNT / 2).collect();
+        assert_eq!(
+            acked, &expected,
+            "partition {partition}: offsets in enqueue order"
+        );
+        // A fetch returns a page; read on until past the last offset.
+        let (mut values, mut from) = (Vec::new(), 0);
+        while from < COUNT / 2 {
+            let fetched = client
+                .fetch(TOPIC, partition as u32, from, COUNT as usize)
+                .await
+                .unwrap();
+            assert!(fetched.next_offset > from, "fetch made no progress");
+            from = fetched.next_offset;
+            values.extend(
+                fetched
+                    .messages
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.value).into_owned()),
+            );
+        }
+        let sent: Vec<String> = (0..COUNT)
+            .filter(|i| (i % 2) as usize == partition)
+            .map(|i| format!("{i:04}"))
+            .collect();
+        assert_eq!(
+            values, sent,
+            "partition {partition}: stored once each, in order"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! of `nats server check` and `etcdctl endpoint status`, usable as a
 //! monitoring probe: it exits 1 when something needs a person.
 
+use futures::{stream, StreamExt, TryStreamExt};
 use pubsub_etcd::Client;
 use serde_json::json;
 
@@ -10,6 +11,12 @@ use super::group::group_members_and_lag;
 use super::topic::Stored;
 use crate::cli::{Format, HealthLimits, StatusArgs};
 use crate::output::{self, or_dash, Table};
+
+/// How many topics, and how many groups, the report reads at once: each
+/// read is a few small etcd requests, so one after another a namespace of
+/// hundreds of topics takes seconds of round trips; a few at once hide
+/// them without crowding a busy etcd.
+const CONCURRENT_READS: usize = 8;
 
 pub async fn run(client: &Client, args: StatusArgs) -> anyhow::Result<()> {
     let (report, problems) = report(client, args.limits).await?;
@@ -82,28 +89,44 @@ pub(crate) async fn report(
     }
 
     let now = jiff::Timestamp::now().as_millisecond();
-    let mut topics = Vec::new();
-    for topic in client.list_topics().await? {
-        let description = client.describe_topic(&topic.name).await?;
-        let stored = Stored::of(client, &description).await?;
-        topics.push(json!({
-            "name": topic.name,
-            "partitions": topic.partitions,
-            "stored_messages": stored.messages,
-            "newest_age_ms": stored.last_timestamp_ms.map(|t| (now - t).max(0)),
-        }));
-    }
+    let reads: Vec<_> = client
+        .list_topics()
+        .await?
+        .into_iter()
+        .map(|topic| async move {
+            let description = client.describe_topic(&topic.name).await?;
+            let stored = Stored::of(client, &description).await?;
+            anyhow::Ok(json!({
+                "name": topic.name,
+                "partitions": topic.partitions,
+                "stored_messages": stored.messages,
+                "newest_age_ms": stored.last_timestamp_ms.map(|t| (now - t).max(0)),
+            }))
+        })
+        .collect();
+    let topics: Vec<serde_json::Value> = stream::iter(reads)
+        .buffered(CONCURRENT_READS)
+        .try_collect()
+        .await?;
 
-    let mut groups = Vec::new();
-    for (group, group_topics) in client.list_groups().await? {
-        let (members, lag) = group_members_and_lag(client, &group, &group_topics).await?;
-        groups.push(json!({
-            "group": group,
-            "topics": group_topics,
-            "members": members,
-            "lag": lag,
-        }));
-    }
+    let reads: Vec<_> = client
+        .list_groups()
+        .await?
+        .into_iter()
+        .map(|(group, group_topics)| async move {
+            let (members, lag) = group_members_and_lag(client, &group, &group_topics).await?;
+            anyhow::Ok(json!({
+                "group": group,
+                "topics": group_topics,
+                "members": members,
+                "lag": lag,
+            }))
+        })
+        .collect();
+    let groups: Vec<serde_json::Value> = stream::iter(reads)
+        .buffered(CONCURRENT_READS)
+        .try_collect()
+        .await?;
 
     let report = json!({
         "ok": problems.is_empty(),

@@ -1,6 +1,7 @@
 //! `topic create | list | describe | alter | delete | truncate | compact |
 //! enforce-retention`.
 
+use futures::{stream, StreamExt};
 use pubsub_etcd::{
     CleanupPolicy, Client, Error, NewTopic, PartitionInfo, RetentionReport, TopicConfig,
     TopicDescription, TopicInfo,
@@ -271,26 +272,37 @@ pub(super) struct Stored {
     pub(super) last_timestamp_ms: Option<i64>,
 }
 
+/// How many partitions' newest messages [`Stored::of`] reads at once.
+const CONCURRENT_FETCHES: usize = 8;
+
 impl Stored {
     pub(super) async fn of(
         client: &Client,
         description: &TopicDescription,
     ) -> anyhow::Result<Stored> {
-        let mut stored = Stored {
-            messages: 0,
-            last_timestamp_ms: None,
-        };
-        for p in &description.partitions {
-            stored.messages += p.next - p.earliest;
-            if p.next > p.earliest {
-                let last = client
-                    .fetch(&description.topic.name, p.partition, p.next - 1, 1)
-                    .await?;
-                let newest = last.messages.first().map(|m| m.timestamp);
-                stored.last_timestamp_ms = stored.last_timestamp_ms.max(newest);
-            }
+        let messages = description
+            .partitions
+            .iter()
+            .map(|p| p.next - p.earliest)
+            .sum();
+        // The newest message of each non-empty partition, a few partitions
+        // at a time: one small read each, which one after another cost a
+        // round trip per partition.
+        let reads: Vec<_> = description
+            .partitions
+            .iter()
+            .filter(|p| p.next > p.earliest)
+            .map(|p| client.fetch(&description.topic.name, p.partition, p.next - 1, 1))
+            .collect();
+        let mut newest = stream::iter(reads).buffer_unordered(CONCURRENT_FETCHES);
+        let mut last_timestamp_ms = None;
+        while let Some(last) = newest.next().await {
+            last_timestamp_ms = last_timestamp_ms.max(last?.messages.first().map(|m| m.timestamp));
         }
-        Ok(stored)
+        Ok(Stored {
+            messages,
+            last_timestamp_ms,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-use common::group::{member, within};
+use common::group::{member, send_one_batch, within};
 use common::ns::Namespace;
 use prost::Message as _;
 use pubsub_etcd::{Client, Compression, Error, Message, NewTopic, Producer, Record, StartOffset};
@@ -69,20 +69,6 @@ async fn put_raw(client: &Client, key: &str, value: Vec<u8>) {
         .put(key, value, None)
         .await
         .expect("raw put");
-}
-
-/// Sends `records` as one batch (one append): a long linger and a flush.
-async fn send_one_batch(producer: &Producer, records: Vec<Record>) -> Vec<u64> {
-    let mut deliveries = Vec::new();
-    for r in records {
-        deliveries.push(producer.enqueue(r).await.unwrap());
-    }
-    producer.flush().await.unwrap();
-    let mut out = Vec::new();
-    for d in deliveries {
-        out.push(d.await.unwrap().offset);
-    }
-    out
 }
 
 async fn producer(client: &Client, topic: &str, compression: Option<Compression>) -> Producer {

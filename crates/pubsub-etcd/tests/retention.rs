@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use common::group::send_all;
+use common::group::{send_all, send_one_batch};
 use common::now_ms;
 use common::ns::Namespace;
 use pubsub_etcd::{
@@ -31,20 +31,6 @@ async fn all_messages(client: &Client, topic: &str, partition: u32) -> Vec<Messa
 
 fn offsets(messages: &[Message]) -> Vec<u64> {
     messages.iter().map(|m| m.offset).collect()
-}
-
-/// Sends `records` as one batch (one append): a long linger and a flush.
-async fn send_one_batch(producer: &Producer, records: Vec<Record>) -> Vec<u64> {
-    let mut deliveries = Vec::new();
-    for r in records {
-        deliveries.push(producer.enqueue(r).await.unwrap());
-    }
-    producer.flush().await.unwrap();
-    let mut out = Vec::new();
-    for d in deliveries {
-        out.push(d.await.unwrap().offset);
-    }
-    out
 }
 
 async fn batch_producer(client: &Client, topic: &str) -> Producer {

@@ -28,6 +28,21 @@ pub async fn send_all(producer: &Producer, records: impl IntoIterator<Item = Rec
     }
 }
 
+/// Sends `records` as one batch (one append, given a producer with a long
+/// linger): enqueues them all, flushes, and returns their offsets.
+pub async fn send_one_batch(producer: &Producer, records: Vec<Record>) -> Vec<u64> {
+    let mut deliveries = Vec::new();
+    for r in records {
+        deliveries.push(producer.enqueue(r).await.unwrap());
+    }
+    producer.flush().await.unwrap();
+    let mut out = Vec::new();
+    for d in deliveries {
+        out.push(d.await.unwrap().offset);
+    }
+    out
+}
+
 /// The next item of a consumer or reader (`recv`, `next_event`): panics if
 /// none comes within `guard`, the stream ended, or it is an error.
 pub async fn within<T>(

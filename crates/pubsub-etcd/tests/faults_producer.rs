@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use common::etcd_proc::EtcdCluster;
+use common::leader;
 use common::ns;
 
 // ---------------------------------------------------------------------------
@@ -522,37 +523,6 @@ async fn lost_responses_are_retried_exactly_once() {
 // ---------------------------------------------------------------------------
 // Paused leader
 // ---------------------------------------------------------------------------
-
-/// The index of the member that currently leads, by asking each member.
-async fn leader(cluster: &EtcdCluster) -> usize {
-    tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            let mut ids = Vec::new();
-            let mut leaders = HashSet::new();
-            for endpoint in cluster.endpoints() {
-                let Ok(mut etcd) = etcd_client::Client::connect([endpoint], None).await else {
-                    break;
-                };
-                match etcd.status().await {
-                    Ok(status) => {
-                        ids.push(status.header().map_or(0, |h| h.member_id()));
-                        leaders.insert(status.leader());
-                    }
-                    Err(_) => break,
-                }
-            }
-            if ids.len() == 3 && leaders.len() == 1 {
-                let leader = *leaders.iter().next().unwrap();
-                if let Some(i) = ids.iter().position(|id| *id == leader) {
-                    return i;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the cluster did not agree on a leader")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_pause_keeps_offsets_exactly_once() {

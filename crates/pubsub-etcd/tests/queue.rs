@@ -13,6 +13,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use common::etcd_proc::EtcdCluster;
+use common::leader;
 use common::ns::{client, Namespace};
 use pubsub_etcd::{Client, Error, Job, NewTopic, QueueConsumer, QueueReset, Record};
 use tokio::time::{timeout, Instant};
@@ -566,37 +567,6 @@ async fn eight_worker_processes_killed_repeatedly_settle_every_message() {
         "{duplicates} duplicates but only {} expired offsets",
         stats.expired
     );
-}
-
-/// The index of the member that currently leads, by asking each member.
-async fn leader(cluster: &EtcdCluster) -> usize {
-    timeout(Duration::from_secs(15), async {
-        loop {
-            let mut ids = Vec::new();
-            let mut leaders = HashSet::new();
-            for endpoint in cluster.endpoints() {
-                let Ok(mut etcd) = etcd_client::Client::connect([endpoint], None).await else {
-                    break;
-                };
-                match etcd.status().await {
-                    Ok(status) => {
-                        ids.push(status.header().map_or(0, |h| h.member_id()));
-                        leaders.insert(status.leader());
-                    }
-                    Err(_) => break,
-                }
-            }
-            if ids.len() == 3 && leaders.len() == 1 {
-                let leader = *leaders.iter().next().unwrap();
-                if let Some(i) = ids.iter().position(|id| *id == leader) {
-                    return i;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the cluster did not agree on a leader")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,11 @@ pub mod etcd_proc;
 pub mod group;
 pub mod ns;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
+
+use etcd_proc::EtcdCluster;
 
 /// Upper bound for any single library call in the tests: a call that takes
 /// longer has hung.
@@ -26,4 +29,37 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("the clock is after 1970")
         .as_millis() as i64
+}
+
+/// The index of the member of a three-member cluster that currently
+/// leads, by asking each member; fails the test if they do not agree
+/// within 15 s.
+pub async fn leader(cluster: &EtcdCluster) -> usize {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let mut ids = Vec::new();
+            let mut leaders = HashSet::new();
+            for endpoint in cluster.endpoints() {
+                let Ok(mut etcd) = etcd_client::Client::connect([endpoint], None).await else {
+                    break;
+                };
+                match etcd.status().await {
+                    Ok(status) => {
+                        ids.push(status.header().map_or(0, |h| h.member_id()));
+                        leaders.insert(status.leader());
+                    }
+                    Err(_) => break,
+                }
+            }
+            if ids.len() == 3 && leaders.len() == 1 {
+                let leader = *leaders.iter().next().unwrap();
+                if let Some(i) = ids.iter().position(|id| *id == leader) {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the cluster did not agree on a leader")
 }

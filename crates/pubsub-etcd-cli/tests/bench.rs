@@ -471,8 +471,11 @@ fn produce_and_consume_compressed_payloads() {
             "produce",
             "--messages",
             "1000",
+            // Large enough that batch framing, whose share depends on how
+            // many batches timing makes, stays far below the 1% the ratio
+            // allows (at 200 B it came to 1.2% once).
             "--size",
-            "200",
+            "2000",
             "--compression",
             "zstd",
         ],
@@ -480,7 +483,7 @@ fn produce_and_consume_compressed_payloads() {
     let stored = &summary["pubsub"]["stored"];
     let ratio = assert_number(&stored["ratio"], "random");
     assert!((0.99..1.2).contains(&ratio), "{stored}");
-    assert!(assert_number(&stored["stored_bytes_per_msg"], "random") > 180.0);
+    assert!(assert_number(&stored["stored_bytes_per_msg"], "random") > 1800.0);
     assert_eq!(keys_under(&ns), 0);
 }
 

@@ -718,6 +718,10 @@ pub enum BenchCommand {
     /// peak RSS, etcd requests and rebalance settle, each phase in a child
     /// process
     Partitions(BenchPartitionsArgs),
+    /// Queue workers settling a backlog with one ack per message, next to a
+    /// consumer group draining the same backlog, and etcd's work per
+    /// message
+    Queue(BenchQueueArgs),
     /// One phase of `bench partitions`, run by it in a child process
     #[command(hide = true)]
     PartitionsWorker(PartitionsWorkerArgs),
@@ -746,6 +750,7 @@ impl BenchCommand {
             BenchCommand::Consume(args) => &args.options,
             BenchCommand::Latency(args) => &args.options,
             BenchCommand::Partitions(args) => &args.options,
+            BenchCommand::Queue(args) => &args.options,
             BenchCommand::PartitionsWorker(args) => &args.options,
         }
     }
@@ -823,6 +828,48 @@ pub struct BenchConsumeArgs {
     /// Messages the consumer reads per etcd request while catching up [default: 1000]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fetch_messages: Option<u64>,
+
+    #[command(flatten)]
+    pub data: BenchDataArgs,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    /// Messages in the backlog
+    #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the benchmark topic
+    #[arg(long, value_name = "P", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=i64::from(pubsub_etcd::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// Queue workers, as tasks of this process
+    #[arg(long, value_name = "K", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// Members of the consumer group that drains the same backlog first
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub group_members: u32,
+
+    /// Most offsets one queue lease takes [default: the library's, 256]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_batch: Option<u64>,
+
+    /// Unconfirmed acks each worker keeps in flight
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub acks_in_flight: u32,
+
+    /// etcd's Prometheus metrics URL, for the request and write counts
+    /// [default: http://<first endpoint>/metrics]
+    #[arg(long, value_name = "URL")]
+    pub etcd_metrics: Option<String>,
 
     #[command(flatten)]
     pub data: BenchDataArgs,

@@ -69,7 +69,8 @@ pub struct QueueConsumerBuilder {
 }
 
 /// Queue counters, from [`Client::queue_stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Offsets that wait for (re)delivery, including never delivered ones.
     pub pending: u64,

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use super::payload::Values;
 use super::{cell, megabytes_per_second, progress, ratio, stored, stored_cells, Stored, Summary};
-use crate::cli::{BenchConsumeArgs, Payload};
+use crate::cli::{BenchConsumeArgs, BenchDataArgs, Payload};
 use crate::output::{or_dash, Table};
 
 const TOPIC: &str = "backlog";
@@ -53,9 +53,9 @@ struct Settings {
 
 /// Producing the backlog, as fast as one producer goes.
 #[derive(Debug, Serialize)]
-struct Backlog {
+pub(super) struct Backlog {
     seconds: f64,
-    msgs_per_sec: f64,
+    pub(super) msgs_per_sec: f64,
     /// Application bytes: message values.
     mb_per_sec: f64,
     stored: Stored,
@@ -115,7 +115,7 @@ pub async fn run(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Con
     client
         .create_topic(NewTopic::new(TOPIC, args.partitions))
         .await?;
-    let backlog = produce_backlog(client, args).await?;
+    let backlog = produce_backlog(client, TOPIC, args.messages, args.size, &args.data).await?;
     let pubsub = catch_up(client, args).await?;
     let raw = if args.options.compare_raw {
         Some(raw_read(client, args.messages).await?)
@@ -141,20 +141,28 @@ pub async fn run(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Con
     })
 }
 
-async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Result<Backlog> {
+/// Produces `messages` values of `data` to `topic` as fast as one producer
+/// goes.
+pub(super) async fn produce_backlog(
+    client: &Client,
+    topic: &str,
+    messages: u64,
+    size: u32,
+    data: &BenchDataArgs,
+) -> anyhow::Result<Backlog> {
     let producer = client
-        .producer(TOPIC)
-        .compression(args.data.compression)
+        .producer(topic)
+        .compression(data.compression)
         .build()
         .await?;
     // Dropped with this function: the pool is not the catch-up's memory.
-    let mut values = Values::new(args.data.payload, args.size);
+    let mut values = Values::new(data.payload, size);
     let mut bytes = 0u64;
     let window = std::sync::Arc::new(Semaphore::new(IN_FLIGHT as usize));
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<pubsub_etcd::Error>(1);
-    let bar = progress(args.messages, "backlog");
+    let bar = progress(messages, "backlog");
     let started = Instant::now();
-    for _ in 0..args.messages {
+    for _ in 0..messages {
         let permit = window.clone().acquire_owned().await?;
         if let Ok(error) = failed_rx.try_recv() {
             return Err(error).context("producing the backlog");
@@ -178,12 +186,12 @@ async fn produce_backlog(client: &Client, args: &BenchConsumeArgs) -> anyhow::Re
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     producer.close().await?;
-    let partitions = client.describe_topic(TOPIC).await?.partitions;
+    let partitions = client.describe_topic(topic).await?.partitions;
     Ok(Backlog {
         seconds,
-        msgs_per_sec: args.messages as f64 / seconds,
+        msgs_per_sec: messages as f64 / seconds,
         mb_per_sec: megabytes_per_second(bytes, seconds),
-        stored: stored(&partitions, args.messages, seconds),
+        stored: stored(&partitions, messages, seconds),
     })
 }
 

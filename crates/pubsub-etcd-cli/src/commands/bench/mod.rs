@@ -8,10 +8,12 @@
 //! leave it behind in someone's namespace.
 
 mod consume;
+mod etcd_metrics;
 mod latency;
 mod partitions;
 mod payload;
 mod produce;
+mod queue;
 
 use std::io::IsTerminal as _;
 use std::sync::Mutex;
@@ -114,6 +116,14 @@ async fn dispatch(
             let format = args.options.format;
             let summary = partitions::run(client, connection, credentials, &args).await?;
             render(summary, namespace, format)
+        }
+        BenchCommand::Queue(args) => {
+            let format = args.options.format;
+            render(
+                queue::run(client, connection, &args).await?,
+                namespace,
+                format,
+            )
         }
         BenchCommand::PartitionsWorker(_) => unreachable!("run without a bench namespace"),
     }

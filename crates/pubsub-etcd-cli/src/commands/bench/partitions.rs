@@ -25,10 +25,11 @@ use anyhow::{bail, Context as _};
 use futures::future::join_all;
 use pubsub_etcd::{Bytes, Client, Delivery, Event, NewTopic, Record, StartOffset};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, watch};
 
+use super::etcd_metrics::EtcdMetrics;
 use super::Summary;
 use crate::cli::{BenchPartitionsArgs, ConnectionArgs, PartitionsRole, PartitionsWorkerArgs};
 use crate::output::Table;
@@ -191,7 +192,7 @@ struct Context<'a> {
     connection: &'a ConnectionArgs,
     credentials: Option<&'a (String, String)>,
     args: &'a BenchPartitionsArgs,
-    metrics: Option<String>,
+    metrics: Option<EtcdMetrics>,
 }
 
 /// What a phase does.
@@ -212,18 +213,7 @@ pub async fn run(
     credentials: Option<&(String, String)>,
     args: &BenchPartitionsArgs,
 ) -> anyhow::Result<PartitionsSummary> {
-    let metrics = args.etcd_metrics.clone().or_else(|| {
-        let endpoint = connection.endpoints.first()?;
-        let host = endpoint
-            .strip_prefix("http://")
-            .unwrap_or(endpoint)
-            .trim_end_matches('/');
-        (!host.contains("://")).then(|| format!("http://{host}/metrics"))
-    });
-    let metrics = match &metrics {
-        Some(url) if etcd_requests(url).await.is_ok() => Some(url.clone()),
-        _ => None,
-    };
+    let metrics = EtcdMetrics::locate(args.etcd_metrics.as_deref(), connection).await;
     let context = Context {
         connection,
         credentials,
@@ -260,7 +250,7 @@ pub async fn run(
         messages_per_partition: args.messages_per_partition,
         size: args.size,
         phase_timeout_seconds: args.phase_timeout.as_secs_f64(),
-        etcd_metrics: context.metrics,
+        etcd_metrics: context.metrics.map(|m| m.url().to_string()),
         runs,
     })
 }
@@ -326,7 +316,7 @@ impl Phase {
 /// the phase's outcome.
 async fn phase(context: &Context<'_>, topic: &str, partitions: u32, kind: Kind) -> Phase {
     let before = match &context.metrics {
-        Some(url) => etcd_requests(url).await.ok(),
+        Some(metrics) => metrics.read().await.ok(),
         None => None,
     };
     let mut children = Children::new();
@@ -339,10 +329,11 @@ async fn phase(context: &Context<'_>, topic: &str, partitions: u32, kind: Kind) 
     .await;
     let exits = children.finish().await;
     let etcd_requests = match (&context.metrics, before) {
-        (Some(url), Some(before)) => etcd_requests(url)
+        (Some(metrics), Some(before)) => metrics
+            .read()
             .await
             .ok()
-            .map(|after| after.saturating_sub(before)),
+            .map(|after| after.since(before).requests),
         _ => None,
     };
     let (outcome, detail) = match measured {
@@ -683,36 +674,6 @@ impl State {
             ),
         }
     }
-}
-
-/// The sum of etcd's `grpc_server_handled_total`: every gRPC request etcd
-/// finished, of any method. Read by a plain HTTP/1.0 GET, which is all the
-/// loopback metrics endpoint needs.
-async fn etcd_requests(url: &str) -> anyhow::Result<u64> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// metrics URLs are read"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let read = async {
-        let mut stream = tokio::net::TcpStream::connect(host).await?;
-        stream
-            .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await?;
-        let mut body = String::new();
-        // Bounded: etcd's metrics page is some hundred KiB.
-        stream.take(64 << 20).read_to_string(&mut body).await?;
-        std::io::Result::Ok(body)
-    };
-    let body = tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .with_context(|| format!("{url} did not answer"))?
-        .with_context(|| format!("cannot read {url}"))?;
-    let total = body
-        .lines()
-        .filter(|l| l.starts_with("grpc_server_handled_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    Ok(total as u64)
 }
 
 /// Writes a child's lines to stdout, one JSON object each.

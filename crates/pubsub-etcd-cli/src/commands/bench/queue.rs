@@ -1,0 +1,336 @@
+//! `bench queue`: how fast queue workers settle a backlog with one ack per
+//! message and a no-op job, next to a consumer group draining the same
+//! backlog in the same run, and the etcd requests and key writes each
+//! settled message costs.
+//!
+//! Both drains read one backlog: the group first (it commits offsets only,
+//! so the queue still finds every message unsettled), then the queue.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use pubsub_etcd::{Client, NewTopic, QueueStats};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::consume::{produce_backlog, Backlog};
+use super::etcd_metrics::{Counters, EtcdMetrics};
+use super::{cell, ratio, Summary};
+use crate::cli::{BenchQueueArgs, ConnectionArgs};
+use crate::output::Table;
+
+const TOPIC: &str = "jobs";
+const GROUP: &str = "drain";
+const QUEUE: &str = "work";
+/// A drain with no message for this long has stalled.
+const STALL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize)]
+pub struct QueueSummary {
+    settings: Settings,
+    /// Where the etcd counts come from; absent when not reachable.
+    etcd_metrics: Option<String>,
+    backlog: Backlog,
+    group: Drain,
+    queue: Drain,
+    queue_detail: QueueDetail,
+    /// Queue msgs/s over group msgs/s.
+    ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Settings {
+    messages: u64,
+    size: u32,
+    partitions: u32,
+    workers: u32,
+    group_members: u32,
+    /// None: the library's default.
+    max_batch: Option<u64>,
+    acks_in_flight: u32,
+}
+
+/// One way of consuming the whole backlog.
+#[derive(Debug, Serialize)]
+struct Drain {
+    /// Distinct messages consumed (group) or settled (queue).
+    messages: u64,
+    /// From the first join to the last message (group) or confirmed ack
+    /// (queue).
+    seconds: f64,
+    msgs_per_sec: f64,
+    etcd: Option<EtcdWork>,
+}
+
+/// What etcd did during one drain.
+#[derive(Debug, Serialize)]
+struct EtcdWork {
+    requests: u64,
+    keys_written: u64,
+    requests_per_message: f64,
+    keys_written_per_message: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct QueueDetail {
+    /// Jobs received, counting redeliveries.
+    deliveries: u64,
+    /// Deliveries beyond the first of a message.
+    duplicates: u64,
+    /// The queue's counters once every worker closed.
+    stats: QueueStats,
+}
+
+pub async fn run(
+    client: &Client,
+    connection: &ConnectionArgs,
+    args: &BenchQueueArgs,
+) -> anyhow::Result<QueueSummary> {
+    let metrics = EtcdMetrics::locate(args.etcd_metrics.as_deref(), connection).await;
+    client
+        .create_topic(NewTopic::new(TOPIC, args.partitions))
+        .await?;
+    let backlog = produce_backlog(client, TOPIC, args.messages, args.size, &args.data).await?;
+    let before = read(metrics.as_ref()).await;
+    let (messages, seconds) = group_drain(client, args).await?;
+    let group = drain(messages, seconds, before, read(metrics.as_ref()).await);
+    let before = read(metrics.as_ref()).await;
+    let (settled, deliveries, seconds) = queue_drain(client, args).await?;
+    let queue = drain(settled, seconds, before, read(metrics.as_ref()).await);
+    let stats = client.queue_stats(TOPIC, QUEUE).await?;
+    Ok(QueueSummary {
+        settings: Settings {
+            messages: args.messages,
+            size: args.size,
+            partitions: args.partitions,
+            workers: args.workers,
+            group_members: args.group_members,
+            max_batch: args.max_batch,
+            acks_in_flight: args.acks_in_flight,
+        },
+        etcd_metrics: metrics.map(|m| m.url().to_string()),
+        backlog,
+        ratio: ratio(queue.msgs_per_sec, group.msgs_per_sec),
+        group,
+        queue,
+        queue_detail: QueueDetail {
+            deliveries,
+            duplicates: deliveries.saturating_sub(settled),
+            stats,
+        },
+    })
+}
+
+async fn read(metrics: Option<&EtcdMetrics>) -> Option<Counters> {
+    metrics?.read().await.ok()
+}
+
+fn drain(messages: u64, seconds: f64, before: Option<Counters>, after: Option<Counters>) -> Drain {
+    let etcd = before.zip(after).map(|(before, after)| {
+        let work = after.since(before);
+        let per = messages.max(1) as f64;
+        EtcdWork {
+            requests: work.requests,
+            keys_written: work.keys_written,
+            requests_per_message: work.requests as f64 / per,
+            keys_written_per_message: work.keys_written as f64 / per,
+        }
+    });
+    Drain {
+        messages,
+        seconds,
+        msgs_per_sec: messages as f64 / seconds,
+        etcd,
+    }
+}
+
+/// A group of `group_members` tasks reads the backlog from the start; the
+/// time until the last message arrived.
+async fn group_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(u64, f64)> {
+    let received = Arc::new(AtomicU64::new(0));
+    let (done_tx, done) = watch::channel(false);
+    let done_tx = Arc::new(done_tx);
+    let started = Instant::now();
+    let mut members = Vec::new();
+    for _ in 0..args.group_members {
+        let consumer = client.consumer(TOPIC, GROUP).join().await?;
+        let (received, done_tx, mut done) = (received.clone(), done_tx.clone(), done.clone());
+        let total = args.messages;
+        members.push(tokio::spawn(async move {
+            let mut consumer = consumer;
+            let outcome = loop {
+                tokio::select! {
+                    message = tokio::time::timeout(STALL, consumer.recv()) => match message {
+                        Ok(Some(Ok(_))) => {
+                            if received.fetch_add(1, Ordering::Relaxed) + 1 == total {
+                                let _ = done_tx.send(true);
+                            }
+                        }
+                        Ok(Some(Err(e))) => break Err(anyhow::Error::from(e)),
+                        Ok(None) => break Err(anyhow::anyhow!("a group member closed")),
+                        Err(_) => break Err(anyhow::anyhow!("no message for {STALL:?}")),
+                    },
+                    _ = done.wait_for(|&d| d) => break Ok(()),
+                }
+            };
+            consumer.close().await?;
+            outcome
+        }));
+    }
+    let mut finished = done.clone();
+    let seconds = tokio::select! {
+        _ = finished.wait_for(|&d| d) => started.elapsed().as_secs_f64(),
+        failed = first_failure(&mut members) => return Err(failed),
+    };
+    let _ = done_tx.send(true);
+    for member in members {
+        member.await??;
+    }
+    Ok((received.load(Ordering::Relaxed), seconds))
+}
+
+/// `workers` queue workers take jobs and ack each at once, up to
+/// `acks_in_flight` unconfirmed acks per worker; the time until every
+/// message's ack was confirmed, and the deliveries counted.
+async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(u64, u64, f64)> {
+    let seen = Arc::new(Mutex::new(HashSet::<(u32, u64)>::new()));
+    let settled = Arc::new(Mutex::new(HashSet::<(u32, u64)>::new()));
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let (done_tx, done) = watch::channel(false);
+    let done_tx = Arc::new(done_tx);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.workers {
+        let mut builder = client.queue(TOPIC, QUEUE);
+        if let Some(n) = args.max_batch {
+            builder = builder.max_batch(n);
+        }
+        let mut queue = builder.join().await?;
+        let (seen, settled, deliveries) = (seen.clone(), settled.clone(), deliveries.clone());
+        let (done_tx, mut done) = (done_tx.clone(), done.clone());
+        let (total, in_flight) = (args.messages, args.acks_in_flight as usize);
+        workers.push(tokio::spawn(async move {
+            let mut acks = FuturesUnordered::new();
+            let outcome = loop {
+                tokio::select! {
+                    Some((id, acked)) = acks.next(), if !acks.is_empty() => {
+                        if let Err(e) = acked {
+                            break Err(anyhow::Error::from(e).context("an ack failed"));
+                        }
+                        let mut settled = settled.lock().expect("settled lock");
+                        settled.insert(id);
+                        if settled.len() as u64 == total {
+                            let _ = done_tx.send(true);
+                        }
+                    }
+                    job = tokio::time::timeout(STALL, queue.recv()), if acks.len() < in_flight => match job {
+                        Ok(Some(Ok(job))) => {
+                            deliveries.fetch_add(1, Ordering::Relaxed);
+                            let id = (job.message.partition, job.message.offset);
+                            seen.lock().expect("seen lock").insert(id);
+                            acks.push(async move { (id, job.ack().await) });
+                        }
+                        Ok(Some(Err(e))) => break Err(anyhow::Error::from(e)),
+                        Ok(None) => break Err(anyhow::anyhow!("a queue worker closed")),
+                        Err(_) => break Err(anyhow::anyhow!("no job for {STALL:?}")),
+                    },
+                    _ = done.wait_for(|&d| d) => break Ok(()),
+                }
+            };
+            queue.close().await;
+            outcome
+        }));
+    }
+    let mut finished = done.clone();
+    let seconds = tokio::select! {
+        _ = finished.wait_for(|&d| d) => started.elapsed().as_secs_f64(),
+        failed = first_failure(&mut workers) => return Err(failed),
+    };
+    let _ = done_tx.send(true);
+    for worker in workers {
+        worker.await??;
+    }
+    let settled = settled.lock().expect("settled lock").len() as u64;
+    let distinct = seen.lock().expect("seen lock").len() as u64;
+    anyhow::ensure!(
+        distinct == settled,
+        "{distinct} messages delivered, {settled} settled"
+    );
+    Ok((settled, deliveries.load(Ordering::Relaxed), seconds))
+}
+
+/// The first error of a task that ended; pending while none failed.
+async fn first_failure(tasks: &mut [tokio::task::JoinHandle<anyhow::Result<()>>]) -> anyhow::Error {
+    let mut running: FuturesUnordered<_> = tasks.iter_mut().collect();
+    while let Some(ended) = running.next().await {
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e,
+            Err(e) => return anyhow::Error::from(e).context("a task panicked"),
+        }
+    }
+    std::future::pending().await
+}
+
+impl Summary for QueueSummary {
+    const BENCH: &'static str = "queue";
+
+    fn text(&self, namespace: &str) -> String {
+        let s = &self.settings;
+        let batch = s
+            .max_batch
+            .map_or_else(|| "default".to_string(), |n| n.to_string());
+        let mut text = format!(
+            "bench queue: backlog of {} messages of {} B in {} partition(s); group of {} member(s) \
+             against {} queue workers (max_batch {batch}, up to {} acks in flight each, one ack per \
+             message, no-op jobs); namespace {namespace}\n\
+             backlog produced at {:.0} msgs/s; etcd counts from {}\n\n",
+            s.messages,
+            s.size,
+            s.partitions,
+            s.group_members,
+            s.workers,
+            s.acks_in_flight,
+            self.backlog.msgs_per_sec,
+            self.etcd_metrics.as_deref().unwrap_or("(no metrics)"),
+        );
+        let mut table = Table::new([
+            "",
+            "messages",
+            "seconds",
+            "msgs/s",
+            "etcd requests/msg",
+            "keys written/msg",
+        ]);
+        for (name, d) in [
+            ("group drain", &self.group),
+            ("queue, ack each", &self.queue),
+        ] {
+            table.row([
+                name.to_string(),
+                d.messages.to_string(),
+                format!("{:.2}", d.seconds),
+                format!("{:.0}", d.msgs_per_sec),
+                cell(d.etcd.as_ref().map(|e| e.requests_per_message)),
+                d.etcd.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |e| format!("{:.4}", e.keys_written_per_message),
+                ),
+            ]);
+        }
+        text.push_str(&table.render());
+        let q = &self.queue_detail;
+        text.push_str(&format!(
+            "\nqueue/group: {}; {} deliveries, {} duplicates; redelivered {}, expired {}\n",
+            cell(self.ratio),
+            q.deliveries,
+            q.duplicates,
+            q.stats.redelivered,
+            q.stats.expired,
+        ));
+        text
+    }
+}

@@ -1,0 +1,750 @@
+//! The background task of one queue worker: lease rounds that hand out
+//! jobs, and the coalescing of settle operations into its settled key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions, WatchStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::snapshot::{cas, read_snapshot, Cas, Settlement, Slot, Snapshot, MAX_STATE_BYTES};
+use super::state::{Op, Settled, State, MAX_RANGES};
+use super::{Cmd, Job, Load, QueueConsumerBuilder};
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::fetch::{fetch_partition, Cut};
+use crate::keys::QueueKey;
+use crate::record::{now_millis, Record};
+use crate::topic::{topic_arc, TopicInfo};
+use crate::Producer;
+
+/// Settle operations buffered before a flush regardless of the interval.
+pub(super) const FLUSH_OPS: usize = 1024;
+/// How long a lease or flush keeps retrying a CAS that other workers win
+/// before it gives up (a flush then fails the acks it carried).
+const CAS_PATIENCE: Duration = Duration::from_secs(10);
+/// Longest pause between two CAS attempts on one partition.
+const CAS_BACKOFF: Duration = Duration::from_millis(20);
+/// Smallest lease a worker takes before it has measured its rate.
+const MIN_LEASE: u64 = 8;
+/// How often a worker samples how fast it finishes jobs.
+const RATE_WINDOW: Duration = Duration::from_millis(200);
+/// Attempts to store a worker's settled key while etcd does not answer.
+const STORE_ATTEMPTS: u32 = 5;
+/// How long a settled key every state reflects stays unchanged before
+/// another worker deletes it as left behind by a worker that is gone.
+const STALE_SETTLED: Duration = Duration::from_secs(60);
+/// Pause after a failed lease round or a broken watch before trying again.
+const ERROR_PAUSE: Duration = Duration::from_millis(200);
+/// How soon a worker whose job buffer has no room for a lease looks again.
+const FULL_PAUSE: Duration = Duration::from_millis(2);
+
+/// What wakes the worker for its next lease round.
+type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What one lease round found.
+enum Round {
+    Leased,
+    /// No partition had work at `revision`; the earliest lease deadline or
+    /// nack delay (ms) is when some may come without any write.
+    Idle {
+        revision: i64,
+        due_ms: Option<i64>,
+    },
+}
+
+/// Returns once a message is appended to the topic or a partition's queue
+/// state is deleted (`queue delete`, `queue reset`) after `revision`, or
+/// after [`ERROR_PAUSE`] once a watch fails. Other queue writes do not wake
+/// it: a lease takes work and settling frees none for others (a nack's
+/// redelivery is due at a time, which the caller waits for, and the nacking
+/// worker looks again itself), so idle workers stay idle while busy ones
+/// lease and ack.
+async fn changed_after(client: Client, topic: String, queue: String, revision: i64) {
+    let prefixes = [
+        client.keys.topic_data_prefix(&topic),
+        client.keys.queue_prefix(&topic, &queue),
+    ];
+    let mut streams = Vec::with_capacity(prefixes.len());
+    for prefix in prefixes {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        match client
+            .timed(
+                "watch queue",
+                client.watch.clone().watch(prefix, Some(options)),
+            )
+            .await
+        {
+            Ok(stream) => streams.push(stream),
+            Err(error) => {
+                tracing::debug!(%error, "watching for queue work failed");
+                tokio::time::sleep(ERROR_PAUSE).await;
+                return;
+            }
+        }
+    }
+    let data = client.keys.topic_data_prefix(&topic);
+    let wakes = |event: &etcd_client::Event| {
+        let Some(kv) = event.kv() else { return false };
+        kv.key().starts_with(data.as_bytes())
+            || (event.event_type() == EventType::Delete
+                && matches!(
+                    client.keys.queue_key(&topic, &queue, kv.key()),
+                    Some(QueueKey::Partition(_))
+                ))
+    };
+    let first_event = |mut stream: WatchStream| async move {
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) if response.canceled() => break,
+                Ok(Some(response)) => {
+                    if response.events().iter().any(wakes) {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tokio::time::sleep(ERROR_PAUSE).await;
+    };
+    let mut streams = streams.into_iter();
+    let (Some(a), Some(b)) = (streams.next(), streams.next()) else {
+        return;
+    };
+    tokio::select! {
+        _ = first_event(a) => {}
+        _ = first_event(b) => {}
+    }
+}
+
+/// Leased or found nothing to lease on one partition.
+enum Leased {
+    Took,
+    Nothing { due_ms: Option<i64> },
+}
+
+pub(super) struct Worker {
+    client: Client,
+    topic: Arc<str>,
+    info: TopicInfo,
+    name: String,
+    worker: String,
+    config: QueueConsumerBuilder,
+    dead_letter: Option<Producer>,
+    jobs: mpsc::Sender<Result<Job>>,
+    ops: mpsc::Sender<Cmd>,
+    buffered: Vec<Cmd>,
+    next_lease: u64,
+    next_partition: u32,
+    /// Per partition, an offset below which no message is stored any more.
+    skip: HashMap<u32, u64>,
+    /// This worker's settle operations stored in its settled key that some
+    /// partition state may not reflect yet.
+    unmerged: BTreeMap<u32, Settled>,
+    /// `unmerged` shrank since it was last stored.
+    rewrite: bool,
+    load: Arc<Load>,
+    /// Jobs this worker finishes per second while it has some, smoothed.
+    rate: f64,
+    /// When `rate` was last sampled, and `load.finished` then.
+    sampled: (Instant, u64),
+    /// The lease size `lease_size` last allowed.
+    last_lease: u64,
+}
+
+impl Worker {
+    pub(super) fn new(
+        config: QueueConsumerBuilder,
+        info: TopicInfo,
+        dead_letter: Option<Producer>,
+        jobs: mpsc::Sender<Result<Job>>,
+        ops: mpsc::Sender<Cmd>,
+    ) -> Worker {
+        static WORKERS: AtomicU64 = AtomicU64::new(0);
+        // Unique across restarts too (a pid comes back): a worker's lease
+        // ids restart at 1 and must not match a predecessor's leases.
+        let host: String = gethostname::gethostname()
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect();
+        let worker = format!(
+            "{host}-{}-{}-{:08x}",
+            std::process::id(),
+            WORKERS.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        Worker {
+            client: config.client.clone(),
+            topic: topic_arc(&config.topic),
+            info,
+            name: config.name.clone(),
+            worker,
+            config,
+            dead_letter,
+            jobs,
+            ops,
+            buffered: Vec::new(),
+            next_lease: 0,
+            load: Arc::default(),
+            rate: 0.0,
+            sampled: (Instant::now(), 0),
+            last_lease: MIN_LEASE,
+            next_partition: rand::random::<u32>(),
+            skip: HashMap::new(),
+            unmerged: BTreeMap::new(),
+            rewrite: false,
+        }
+    }
+
+    fn settled_key(&self) -> String {
+        self.client
+            .keys
+            .queue_settled(&self.info.name, &self.name, &self.worker)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut ops: mpsc::Receiver<Cmd>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let mut flush = tokio::time::interval(self.config.flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wake: Wake = Box::pin(std::future::ready(()));
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                Some(cmd) = ops.recv() => {
+                    self.buffered.push(cmd);
+                    if self.buffered.len() >= FLUSH_OPS && self.flush().await {
+                        wake = Box::pin(std::future::ready(()));
+                    }
+                }
+                _ = flush.tick() => {
+                    // A nack may make work due at once, and only this
+                    // worker is woken by its own settled key.
+                    if self.flush().await {
+                        wake = Box::pin(std::future::ready(()));
+                    }
+                }
+                _ = &mut wake => wake = self.round().await,
+            }
+        }
+        ops.close();
+        while let Ok(cmd) = ops.try_recv() {
+            self.buffered.push(cmd);
+        }
+        self.flush().await;
+        if !self.unmerged.is_empty() {
+            if let Err(error) = self.merge_own().await {
+                tracing::debug!(%error, queue = %self.name, "merging settled operations on close failed; other workers will");
+            }
+        }
+        if let Some(producer) = self.dead_letter.take() {
+            let _ = producer.close().await;
+        }
+    }
+
+    /// Leases once if there is room for the jobs, and says what wakes the
+    /// next round: at once after a lease; a change in etcd or the next due
+    /// time when idle, so idle workers cost a watch, not polling reads.
+    async fn round(&mut self) -> Wake {
+        let size = self.lease_size();
+        if size == 0 || self.jobs.capacity() < size as usize {
+            return Box::pin(tokio::time::sleep(FULL_PAUSE));
+        }
+        match self.lease(size).await {
+            Ok(Round::Leased) => Box::pin(std::future::ready(())),
+            Ok(Round::Idle { revision, due_ms }) => {
+                let changed = changed_after(
+                    self.client.clone(),
+                    self.info.name.clone(),
+                    self.name.clone(),
+                    revision,
+                );
+                let Some(due_ms) = due_ms else {
+                    return Box::pin(changed);
+                };
+                let wait = Duration::from_millis(due_ms.saturating_sub(now_millis()).max(0) as u64);
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = changed => {}
+                    }
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = %self.name, "queue lease failed");
+                let transient =
+                    error.is_outcome_unknown() || matches!(error, Error::Contended { .. });
+                if !transient {
+                    // Full means the caller has not taken the last ones
+                    // yet; the next failing round reports it again.
+                    let _ = self.jobs.try_send(Err(error));
+                }
+                Box::pin(tokio::time::sleep(ERROR_PAUSE))
+            }
+        }
+    }
+
+    /// How many offsets to lease now: what this worker finishes in a
+    /// quarter of `ack_wait` at its measured rate (at least [`MIN_LEASE`], at most
+    /// `max_batch`), less the jobs it holds. A worker never leases more than
+    /// it can finish before the leases expire, and a new worker starts
+    /// small, so many workers on one partition all get work.
+    fn lease_size(&mut self) -> u64 {
+        let finished = self.load.finished.load(Ordering::Relaxed);
+        let outstanding = self.load.outstanding.load(Ordering::Relaxed);
+        let (at, before) = self.sampled;
+        let elapsed = at.elapsed();
+        if elapsed >= RATE_WINDOW {
+            if outstanding > 0 || finished > before {
+                let sample = (finished - before) as f64 / elapsed.as_secs_f64();
+                self.rate = if self.rate == 0.0 {
+                    sample
+                } else {
+                    (self.rate + sample) / 2.0
+                };
+            }
+            self.sampled = (Instant::now(), finished);
+        }
+        // A quarter of ack_wait, and at most twice the last lease: the rate
+        // was measured before this lease adds to the load.
+        let target = (self.rate * self.config.ack_wait.as_secs_f64() / 4.0) as u64;
+        let size = target
+            .min(self.last_lease.saturating_mul(2))
+            .clamp(MIN_LEASE.min(self.config.max_batch), self.config.max_batch);
+        self.last_lease = size;
+        size.saturating_sub(outstanding)
+    }
+
+    /// Stores the buffered settle operations with the unmerged ones in this
+    /// worker's settled key: one plain write per flush, whatever the number
+    /// of partitions, that no other worker contends for. True when a nack
+    /// was among them.
+    async fn flush(&mut self) -> bool {
+        if self.buffered.is_empty() && !self.rewrite {
+            return false;
+        }
+        let cmds: Vec<Cmd> = self.buffered.drain(..).collect();
+        let mut next = self.unmerged.clone();
+        let mut nacked = false;
+        for cmd in &cmds {
+            nacked |= matches!(cmd.op, Op::Nack { .. });
+            next.entry(cmd.partition).or_default().push(cmd.op.clone());
+        }
+        next.retain(|_, s| !s.is_empty());
+        let result = self.store(&next).await;
+        if result.is_ok() {
+            self.unmerged = next;
+            self.rewrite = false;
+        }
+        for cmd in cmds {
+            if let Some(done) = cmd.done {
+                let _ = done.send(result.clone());
+            }
+        }
+        nacked && result.is_ok()
+    }
+
+    /// Writes (or, when empty, deletes) this worker's settled key. Both are
+    /// idempotent, so a write whose outcome is unknown is simply repeated.
+    async fn store(&self, partitions: &BTreeMap<u32, Settled>) -> Result<()> {
+        let key = self.settled_key();
+        let value = if partitions.is_empty() {
+            None
+        } else {
+            let settlement = Settlement {
+                inc: self.info.incarnation,
+                written_ms: now_millis(),
+                partitions: partitions.clone(),
+            };
+            let value =
+                serde_json::to_vec(&settlement).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            if value.len() > MAX_STATE_BYTES {
+                return Err(Error::QueueStateTooLarge {
+                    key,
+                    bytes: value.len(),
+                    limit: MAX_STATE_BYTES,
+                });
+            }
+            Some(value)
+        };
+        let mut attempt = 0;
+        loop {
+            let result = match &value {
+                Some(value) => self
+                    .client
+                    .timed(
+                        "store settled jobs",
+                        self.client.kv.clone().put(key.clone(), value.clone(), None),
+                    )
+                    .await
+                    .map(drop),
+                None => self
+                    .client
+                    .timed(
+                        "store settled jobs",
+                        self.client.kv.clone().delete(key.clone(), None),
+                    )
+                    .await
+                    .map(drop),
+            };
+            match result {
+                Err(e) if e.is_outcome_unknown() && attempt < STORE_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Drops from `unmerged` what the state of `partition` reflects.
+    fn prune(&mut self, partition: u32, state: &State) {
+        if let Some(settled) = self.unmerged.get_mut(&partition) {
+            if settled.prune(&self.worker, state) {
+                self.rewrite = true;
+                if settled.is_empty() {
+                    self.unmerged.remove(&partition);
+                }
+            }
+        }
+    }
+
+    /// Writes this worker's unmerged operations into the partition states
+    /// itself and deletes its settled key, so a closed worker leaves
+    /// nothing behind.
+    async fn merge_own(&mut self) -> Result<()> {
+        let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
+        let partitions: Vec<u32> = self.unmerged.keys().copied().collect();
+        for partition in partitions {
+            let mut slot = snapshot.slots[partition as usize].clone();
+            let settled = snapshot.settled(partition);
+            let key = self
+                .client
+                .keys
+                .queue_partition(&self.info.name, &self.name, partition);
+            let started = Instant::now();
+            let mut lost = 0;
+            loop {
+                let mut state = slot.state.clone();
+                for (worker, s) in &settled {
+                    s.apply_to(worker, &mut state);
+                }
+                if state == slot.state {
+                    break;
+                }
+                match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
+                    Cas::Written => {
+                        slot.state = state;
+                        break;
+                    }
+                    Cas::Lost(current) => slot = current,
+                }
+                if started.elapsed() >= CAS_PATIENCE {
+                    return Err(Error::Contended {
+                        topic: self.info.name.clone(),
+                        partition,
+                        waited: started.elapsed(),
+                    });
+                }
+                lost += 1;
+                backoff(lost).await;
+            }
+            self.prune(partition, &slot.state);
+        }
+        self.flush().await;
+        Ok(())
+    }
+
+    /// Deletes the settled keys of workers that are gone: unchanged for
+    /// [`STALE_SETTLED`] and reflected in every partition state. Compared
+    /// on their revision, so a worker that writes again keeps its key.
+    async fn clean_stale(&self, snapshot: &Snapshot) {
+        let now = now_millis();
+        for w in &snapshot.workers {
+            if w.worker == self.worker
+                || now.saturating_sub(w.settlement.written_ms) < STALE_SETTLED.as_millis() as i64
+            {
+                continue;
+            }
+            let reflected = w.settlement.partitions.iter().all(|(&p, settled)| {
+                snapshot.slots.get(p as usize).is_none_or(|slot| {
+                    let mut settled = settled.clone();
+                    settled.prune(&w.worker, &slot.state);
+                    settled.is_empty()
+                })
+            });
+            if !reflected {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    w.key.as_str(),
+                    CompareOp::Equal,
+                    w.revision,
+                )])
+                .and_then([TxnOp::delete(w.key.as_str(), None)]);
+            if let Err(error) = self
+                .client
+                .timed("delete stale settled jobs", self.client.kv.clone().txn(txn))
+                .await
+            {
+                tracing::debug!(%error, key = %w.key, "deleting a stale settled key failed");
+            }
+        }
+    }
+
+    /// Leases one range of some partition and hands out its jobs, from one
+    /// read of every partition's state and head and every worker's settled
+    /// operations.
+    async fn lease(&mut self, size: u64) -> Result<Round> {
+        let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
+        let partitions = self.info.partitions;
+        for (p, slot) in snapshot.slots.iter().enumerate() {
+            self.prune(p as u32, &slot.state);
+        }
+        self.clean_stale(&snapshot).await;
+        self.next_partition = self.next_partition.wrapping_add(1);
+        let mut due: Option<i64> = None;
+        for i in 0..partitions {
+            let partition = self.next_partition.wrapping_add(i) % partitions;
+            let slot = snapshot.slots[partition as usize].clone();
+            let head = snapshot.heads[partition as usize];
+            let settled = snapshot.settled(partition);
+            match self
+                .lease_partition(partition, head, slot, &settled, size)
+                .await?
+            {
+                Leased::Took => return Ok(Round::Leased),
+                Leased::Nothing { due_ms } => {
+                    due = due.into_iter().chain(due_ms).min();
+                }
+            }
+        }
+        Ok(Round::Idle {
+            revision: snapshot.revision,
+            due_ms: due,
+        })
+    }
+
+    /// Takes a lease on `partition` by one CAS of its state, merging every
+    /// worker's settled operations into it on the way. With nothing to
+    /// lease it still writes the merge once if that changes the state, so
+    /// settled keys shrink even on a queue that has run dry.
+    async fn lease_partition(
+        &mut self,
+        partition: u32,
+        head: u64,
+        mut slot: Slot,
+        settled: &[(String, Settled)],
+        size: u64,
+    ) -> Result<Leased> {
+        let key = self
+            .client
+            .keys
+            .queue_partition(&self.info.name, &self.name, partition);
+        let ack_wait = self.config.ack_wait.as_millis() as i64;
+        let started = Instant::now();
+        let mut lost = 0;
+        let (taken, id) = loop {
+            let mut state = slot.state.clone();
+            let mut merged = false;
+            for (worker, s) in settled {
+                merged |= s.apply_to(worker, &mut state);
+            }
+            let now = now_millis();
+            if let Some(&skip) = self.skip.get(&partition) {
+                if skip > state.next && state.next < head {
+                    state.next = skip.min(head);
+                }
+            }
+            let unexpired = state.clone();
+            state.expire(now);
+            self.next_lease += 1;
+            let id = self.next_lease;
+            let Some(taken) = state.take(
+                &self.worker,
+                id,
+                head,
+                size,
+                self.config.max_deliveries,
+                now,
+                now + ack_wait,
+            ) else {
+                let due_ms = state.next_due_ms();
+                // A state too fragmented to lease from shrinks only by
+                // merging what workers settled: write that merge even
+                // though nothing is leased (best effort: whoever loses this
+                // race merged the same).
+                if merged && state.ranges() >= MAX_RANGES {
+                    if let Cas::Written =
+                        cas(&self.client, &self.info, &key, slot.revision, &unexpired).await?
+                    {
+                        self.prune(partition, &unexpired);
+                    }
+                }
+                return Ok(Leased::Nothing { due_ms });
+            };
+            match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
+                Cas::Written => {
+                    self.prune(partition, &state);
+                    break (taken, id);
+                }
+                Cas::Lost(current) => slot = current,
+            }
+            if started.elapsed() >= CAS_PATIENCE {
+                return Err(Error::Contended {
+                    topic: self.info.name.clone(),
+                    partition,
+                    waited: started.elapsed(),
+                });
+            }
+            lost += 1;
+            backoff(lost).await;
+        };
+        let deadline = Instant::now() + self.config.ack_wait;
+        // A fetch may stop short of the range (it bounds its bytes): read
+        // on from where it stopped. Offsets it covered without a message
+        // are gaps (deleted, expired, trimmed), settled with the next flush.
+        let mut messages = Vec::new();
+        let mut covered = taken.from;
+        let mut beyond = None;
+        while covered < taken.to {
+            let fetched = fetch_partition(
+                &self.client,
+                &self.topic,
+                self.info.incarnation,
+                partition,
+                covered,
+                (taken.to - covered) as usize,
+                Cut::Exact,
+            )
+            .await?;
+            for m in fetched.messages {
+                if m.offset < taken.to {
+                    messages.push(m);
+                } else {
+                    beyond = beyond.or(Some(m.offset));
+                }
+            }
+            if fetched.next_offset <= covered {
+                break;
+            }
+            covered = fetched.next_offset;
+        }
+        if taken.deliveries == 1 && messages.is_empty() {
+            if let Some(offset) = beyond {
+                self.skip.insert(partition, offset);
+            }
+        }
+        let mut present = std::collections::HashSet::with_capacity(messages.len());
+        let mut release = Vec::new();
+        let mut dead = Vec::new();
+        for message in messages {
+            present.insert(message.offset);
+            if taken.deliveries > self.config.max_deliveries {
+                dead.push(message);
+                continue;
+            }
+            if !release.is_empty() {
+                release.push(message.offset);
+                continue;
+            }
+            self.load.outstanding.fetch_add(1, Ordering::Relaxed);
+            let job = Job {
+                message,
+                delivery_count: taken.deliveries,
+                lease: id,
+                deadline,
+                ack_wait: self.config.ack_wait,
+                ops: self.ops.clone(),
+                load: self.load.clone(),
+            };
+            // Full (lease_size leaves room, so only if the caller closed
+            // meanwhile): hand this one and the rest back.
+            if let Err(e) = self.jobs.try_send(Ok(job)) {
+                if let Ok(job) = e.into_inner() {
+                    release.push(job.message.offset);
+                }
+            }
+        }
+        for offset in taken.from..taken.to {
+            let op = if present.contains(&offset) {
+                continue;
+            } else if offset < covered {
+                Op::Ack(offset)
+            } else {
+                Op::Release { offset, lease: id }
+            };
+            self.buffered.push(Cmd {
+                partition,
+                op,
+                done: None,
+            });
+        }
+        for offset in release {
+            self.buffered.push(Cmd {
+                partition,
+                op: Op::Release { offset, lease: id },
+                done: None,
+            });
+        }
+        for message in dead {
+            let offset = message.offset;
+            if let Some(producer) = &self.dead_letter {
+                let mut record = Record::new(message.value.clone())
+                    .header("pubsub-dlq-topic", Bytes::from(self.info.name.clone()))
+                    .header("pubsub-dlq-partition", Bytes::from(partition.to_string()))
+                    .header("pubsub-dlq-offset", Bytes::from(offset.to_string()))
+                    .header(
+                        "pubsub-dlq-deliveries",
+                        Bytes::from((taken.deliveries - 1).to_string()),
+                    )
+                    .header("pubsub-dlq-reason", Bytes::from(taken.reason.clone()));
+                if let Some(k) = message.key.clone() {
+                    record = record.key(k);
+                }
+                producer.send(record).await?;
+            }
+            self.buffered.push(Cmd {
+                partition,
+                op: Op::DeadLettered(offset),
+                done: None,
+            });
+        }
+        Ok(Leased::Took)
+    }
+}
+
+/// A random pause after the `lost`-th lost CAS in a row, growing up to
+/// [`CAS_BACKOFF`], so workers writing one partition's state at once spread
+/// out instead of colliding again in lockstep.
+async fn backoff(lost: u32) {
+    // The first retry goes at once: the lost CAS returned the current
+    // state, so it is usually the one that wins.
+    if lost <= 1 {
+        return;
+    }
+    let cap = CAS_BACKOFF.as_micros() as u64;
+    let ceiling = (100u64 << lost.min(10)).min(cap);
+    let pause = rand::random::<u64>() % ceiling.max(1);
+    tokio::time::sleep(Duration::from_micros(pause)).await;
+}

@@ -4,6 +4,7 @@
 //! DESIGN.md ("Queue mode"); the state transitions are in [`state`].
 
 mod admin;
+mod settle;
 mod snapshot;
 mod state;
 mod worker;

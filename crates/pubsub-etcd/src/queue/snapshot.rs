@@ -3,6 +3,7 @@
 //! and the compare-and-swap that writes one partition's state.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -16,6 +17,11 @@ use crate::record::{self, pb};
 use crate::topic::TopicInfo;
 
 /// Largest queue state written, below etcd's 1.5 MiB request limit.
+/// How long a lease or flush keeps retrying a CAS that other workers win
+/// before it gives up (a flush then fails the acks it carried).
+pub(super) const CAS_PATIENCE: Duration = Duration::from_secs(10);
+/// Longest pause between two CAS attempts on one partition.
+const CAS_BACKOFF: Duration = Duration::from_millis(20);
 pub(super) const MAX_STATE_BYTES: usize = 1024 * 1024;
 /// Partition heads read per transaction; the first one also reads the
 /// queue's states, within etcd's 128 operations per transaction.
@@ -321,4 +327,19 @@ pub(super) async fn cas(
         _ => None,
     };
     Ok(Cas::Lost(slot_of(kv.as_ref(), info.incarnation, None)?))
+}
+
+/// A random pause after the `lost`-th lost CAS in a row, growing up to
+/// [`CAS_BACKOFF`], so workers writing one partition's state at once spread
+/// out instead of colliding again in lockstep.
+pub(super) async fn backoff(lost: u32) {
+    // The first retry goes at once: the lost CAS returned the current
+    // state, so it is usually the one that wins.
+    if lost <= 1 {
+        return;
+    }
+    let cap = CAS_BACKOFF.as_micros() as u64;
+    let ceiling = (100u64 << lost.min(10)).min(cap);
+    let pause = rand::random::<u64>() % ceiling.max(1);
+    tokio::time::sleep(Duration::from_micros(pause)).await;
 }

@@ -1,7 +1,7 @@
 //! The background task of one queue worker: lease rounds that hand out
 //! jobs, and the coalescing of settle operations into its settled key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions, WatchStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
-use super::snapshot::{cas, read_snapshot, Cas, Settlement, Slot, Snapshot, MAX_STATE_BYTES};
-use super::state::{Op, Settled, State, MAX_RANGES};
+use super::settle::Settler;
+use super::snapshot::{backoff, cas, read_snapshot, Cas, Slot, Snapshot, CAS_PATIENCE};
+use super::state::{Op, Settled, MAX_RANGES};
 use super::{Cmd, Job, Load, QueueConsumerBuilder};
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -26,22 +27,22 @@ use crate::Producer;
 
 /// Settle operations buffered before a flush regardless of the interval.
 pub(super) const FLUSH_OPS: usize = 1024;
-/// How long a lease or flush keeps retrying a CAS that other workers win
-/// before it gives up (a flush then fails the acks it carried).
-const CAS_PATIENCE: Duration = Duration::from_secs(10);
-/// Longest pause between two CAS attempts on one partition.
-const CAS_BACKOFF: Duration = Duration::from_millis(20);
 /// Smallest lease a worker takes before it has measured its rate.
 const MIN_LEASE: u64 = 8;
+/// How much work (at a worker's measured rate) one lease takes at most.
+const LEASE_WORK: Duration = Duration::from_millis(100);
 /// How often a worker samples how fast it finishes jobs.
 const RATE_WINDOW: Duration = Duration::from_millis(200);
-/// Attempts to store a worker's settled key while etcd does not answer.
-const STORE_ATTEMPTS: u32 = 5;
 /// How long a settled key every state reflects stays unchanged before
 /// another worker deletes it as left behind by a worker that is gone.
 const STALE_SETTLED: Duration = Duration::from_secs(60);
 /// Pause after a failed lease round or a broken watch before trying again.
-const ERROR_PAUSE: Duration = Duration::from_millis(200);
+pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(200);
+/// About how long a worker holding jobs that lost a lease race waits
+/// before it tries again (jittered by ±50 %).
+const YIELD_PAUSE: Duration = Duration::from_millis(5);
+/// How often a worker re-reads its topic's partition count.
+const TOPIC_REFRESH: Duration = Duration::from_secs(5);
 /// How soon a worker whose job buffer has no room for a lease looks again.
 const FULL_PAUSE: Duration = Duration::from_millis(2);
 
@@ -51,6 +52,9 @@ type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// What one lease round found.
 enum Round {
     Leased,
+    /// Work was there, but this worker, holding jobs, lost the CAS for it
+    /// to another: it tries again after a short pause.
+    Yielded,
     /// No partition had work at `revision`; the earliest lease deadline or
     /// nack delay (ms) is when some may come without any write.
     Idle {
@@ -129,6 +133,7 @@ async fn changed_after(client: Client, topic: String, queue: String, revision: i
 enum Leased {
     Took,
     Nothing { due_ms: Option<i64> },
+    Yielded,
 }
 
 pub(super) struct Worker {
@@ -141,16 +146,15 @@ pub(super) struct Worker {
     dead_letter: Option<Producer>,
     jobs: mpsc::Sender<Result<Job>>,
     ops: mpsc::Sender<Cmd>,
-    buffered: Vec<Cmd>,
+    settler: Settler,
+    /// Told when a flush stored a nack, which may make work due at once.
+    nacked: Arc<Notify>,
+    /// When `info` was last read: a topic may gain partitions.
+    refreshed: Instant,
     next_lease: u64,
     next_partition: u32,
     /// Per partition, an offset below which no message is stored any more.
     skip: HashMap<u32, u64>,
-    /// This worker's settle operations stored in its settled key that some
-    /// partition state may not reflect yet.
-    unmerged: BTreeMap<u32, Settled>,
-    /// `unmerged` shrank since it was last stored.
-    rewrite: bool,
     load: Arc<Load>,
     /// Jobs this worker finishes per second while it has some, smoothed.
     rate: f64,
@@ -189,6 +193,12 @@ impl Worker {
             WORKERS.fetch_add(1, Ordering::Relaxed),
             rand::random::<u32>()
         );
+        let settler = Settler::new(
+            config.client.clone(),
+            info.clone(),
+            config.name.clone(),
+            worker.clone(),
+        );
         Worker {
             client: config.client.clone(),
             topic: topic_arc(&config.topic),
@@ -199,7 +209,9 @@ impl Worker {
             dead_letter,
             jobs,
             ops,
-            buffered: Vec::new(),
+            settler,
+            nacked: Arc::default(),
+            refreshed: Instant::now(),
             next_lease: 0,
             load: Arc::default(),
             rate: 0.0,
@@ -207,58 +219,49 @@ impl Worker {
             last_lease: MIN_LEASE,
             next_partition: rand::random::<u32>(),
             skip: HashMap::new(),
-            unmerged: BTreeMap::new(),
-            rewrite: false,
         }
     }
 
-    fn settled_key(&self) -> String {
-        self.client
-            .keys
-            .queue_settled(&self.info.name, &self.name, &self.worker)
+    /// Runs the lease rounds in a task of their own and the settling in
+    /// this one until `stop`, then stores and merges what is left.
+    pub(super) async fn run(self, mut ops: mpsc::Receiver<Cmd>, mut stop: oneshot::Receiver<()>) {
+        let settler = self.settler.clone();
+        let nacked = self.nacked.clone();
+        let interval = self.config.flush_interval;
+        let (stop_leasing, leasing_stopped) = oneshot::channel();
+        let leasing = tokio::spawn(self.lease_rounds(leasing_stopped));
+        settler.run(&mut ops, &mut stop, interval, &nacked).await;
+        let _ = stop_leasing.send(());
+        let _ = leasing.await;
+        settler.finish(&mut ops).await;
     }
 
-    pub(super) async fn run(
-        mut self,
-        mut ops: mpsc::Receiver<Cmd>,
-        mut stop: oneshot::Receiver<()>,
-    ) {
-        let mut flush = tokio::time::interval(self.config.flush_interval);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    async fn lease_rounds(mut self, mut stop: oneshot::Receiver<()>) {
         let mut wake: Wake = Box::pin(std::future::ready(()));
         loop {
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
-                Some(cmd) = ops.recv() => {
-                    self.buffered.push(cmd);
-                    if self.buffered.len() >= FLUSH_OPS && self.flush().await {
-                        wake = Box::pin(std::future::ready(()));
-                    }
-                }
-                _ = flush.tick() => {
-                    // A nack may make work due at once, and only this
-                    // worker is woken by its own settled key.
-                    if self.flush().await {
-                        wake = Box::pin(std::future::ready(()));
-                    }
-                }
                 _ = &mut wake => wake = self.round().await,
-            }
-        }
-        ops.close();
-        while let Ok(cmd) = ops.try_recv() {
-            self.buffered.push(cmd);
-        }
-        self.flush().await;
-        if !self.unmerged.is_empty() {
-            if let Err(error) = self.merge_own().await {
-                tracing::debug!(%error, queue = %self.name, "merging settled operations on close failed; other workers will");
             }
         }
         if let Some(producer) = self.dead_letter.take() {
             let _ = producer.close().await;
         }
+    }
+
+    /// Reads the topic's partition count again. A topic deleted or
+    /// recreated meanwhile keeps the old count: the reads of the next round
+    /// report that.
+    async fn refresh_topic(&mut self) {
+        match self.client.topic(&self.info.name).await {
+            Ok(info) if info.incarnation == self.info.incarnation => self.info = info,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%error, queue = %self.name, "re-reading the topic failed")
+            }
+        }
+        self.refreshed = Instant::now();
     }
 
     /// Leases once if there is room for the jobs, and says what wakes the
@@ -271,6 +274,10 @@ impl Worker {
         }
         match self.lease(size).await {
             Ok(Round::Leased) => Box::pin(std::future::ready(())),
+            Ok(Round::Yielded) => {
+                let pause = YIELD_PAUSE.mul_f64(0.5 + rand::random::<f64>());
+                Box::pin(tokio::time::sleep(pause))
+            }
             Ok(Round::Idle { revision, due_ms }) => {
                 let changed = changed_after(
                     self.client.clone(),
@@ -278,14 +285,18 @@ impl Worker {
                     self.name.clone(),
                     revision,
                 );
-                let Some(due_ms) = due_ms else {
-                    return Box::pin(changed);
-                };
-                let wait = Duration::from_millis(due_ms.saturating_sub(now_millis()).max(0) as u64);
+                // Looked at again after TOPIC_REFRESH at the latest, so that
+                // partitions added to the topic meanwhile are found.
+                let wait = due_ms.map_or(TOPIC_REFRESH, |due_ms| {
+                    Duration::from_millis(due_ms.saturating_sub(now_millis()).max(0) as u64)
+                        .min(TOPIC_REFRESH)
+                });
+                let nacked = self.nacked.clone();
                 Box::pin(async move {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = changed => {}
+                        _ = nacked.notified() => {}
                     }
                 })
             }
@@ -303,11 +314,12 @@ impl Worker {
         }
     }
 
-    /// How many offsets to lease now: what this worker finishes in a
-    /// quarter of `ack_wait` at its measured rate (at least [`MIN_LEASE`], at most
-    /// `max_batch`), less the jobs it holds. A worker never leases more than
-    /// it can finish before the leases expire, and a new worker starts
-    /// small, so many workers on one partition all get work.
+    /// How many offsets to lease now: what this worker finishes in
+    /// [`LEASE_WORK`] (or a quarter of `ack_wait`, if shorter) at its
+    /// measured rate (at least [`MIN_LEASE`], at most `max_batch`), less the
+    /// jobs it holds. A worker never leases more than it can finish before
+    /// the leases expire, a new worker starts small, and a busy worker comes
+    /// back for more often, so many workers on one partition all get work.
     fn lease_size(&mut self) -> u64 {
         let finished = self.load.finished.load(Ordering::Relaxed);
         let outstanding = self.load.outstanding.load(Ordering::Relaxed);
@@ -324,154 +336,15 @@ impl Worker {
             }
             self.sampled = (Instant::now(), finished);
         }
-        // A quarter of ack_wait, and at most twice the last lease: the rate
-        // was measured before this lease adds to the load.
-        let target = (self.rate * self.config.ack_wait.as_secs_f64() / 4.0) as u64;
+        // At most twice the last lease: the rate was measured before this
+        // lease adds to the load.
+        let work = LEASE_WORK.min(self.config.ack_wait / 4);
+        let target = (self.rate * work.as_secs_f64()) as u64;
         let size = target
             .min(self.last_lease.saturating_mul(2))
             .clamp(MIN_LEASE.min(self.config.max_batch), self.config.max_batch);
         self.last_lease = size;
         size.saturating_sub(outstanding)
-    }
-
-    /// Stores the buffered settle operations with the unmerged ones in this
-    /// worker's settled key: one plain write per flush, whatever the number
-    /// of partitions, that no other worker contends for. True when a nack
-    /// was among them.
-    async fn flush(&mut self) -> bool {
-        if self.buffered.is_empty() && !self.rewrite {
-            return false;
-        }
-        let cmds: Vec<Cmd> = self.buffered.drain(..).collect();
-        let mut next = self.unmerged.clone();
-        let mut nacked = false;
-        for cmd in &cmds {
-            nacked |= matches!(cmd.op, Op::Nack { .. });
-            next.entry(cmd.partition).or_default().push(cmd.op.clone());
-        }
-        next.retain(|_, s| !s.is_empty());
-        let result = self.store(&next).await;
-        if result.is_ok() {
-            self.unmerged = next;
-            self.rewrite = false;
-        }
-        for cmd in cmds {
-            if let Some(done) = cmd.done {
-                let _ = done.send(result.clone());
-            }
-        }
-        nacked && result.is_ok()
-    }
-
-    /// Writes (or, when empty, deletes) this worker's settled key. Both are
-    /// idempotent, so a write whose outcome is unknown is simply repeated.
-    async fn store(&self, partitions: &BTreeMap<u32, Settled>) -> Result<()> {
-        let key = self.settled_key();
-        let value = if partitions.is_empty() {
-            None
-        } else {
-            let settlement = Settlement {
-                inc: self.info.incarnation,
-                written_ms: now_millis(),
-                partitions: partitions.clone(),
-            };
-            let value =
-                serde_json::to_vec(&settlement).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-            if value.len() > MAX_STATE_BYTES {
-                return Err(Error::QueueStateTooLarge {
-                    key,
-                    bytes: value.len(),
-                    limit: MAX_STATE_BYTES,
-                });
-            }
-            Some(value)
-        };
-        let mut attempt = 0;
-        loop {
-            let result = match &value {
-                Some(value) => self
-                    .client
-                    .timed(
-                        "store settled jobs",
-                        self.client.kv.clone().put(key.clone(), value.clone(), None),
-                    )
-                    .await
-                    .map(drop),
-                None => self
-                    .client
-                    .timed(
-                        "store settled jobs",
-                        self.client.kv.clone().delete(key.clone(), None),
-                    )
-                    .await
-                    .map(drop),
-            };
-            match result {
-                Err(e) if e.is_outcome_unknown() && attempt < STORE_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Drops from `unmerged` what the state of `partition` reflects.
-    fn prune(&mut self, partition: u32, state: &State) {
-        if let Some(settled) = self.unmerged.get_mut(&partition) {
-            if settled.prune(&self.worker, state) {
-                self.rewrite = true;
-                if settled.is_empty() {
-                    self.unmerged.remove(&partition);
-                }
-            }
-        }
-    }
-
-    /// Writes this worker's unmerged operations into the partition states
-    /// itself and deletes its settled key, so a closed worker leaves
-    /// nothing behind.
-    async fn merge_own(&mut self) -> Result<()> {
-        let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
-        let partitions: Vec<u32> = self.unmerged.keys().copied().collect();
-        for partition in partitions {
-            let mut slot = snapshot.slots[partition as usize].clone();
-            let settled = snapshot.settled(partition);
-            let key = self
-                .client
-                .keys
-                .queue_partition(&self.info.name, &self.name, partition);
-            let started = Instant::now();
-            let mut lost = 0;
-            loop {
-                let mut state = slot.state.clone();
-                for (worker, s) in &settled {
-                    s.apply_to(worker, &mut state);
-                }
-                if state == slot.state {
-                    break;
-                }
-                match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
-                    Cas::Written => {
-                        slot.state = state;
-                        break;
-                    }
-                    Cas::Lost(current) => slot = current,
-                }
-                if started.elapsed() >= CAS_PATIENCE {
-                    return Err(Error::Contended {
-                        topic: self.info.name.clone(),
-                        partition,
-                        waited: started.elapsed(),
-                    });
-                }
-                lost += 1;
-                backoff(lost).await;
-            }
-            self.prune(partition, &slot.state);
-        }
-        self.flush().await;
-        Ok(())
     }
 
     /// Deletes the settled keys of workers that are gone: unchanged for
@@ -516,14 +389,18 @@ impl Worker {
     /// read of every partition's state and head and every worker's settled
     /// operations.
     async fn lease(&mut self, size: u64) -> Result<Round> {
+        if self.refreshed.elapsed() >= TOPIC_REFRESH {
+            self.refresh_topic().await;
+        }
         let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
         let partitions = self.info.partitions;
         for (p, slot) in snapshot.slots.iter().enumerate() {
-            self.prune(p as u32, &slot.state);
+            self.settler.prune(p as u32, &slot.state);
         }
         self.clean_stale(&snapshot).await;
         self.next_partition = self.next_partition.wrapping_add(1);
         let mut due: Option<i64> = None;
+        let mut yielded = false;
         for i in 0..partitions {
             let partition = self.next_partition.wrapping_add(i) % partitions;
             let slot = snapshot.slots[partition as usize].clone();
@@ -537,7 +414,11 @@ impl Worker {
                 Leased::Nothing { due_ms } => {
                     due = due.into_iter().chain(due_ms).min();
                 }
+                Leased::Yielded => yielded = true,
             }
+        }
+        if yielded {
+            return Ok(Round::Yielded);
         }
         Ok(Round::Idle {
             revision: snapshot.revision,
@@ -598,15 +479,21 @@ impl Worker {
                     if let Cas::Written =
                         cas(&self.client, &self.info, &key, slot.revision, &unexpired).await?
                     {
-                        self.prune(partition, &unexpired);
+                        self.settler.prune(partition, &unexpired);
                     }
                 }
                 return Ok(Leased::Nothing { due_ms });
             };
             match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
                 Cas::Written => {
-                    self.prune(partition, &state);
+                    self.settler.prune(partition, &state);
                     break (taken, id);
+                }
+                // A worker with jobs in hand leaves the partition to the
+                // others for a moment, so that workers without any get
+                // work too: otherwise the fastest ones win every race.
+                Cas::Lost(_) if self.load.outstanding.load(Ordering::Relaxed) > 0 => {
+                    return Ok(Leased::Yielded);
                 }
                 Cas::Lost(current) => slot = current,
             }
@@ -694,18 +581,11 @@ impl Worker {
             } else {
                 Op::Release { offset, lease: id }
             };
-            self.buffered.push(Cmd {
-                partition,
-                op,
-                done: None,
-            });
+            self.settler.push(partition, op);
         }
         for offset in release {
-            self.buffered.push(Cmd {
-                partition,
-                op: Op::Release { offset, lease: id },
-                done: None,
-            });
+            self.settler
+                .push(partition, Op::Release { offset, lease: id });
         }
         for message in dead {
             let offset = message.offset;
@@ -724,27 +604,8 @@ impl Worker {
                 }
                 producer.send(record).await?;
             }
-            self.buffered.push(Cmd {
-                partition,
-                op: Op::DeadLettered(offset),
-                done: None,
-            });
+            self.settler.push(partition, Op::DeadLettered(offset));
         }
         Ok(Leased::Took)
     }
-}
-
-/// A random pause after the `lost`-th lost CAS in a row, growing up to
-/// [`CAS_BACKOFF`], so workers writing one partition's state at once spread
-/// out instead of colliding again in lockstep.
-async fn backoff(lost: u32) {
-    // The first retry goes at once: the lost CAS returned the current
-    // state, so it is usually the one that wins.
-    if lost <= 1 {
-        return;
-    }
-    let cap = CAS_BACKOFF.as_micros() as u64;
-    let ceiling = (100u64 << lost.min(10)).min(cap);
-    let pause = rand::random::<u64>() % ceiling.max(1);
-    tokio::time::sleep(Duration::from_micros(pause)).await;
 }

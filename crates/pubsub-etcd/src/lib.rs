@@ -153,6 +153,7 @@ mod group;
 mod health;
 mod keys;
 mod maintenance;
+mod partition;
 mod producer;
 mod queue;
 mod reader;

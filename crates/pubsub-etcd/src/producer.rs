@@ -35,6 +35,7 @@ use crate::append::PartitionAppender;
 use crate::client::Client;
 use crate::compression::Compression;
 use crate::error::{Error, Result};
+use crate::partition::Partition;
 use crate::record::{self, pb, Record, MAX_RECORDS_PER_BATCH};
 use crate::retention;
 use crate::topic::{TopicConfig, TopicInfo};
@@ -659,9 +660,7 @@ impl Producer {
         let worker = Worker {
             appender: PartitionAppender::new(
                 shared.client.clone(),
-                shared.name.clone(),
-                incarnation,
-                partition,
+                Partition::new(shared.name.clone(), incarnation, partition),
                 // Each worker its own id: a successor cannot continue its
                 // predecessor's sequence.
                 rand::random(),
@@ -969,9 +968,7 @@ impl Worker {
         let (next, total_bytes) = self.appender.known_head()?;
         Some(retention::producer_trim(
             self.shared.client.clone(),
-            self.shared.name.clone(),
-            self.incarnation,
-            self.partition,
+            Partition::new(self.shared.name.clone(), self.incarnation, self.partition),
             config,
             next,
             total_bytes,

@@ -35,8 +35,8 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::fetch::decode_batch;
 use crate::keys::prefix_end;
+use crate::partition::{Head, Partition};
 use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
 use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
 
@@ -81,21 +81,14 @@ struct StoredBatch {
 }
 
 impl StoredBatch {
-    /// Checked by [`decode_batch`]: a rewrite trusts the batch's offsets,
-    /// so a batch contradicting its key fails the sweep (naming the key)
-    /// rather than have the wrong records deleted.
-    fn from_kv(client: &Client, part: PartitionRef<'_>, kv: etcd_client::KeyValue) -> Result<Self> {
+    /// Checked by [`Partition::decode_batch`]: a rewrite trusts the
+    /// batch's offsets, so a batch contradicting its key fails the sweep
+    /// (naming the key) rather than have the wrong records deleted.
+    fn from_kv(client: &Client, part: &Partition, kv: etcd_client::KeyValue) -> Result<Self> {
         let mod_revision = kv.mod_revision();
         let lease = kv.lease();
         let (key, value) = kv.into_key_value();
-        let batch = decode_batch(
-            &client.keys,
-            part.topic,
-            part.incarnation,
-            part.partition,
-            &key,
-            Bytes::from(value),
-        )?;
+        let batch = part.decode_batch(&client.keys, &key, Bytes::from(value))?;
         Ok(StoredBatch {
             key,
             mod_revision,
@@ -121,38 +114,6 @@ enum Rewrite {
     Conflict,
 }
 
-/// One partition of one topic incarnation.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PartitionRef<'a> {
-    pub(crate) topic: &'a str,
-    pub(crate) incarnation: i64,
-    pub(crate) partition: u32,
-}
-
-impl<'a> PartitionRef<'a> {
-    /// Every partition of a topic.
-    fn all(topic: &'a str, info: &TopicInfo) -> impl Iterator<Item = PartitionRef<'a>> {
-        let incarnation = info.incarnation;
-        (0..info.partitions).map(move |partition| PartitionRef {
-            topic,
-            incarnation,
-            partition,
-        })
-    }
-
-    fn batch_key(&self, client: &Client, last_offset: u64) -> String {
-        client
-            .keys
-            .batch(self.topic, self.incarnation, self.partition, last_offset)
-    }
-
-    fn batches_prefix(&self, client: &Client) -> String {
-        client
-            .keys
-            .batches_prefix(self.topic, self.incarnation, self.partition)
-    }
-}
-
 impl Client {
     /// Deletes the message at `offset` of a partition. Returns whether a
     /// message was there to delete. The offset is never reused.
@@ -161,18 +122,14 @@ impl Client {
     }
 
     /// Reads the topic and checks that it has `partition`.
-    async fn existing_partition<'a>(
+    async fn existing_partition(
         &self,
-        topic: &'a str,
+        topic: &str,
         partition: u32,
-    ) -> Result<(TopicInfo, PartitionRef<'a>)> {
+    ) -> Result<(TopicInfo, Partition)> {
         let info = self.topic(topic).await?;
         crate::group::check_partition(&info, partition)?;
-        let part = PartitionRef {
-            topic,
-            incarnation: info.incarnation,
-            partition,
-        };
+        let part = Partition::of(&info, partition);
         Ok((info, part))
     }
 
@@ -196,7 +153,7 @@ impl Client {
         let mut i = 0;
         while i < offsets.len() {
             let offset = offsets[i];
-            let Some(stored) = self.batch_containing(part, offset).await? else {
+            let Some(stored) = self.batch_containing(&part, offset).await? else {
                 i += 1;
                 continue;
             };
@@ -209,7 +166,7 @@ impl Client {
             }
             let targets = &offsets[i..end];
             let report = self
-                .rewrite_until_done(part, stored, |o, _| targets.binary_search(&o).is_err())
+                .rewrite_until_done(&part, stored, |o, _| targets.binary_search(&o).is_err())
                 .await?;
             deleted += report.records_removed;
             i = end;
@@ -228,8 +185,8 @@ impl Client {
         before: u64,
     ) -> Result<PartitionInfo> {
         let (info, part) = self.existing_partition(topic, partition).await?;
-        let (next, _) = self.head_state(part).await?;
-        truncate_before(self, part, before.min(next)).await?;
+        let next = self.read_head(&part).await?.next_offset;
+        truncate_before(self, &part, before.min(next)).await?;
         self.partition_info(&info, partition).await
     }
 
@@ -242,12 +199,19 @@ impl Client {
     pub async fn enforce_retention(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for part in PartitionRef::all(topic, &info) {
-            let (next, stored_bytes) = self.head_state(part).await?;
-            let r = trim_partition(self, part, &info.config, next, stored_bytes).await?;
+        for part in Partition::all(&info) {
+            let head = self.read_head(&part).await?;
+            let r = trim_partition(
+                self,
+                &part,
+                &info.config,
+                head.next_offset,
+                head.total_stored_bytes,
+            )
+            .await?;
             report.add(&r);
             if info.config.cleanup_policy == CleanupPolicy::Compact {
-                report.add(&compact_partition(self, part).await?);
+                report.add(&compact_partition(self, &part).await?);
             }
         }
         report.partitions = self.describe_topic(topic).await?.partitions;
@@ -262,35 +226,31 @@ impl Client {
     pub async fn compact_topic(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for part in PartitionRef::all(topic, &info) {
-            report.add(&compact_partition(self, part).await?);
+        for part in Partition::all(&info) {
+            report.add(&compact_partition(self, &part).await?);
         }
         report.partitions = self.describe_topic(topic).await?.partitions;
         Ok(report)
     }
 
-    /// The partition head's next offset and total stored bytes (0 and 0
-    /// before the first append).
-    async fn head_state(&self, part: PartitionRef<'_>) -> Result<(u64, u64)> {
-        let key = self.keys.head(part.topic, part.incarnation, part.partition);
+    /// The partition's head (the empty head before the first append).
+    async fn read_head(&self, part: &Partition) -> Result<Head> {
+        let key = self.keys.head(part);
         let response = self
             .timed("read partition head", self.kv.clone().get(key, None))
             .await?;
-        let head = record::decode_head(response.kvs().first())?;
-        Ok((head.next_offset, head.total_stored_bytes))
+        Head::decode(response.kvs().first())
     }
 
     /// The batch that would hold `offset`: the first whose last offset is at
     /// least `offset` (it holds it when its base offset is not above it).
-    async fn batch_containing(
-        &self,
-        part: PartitionRef<'_>,
-        offset: u64,
-    ) -> Result<Option<StoredBatch>> {
-        let start = part.batch_key(self, offset);
+    async fn batch_containing(&self, part: &Partition, offset: u64) -> Result<Option<StoredBatch>> {
+        let start = self.keys.batch(part, offset);
         // A batch holds at most MAX_RECORDS_PER_BATCH offsets, so the one
         // holding `offset` ends below this key: keep the range narrow.
-        let end = part.batch_key(self, offset.saturating_add(MAX_RECORDS_PER_BATCH));
+        let end = self
+            .keys
+            .batch(part, offset.saturating_add(MAX_RECORDS_PER_BATCH));
         let options = GetOptions::new().with_range(end).with_limit(1);
         let mut response = self
             .timed("read batch", self.kv.clone().get(start, Some(options)))
@@ -304,7 +264,7 @@ impl Client {
     }
 
     /// Re-reads one batch key.
-    async fn reread(&self, part: PartitionRef<'_>, key: &[u8]) -> Result<Option<StoredBatch>> {
+    async fn reread(&self, part: &Partition, key: &[u8]) -> Result<Option<StoredBatch>> {
         let mut response = self
             .timed("read batch", self.kv.clone().get(key.to_vec(), None))
             .await?;
@@ -321,7 +281,7 @@ impl Client {
     /// is gone.
     async fn rewrite_until_done(
         &self,
-        part: PartitionRef<'_>,
+        part: &Partition,
         mut stored: StoredBatch,
         keep: impl Fn(u64, &pb::Record) -> bool,
     ) -> Result<RetentionReport> {
@@ -405,7 +365,7 @@ impl Client {
 /// Reads up to `limit` batches with keys in `[start, end)`.
 async fn read_page(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
     start: Vec<u8>,
     end: Vec<u8>,
     limit: i64,
@@ -432,17 +392,17 @@ fn key_after(key: &[u8]) -> Vec<u8> {
 /// deletes, then the straddling batch by a guarded rewrite.
 pub(crate) async fn truncate_before(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
     before: u64,
 ) -> Result<RetentionReport> {
     let mut report = RetentionReport::default();
     if before == 0 {
         return Ok(report);
     }
-    let prefix = part.batches_prefix(client);
+    let prefix = client.keys.batches_prefix(part);
     // Batches are named by their last offset: those entirely below `before`
     // are exactly the keys below batch(before).
-    let end = part.batch_key(client, before);
+    let end = client.keys.batch(part, before);
     loop {
         // Range deletes of bounded size, so one request never removes an
         // unbounded number of keys.
@@ -489,7 +449,7 @@ pub(crate) async fn truncate_before(
 /// range delete over an empty range and one read of the oldest batch.
 pub(crate) async fn trim_partition(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
     config: &TopicConfig,
     next: u64,
     total_stored_bytes: u64,
@@ -506,9 +466,9 @@ pub(crate) async fn trim_partition(
     if min_timestamp.is_some() || min_base_bytes.is_some() {
         // Whole batches from the oldest on, stopping at the first within
         // limits. The page grows from 1: usually the oldest batch is kept.
-        let prefix = part.batches_prefix(client);
+        let prefix = client.keys.batches_prefix(part);
         let end = prefix_end(&prefix);
-        let mut start = part.batch_key(client, cutoff).into_bytes();
+        let mut start = client.keys.batch(part, cutoff).into_bytes();
         let mut limit = 1;
         'scan: loop {
             let page = read_page(client, part, start, end.clone(), limit).await?;
@@ -542,7 +502,8 @@ pub(crate) async fn trim_partition(
     }
     // Never below what a queue on this topic has not settled yet.
     let floor =
-        crate::queue::retention_floor(client, part.topic, part.incarnation, part.partition).await?;
+        crate::queue::retention_floor(client, part.topic(), part.incarnation(), part.number())
+            .await?;
     truncate_before(
         client,
         part,
@@ -554,9 +515,9 @@ pub(crate) async fn trim_partition(
 /// Key compaction of one partition (see [`Client::compact_topic`]).
 pub(crate) async fn compact_partition(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
 ) -> Result<RetentionReport> {
-    let prefix = part.batches_prefix(client);
+    let prefix = client.keys.batches_prefix(part);
     // Pass 1: the newest offset of every key, up to the last batch seen.
     let mut newest: HashMap<Bytes, u64> = HashMap::new();
     let mut start = prefix.clone().into_bytes();
@@ -626,19 +587,13 @@ pub(crate) fn wants_trim(config: &TopicConfig) -> bool {
 /// Trims one partition on behalf of a producer; errors are only logged.
 pub(crate) async fn producer_trim(
     client: Client,
-    topic: Arc<str>,
-    incarnation: i64,
-    partition: u32,
+    part: Partition,
     config: TopicConfig,
     next: u64,
     total_stored_bytes: u64,
 ) {
-    let part = PartitionRef {
-        topic: &topic,
-        incarnation,
-        partition,
-    };
-    match trim_partition(&client, part, &config, next, total_stored_bytes).await {
+    let (topic, partition) = (part.topic(), part.number());
+    match trim_partition(&client, &part, &config, next, total_stored_bytes).await {
         Ok(report) if report.batches_deleted + report.batches_rewritten > 0 => {
             tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
         }

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::client::Client;
 use crate::compression::Compression;
 use crate::error::{Error, Result};
-use crate::fetch::{decode_batch, fetch_partition, Cut};
+use crate::fetch::{fetch_partition, Cut};
 use crate::keys::prefix_end;
+use crate::partition::{Head, Partition};
 use crate::record;
 
 /// The most partitions a topic may have. Each partition costs a head key,
@@ -354,16 +355,15 @@ impl Client {
     ) -> Result<Vec<(u32, u64)>> {
         let mut nexts = Vec::with_capacity(partitions.len());
         for chunk in partitions.chunks(128) {
-            let ops = chunk
-                .iter()
-                .map(|&p| TxnOp::get(self.keys.head(&topic.name, topic.incarnation, p), None))
+            let ops = Partition::each(topic, chunk.iter().copied())
+                .map(|p| TxnOp::get(self.keys.head(&p), None))
                 .collect::<Vec<_>>();
             let response = self
                 .read_txn("read partition heads", Txn::new().and_then(ops))
                 .await?;
             for (&p, op) in chunk.iter().zip(response.op_responses()) {
                 let next = match op {
-                    TxnOpResponse::Get(get) => record::decode_head(get.kvs().first())?.next_offset,
+                    TxnOpResponse::Get(get) => Head::decode(get.kvs().first())?.next_offset,
                     _ => 0,
                 };
                 nexts.push((p, next));
@@ -381,13 +381,11 @@ impl Client {
         let mut first = range.start;
         while first < range.end {
             let last = (first + DESCRIBE_CHUNK).min(range.end);
+            let chunk: Vec<Partition> = Partition::each(topic, first..last).collect();
             let mut ops = Vec::new();
-            for p in first..last {
-                ops.push(TxnOp::get(
-                    self.keys.head(&topic.name, topic.incarnation, p),
-                    None,
-                ));
-                let prefix = self.keys.batches_prefix(&topic.name, topic.incarnation, p);
+            for p in &chunk {
+                ops.push(TxnOp::get(self.keys.head(p), None));
+                let prefix = self.keys.batches_prefix(p);
                 let options = GetOptions::new()
                     .with_range(prefix_end(&prefix))
                     .with_limit(1);
@@ -400,15 +398,12 @@ impl Client {
                 TxnOpResponse::Get(get) => get.kvs().first().cloned(),
                 _ => None,
             });
-            for p in first..last {
-                let head = record::decode_head(responses.next().flatten().as_ref())?;
+            for p in &chunk {
+                let head = Head::decode(responses.next().flatten().as_ref())?;
                 let next = head.next_offset;
                 let (earliest, base_bytes, base_stored) = match responses.next().flatten() {
-                    Some(kv) => match decode_batch(
+                    Some(kv) => match p.decode_batch(
                         &self.keys,
-                        &topic.name,
-                        topic.incarnation,
-                        p,
                         kv.key(),
                         bytes::Bytes::copy_from_slice(kv.value()),
                     ) {
@@ -420,12 +415,12 @@ impl Client {
                             batch.base_bytes,
                             batch.base_stored_bytes,
                         ),
-                        Err(_) => (self.earliest_past_garbage(topic, p, next).await?, 0, 0),
+                        Err(_) => (self.earliest_past_garbage(p, next).await?, 0, 0),
                     },
                     None => (next, head.total_bytes, head.total_stored_bytes),
                 };
                 partitions.push(PartitionInfo {
-                    partition: p,
+                    partition: p.number(),
                     earliest,
                     next,
                     bytes: head.total_bytes.saturating_sub(base_bytes),
@@ -440,22 +435,8 @@ impl Client {
     /// The earliest offset of a partition whose first batch key is
     /// corrupt: the first message a fetch from 0 finds, skipping (and
     /// logging) the corrupt keys.
-    async fn earliest_past_garbage(
-        &self,
-        topic: &TopicInfo,
-        partition: u32,
-        next: u64,
-    ) -> Result<u64> {
-        let fetched = fetch_partition(
-            self,
-            &topic_arc(&topic.name),
-            topic.incarnation,
-            partition,
-            0,
-            1,
-            Cut::Exact,
-        )
-        .await?;
+    async fn earliest_past_garbage(&self, partition: &Partition, next: u64) -> Result<u64> {
+        let fetched = fetch_partition(self, partition, 0, 1, Cut::Exact).await?;
         Ok(fetched.messages.first().map_or(next, |m| m.offset))
     }
 

@@ -9,7 +9,8 @@ use std::str::FromStr;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
-use crate::topic::{topic_arc, TopicInfo};
+use crate::partition::Partition;
+use crate::topic::TopicInfo;
 
 /// Where a group starts reading a partition it has no committed offset for,
 /// or where an admin reset puts it.
@@ -136,19 +137,11 @@ impl Client {
             StartOffset::Timestamp(ts) => {
                 // No time index: scan forward. Timestamps set by producers
                 // need not be monotonic, so the first match wins.
-                let name = topic_arc(&topic.name);
+                let part = Partition::of(topic, partition);
                 let mut from = bounds.0;
                 loop {
-                    let page = fetch_partition(
-                        self,
-                        &name,
-                        topic.incarnation,
-                        partition,
-                        from,
-                        1000,
-                        Cut::WholeBatches(4),
-                    )
-                    .await?;
+                    let page =
+                        fetch_partition(self, &part, from, 1000, Cut::WholeBatches(4)).await?;
                     if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
                         break m.offset;
                     }

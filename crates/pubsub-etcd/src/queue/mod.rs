@@ -24,6 +24,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
 use crate::keys::QueueKey;
+use crate::partition::Partition;
 use crate::record::{self, now_millis, pb, Message, Record};
 use crate::topic::{topic_arc, validate_group_name, TopicInfo};
 use crate::Producer;
@@ -132,16 +133,8 @@ impl Client {
             stats.terminated = stats.terminated.saturating_add(state.terminated);
             let low = state.low_watermark();
             if low < *head {
-                let page = fetch_partition(
-                    self,
-                    &topic,
-                    info.incarnation,
-                    partition as u32,
-                    low,
-                    1,
-                    Cut::Exact,
-                )
-                .await?;
+                let part = Partition::new(topic.clone(), info.incarnation, partition as u32);
+                let page = fetch_partition(self, &part, low, 1, Cut::Exact).await?;
                 if let Some(m) = page.messages.first() {
                     let oldest = stats.oldest_unsettled_ms.get_or_insert(m.timestamp);
                     *oldest = (*oldest).min(m.timestamp);
@@ -606,9 +599,8 @@ async fn read_snapshot(client: &Client, info: &TopicInfo, name: &str) -> Result<
             ));
         }
         ops.extend(
-            chunk
-                .iter()
-                .map(|&p| TxnOp::get(client.keys.head(&info.name, info.incarnation, p), None)),
+            Partition::each(info, chunk.iter().copied())
+                .map(|p| TxnOp::get(client.keys.head(&p), None)),
         );
         let response = client
             .read_txn("read queue state", Txn::new().and_then(ops))
@@ -1309,11 +1301,10 @@ impl Worker {
         let mut covered = taken.from;
         let mut beyond = None;
         while covered < taken.to {
+            let part = Partition::new(self.topic.clone(), self.info.incarnation, partition);
             let fetched = fetch_partition(
                 &self.client,
-                &self.topic,
-                self.info.incarnation,
-                partition,
+                &part,
                 covered,
                 (taken.to - covered) as usize,
                 Cut::Exact,

@@ -16,7 +16,8 @@ use crate::record::{self, Message, MAX_RECORDS_PER_BATCH};
 const MAX_BATCHES_PER_READ: usize = 32;
 
 /// What one fetch read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Fetched {
     /// Messages in offset order; deleted and expired ones are skipped, so
     /// offsets may have gaps.
@@ -25,8 +26,10 @@ pub struct Fetched {
     pub next_offset: u64,
     /// The etcd revision the read saw; a watch from `revision + 1` misses
     /// nothing written after it.
+    #[serde(skip)]
     pub(crate) revision: i64,
     /// Batch keys the read decoded.
+    #[serde(skip)]
     pub(crate) batches: usize,
 }
 

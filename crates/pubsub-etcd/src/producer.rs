@@ -56,7 +56,8 @@ const LEASE_MARGIN_MS: i64 = 2000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// How a record without an explicit partition gets one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Partitioner {
     /// Keyed records go to `fnv1a_64(key) % partitions` (stable while the

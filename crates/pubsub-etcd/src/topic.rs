@@ -156,7 +156,8 @@ impl TopicConfig {
 }
 
 /// What a new topic looks like.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct NewTopic {
     pub name: String,
     pub partitions: u32,

@@ -52,6 +52,16 @@ impl fmt::Display for StartOffset {
     }
 }
 
+/// As its text form, the one [`FromStr`] reads.
+impl serde::Serialize for StartOffset {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl FromStr for StartOffset {
     type Err = Error;
 
@@ -221,6 +231,10 @@ mod tests {
             assert_eq!(start.to_string().parse::<StartOffset>().unwrap(), start);
         }
         assert_eq!(StartOffset::Offset(42).to_string(), "42");
+        assert_eq!(
+            serde_json::to_string(&StartOffset::Timestamp(5)).unwrap(),
+            r#""@5""#
+        );
         assert_eq!(
             "EARLIEST".parse::<StartOffset>().unwrap(),
             StartOffset::Earliest

@@ -70,7 +70,7 @@ pub struct QueueConsumerBuilder {
 }
 
 /// Queue counters, from [`Client::queue_stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
     /// Offsets that wait for (re)delivery, including never delivered ones.
     pub pending: u64,
@@ -88,7 +88,8 @@ pub struct QueueStats {
 }
 
 /// Where [`Client::reset_queue`] puts a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum QueueReset {
     /// Forget every lease and settlement: the earliest stored message is
     /// delivered next.

@@ -503,7 +503,17 @@ impl Client {
         &self.namespace
     }
 
-    /// The raw etcd client, for operations this library does not wrap.
+    /// The raw etcd client underneath, outside the namespace and every check
+    /// of this library.
+    ///
+    /// Hidden and exempt from this crate's semver: it hands out
+    /// etcd-client's own type, whose version this crate may change in any
+    /// release. It exists for what must bypass the library by design: the
+    /// CLI benchmark's raw etcd baselines (and its sweep of the benchmark's
+    /// namespace), and tests that write garbage or count watch events
+    /// under a namespace. Applications have a library method for
+    /// everything else; none needs this.
+    #[doc(hidden)]
     pub fn etcd(&self) -> &etcd_client::Client {
         &self.etcd
     }

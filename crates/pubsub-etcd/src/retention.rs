@@ -4,9 +4,10 @@
 //! Every operation here only deletes batch keys or rewrites them without
 //! some of their records; none touches a partition head, which producers
 //! own, so offsets are never reused and the head still reports the next
-//! offset. A rewrite is a transaction guarded by the batch key's mod
-//! revision, retried after re-reading the batch when it loses a race (with
-//! another rewrite, or with the lease of a batch with a time to live). Batch
+//! offset. A rewrite (`rewrite.rs`) is a transaction guarded by the batch
+//! key's mod revision, retried after re-reading the batch when it loses a
+//! race (with another rewrite, or with the lease of a batch with a time to
+//! live). Batch
 //! keys are written once by producers and never again, so a producer never
 //! races with these operations; readers skip absent records (a batch keeps
 //! its `offset_count`, so gaps are known to be gaps).
@@ -31,22 +32,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{DeleteOptions, GetOptions};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::prefix_end;
+use crate::offsets::PartitionInfo;
 use crate::partition::{Head, Partition};
-use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
-use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
+use crate::record::{self, pb};
+use crate::rewrite::{key_after, read_page, Rewrite};
+use crate::topic::{CleanupPolicy, TopicConfig, TopicInfo};
 
 /// Most batch keys one range delete removes.
 const DELETE_CHUNK: i64 = 1000;
 /// Most batches (values) read in one page by sweeps.
 const PAGE: i64 = 32;
-/// Most rewrite attempts of one batch before giving up: each failure means
-/// someone else changed the batch, so this is never reached in practice.
-const MAX_REWRITE_ATTEMPTS: u32 = 100;
 
 /// What a retention sweep, truncation or compaction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -69,49 +69,21 @@ impl RetentionReport {
         self.batches_rewritten += other.batches_rewritten;
         self.records_removed += other.records_removed;
     }
-}
 
-/// A batch as read from etcd, with what a guarded rewrite needs.
-#[derive(Debug, Clone)]
-struct StoredBatch {
-    key: Vec<u8>,
-    mod_revision: i64,
-    lease: i64,
-    batch: pb::RecordBatch,
-}
-
-impl StoredBatch {
-    /// Checked by [`Partition::decode_batch`]: a rewrite trusts the
-    /// batch's offsets, so a batch contradicting its key fails the sweep
-    /// (naming the key) rather than have the wrong records deleted.
-    fn from_kv(client: &Client, part: &Partition, kv: etcd_client::KeyValue) -> Result<Self> {
-        let mod_revision = kv.mod_revision();
-        let lease = kv.lease();
-        let (key, value) = kv.into_key_value();
-        let batch = part.decode_batch(&client.keys, &key, Bytes::from(value))?;
-        Ok(StoredBatch {
-            key,
-            mod_revision,
-            lease,
-            batch,
-        })
+    /// Counts what one batch's rewrite did.
+    fn count(&mut self, outcome: Rewrite) {
+        match outcome {
+            Rewrite::Unchanged => {}
+            Rewrite::Rewritten { removed } => {
+                self.batches_rewritten += 1;
+                self.records_removed += removed;
+            }
+            Rewrite::Deleted { removed } => {
+                self.batches_deleted += 1;
+                self.records_removed += removed;
+            }
+        }
     }
-
-    fn last_offset(&self) -> u64 {
-        self.batch.base_offset + u64::from(self.batch.offset_count) - 1
-    }
-}
-
-/// The outcome of one guarded rewrite.
-enum Rewrite {
-    /// Every record was kept; nothing written.
-    Unchanged,
-    /// Rewritten without `removed` records.
-    Rewritten { removed: u64 },
-    /// No record was left: the key was deleted.
-    Deleted { removed: u64 },
-    /// The batch changed (or vanished) since it was read.
-    Conflict,
 }
 
 impl Client {
@@ -165,10 +137,10 @@ impl Client {
                 continue;
             }
             let targets = &offsets[i..end];
-            let report = self
+            let outcome = self
                 .rewrite_until_done(&part, stored, |o, _| targets.binary_search(&o).is_err())
                 .await?;
-            deleted += report.records_removed;
+            deleted += outcome.removed();
             i = end;
         }
         Ok(deleted)
@@ -241,151 +213,6 @@ impl Client {
             .await?;
         Head::decode(response.kvs().first())
     }
-
-    /// The batch that would hold `offset`: the first whose last offset is at
-    /// least `offset` (it holds it when its base offset is not above it).
-    async fn batch_containing(&self, part: &Partition, offset: u64) -> Result<Option<StoredBatch>> {
-        let start = self.keys.batch(part, offset);
-        // A batch holds at most MAX_RECORDS_PER_BATCH offsets, so the one
-        // holding `offset` ends below this key: keep the range narrow.
-        let end = self
-            .keys
-            .batch(part, offset.saturating_add(MAX_RECORDS_PER_BATCH));
-        let options = GetOptions::new().with_range(end).with_limit(1);
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(start, Some(options)))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
-    }
-
-    /// Re-reads one batch key.
-    async fn reread(&self, part: &Partition, key: &[u8]) -> Result<Option<StoredBatch>> {
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(key.to_vec(), None))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
-    }
-
-    /// Rewrites a batch keeping the records for which `keep(offset, record)`
-    /// holds, re-reading and retrying on conflict, until done or the batch
-    /// is gone.
-    async fn rewrite_until_done(
-        &self,
-        part: &Partition,
-        mut stored: StoredBatch,
-        keep: impl Fn(u64, &pb::Record) -> bool,
-    ) -> Result<RetentionReport> {
-        let mut report = RetentionReport::default();
-        for _ in 0..MAX_REWRITE_ATTEMPTS {
-            match self.rewrite(&stored, &keep).await? {
-                Rewrite::Unchanged => return Ok(report),
-                Rewrite::Rewritten { removed } => {
-                    report.batches_rewritten += 1;
-                    report.records_removed += removed;
-                    return Ok(report);
-                }
-                Rewrite::Deleted { removed } => {
-                    report.batches_deleted += 1;
-                    report.records_removed += removed;
-                    return Ok(report);
-                }
-                Rewrite::Conflict => match self.reread(part, &stored.key).await? {
-                    Some(again) => stored = again,
-                    None => return Ok(report),
-                },
-            }
-        }
-        Err(Error::InvalidConfig(format!(
-            "batch {} kept changing during {MAX_REWRITE_ATTEMPTS} rewrite attempts",
-            String::from_utf8_lossy(&stored.key)
-        )))
-    }
-
-    /// One guarded rewrite attempt.
-    async fn rewrite(
-        &self,
-        stored: &StoredBatch,
-        keep: &impl Fn(u64, &pb::Record) -> bool,
-    ) -> Result<Rewrite> {
-        let base = stored.batch.base_offset;
-        let before = stored.batch.records.len();
-        let mut batch = stored.batch.clone();
-        batch
-            .records
-            .retain(|r| keep(base + u64::from(r.offset_delta), r));
-        let removed = (before - batch.records.len()) as u64;
-        if removed == 0 {
-            return Ok(Rewrite::Unchanged);
-        }
-        let key = stored.key.clone();
-        let guard = Compare::mod_revision(key.clone(), CompareOp::Equal, stored.mod_revision);
-        let (op, outcome) = if batch.records.is_empty() {
-            (TxnOp::delete(key, None), Rewrite::Deleted { removed })
-        } else {
-            // Keep the batch's lease (records with a time to live), so etcd
-            // still deletes it at its deadline.
-            let options = (stored.lease != 0).then(|| PutOptions::new().with_lease(stored.lease));
-            // Keep the batch's codec too (at its default level): a rewrite
-            // only removes records, and a batch is stored plain unless that
-            // is larger, so it never outgrows the request limit.
-            let records = BatchRecords::new(
-                std::mem::take(&mut batch.records),
-                record::compression_of(batch.codec),
-            );
-            batch.codec = 0;
-            (
-                TxnOp::put(key, records.value(&batch), options),
-                Rewrite::Rewritten { removed },
-            )
-        };
-        let txn = Txn::new().when([guard]).and_then([op]);
-        match self.timed("rewrite batch", self.kv.clone().txn(txn)).await {
-            Ok(response) if response.succeeded() => Ok(outcome),
-            Ok(_) => Ok(Rewrite::Conflict),
-            // The batch's lease expired between read and rewrite: etcd has
-            // deleted (or is deleting) the batch; re-read it.
-            Err(Error::Etcd { source, .. }) if source.to_string().contains("lease not found") => {
-                Ok(Rewrite::Conflict)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Reads up to `limit` batches with keys in `[start, end)`.
-async fn read_page(
-    client: &Client,
-    part: &Partition,
-    start: Vec<u8>,
-    end: Vec<u8>,
-    limit: i64,
-) -> Result<Vec<StoredBatch>> {
-    let options = GetOptions::new().with_range(end).with_limit(limit);
-    let mut response = client
-        .timed("read batches", client.kv.clone().get(start, Some(options)))
-        .await?;
-    response
-        .take_kvs()
-        .into_iter()
-        .map(|kv| StoredBatch::from_kv(client, part, kv))
-        .collect()
-}
-
-/// The key just after `key` in etcd's order.
-fn key_after(key: &[u8]) -> Vec<u8> {
-    let mut next = key.to_vec();
-    next.push(0);
-    next
 }
 
 /// Deletes every record below offset `before`: whole batches by range
@@ -437,7 +264,7 @@ pub(crate) async fn truncate_before(
             let r = client
                 .rewrite_until_done(part, stored, |offset, _| offset >= before)
                 .await?;
-            report.add(&r);
+            report.count(r);
         }
     }
     Ok(report)
@@ -569,7 +396,7 @@ pub(crate) async fn compact_partition(
             let r = client
                 .rewrite_until_done(part, stored.clone(), keep)
                 .await?;
-            report.add(&r);
+            report.count(r);
         }
         match page.last() {
             Some(last) if page.len() as i64 == PAGE => start = key_after(&last.key),

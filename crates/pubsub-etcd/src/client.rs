@@ -22,6 +22,19 @@ use crate::keys::Keys;
 
 impl ClientBuilder {
     /// Opens the connection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for no endpoints, a zero timeout, a PEM file
+    /// that cannot be read or a bad [`AutoCompaction`](crate::AutoCompaction);
+    /// [`Error::InvalidNamespace`]; [`Error::Timeout`] when etcd is not reached
+    /// within the connect timeout; [`Error::Etcd`] when it refuses the
+    /// connection, the credentials or a read inside the namespace.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the background tasks start only as it returns, so a
+    /// dropped call leaves nothing running.
     pub async fn connect(self) -> Result<Client> {
         self.auto_compaction.validate()?;
         if self.endpoints.is_empty() {
@@ -263,6 +276,10 @@ impl Client {
     ///
     /// # Errors
     /// Those of [`ClientBuilder::from_env`] and [`ClientBuilder::connect`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`ClientBuilder::connect`].
     pub async fn connect_from_env() -> Result<Client> {
         ClientBuilder::from_env()?.connect().await
     }
@@ -291,6 +308,11 @@ impl Client {
     /// for this handle and every clone of it, and waits until it has ended.
     /// Requests keep working. Without a call, the work ends when the last
     /// clone is dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped call has already told the background work to
+    /// stop; it ends on its own.
     pub async fn close(self) {
         self.compactor.stop().await;
     }

@@ -47,6 +47,17 @@ impl Client {
     /// Reads up to `max` messages of one partition, starting at offset
     /// `from`, in offset order. Returns fewer (possibly none) at the end of
     /// the partition.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`];
+    /// [`Error::PartitionOutOfRange`]; [`Error::Corrupt`] for unreadable topic
+    /// metadata (corrupt batches are skipped and logged); [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn fetch(
         &self,
         topic: &str,

@@ -74,7 +74,7 @@
 //! # }
 //! ```
 //!
-//! [`Consumer::recv`] and [`Consumer::stream`] give messages only;
+//! [`Consumer::recv`] and the consumer as a `Stream` give messages only;
 //! [`Consumer::into_partitioned`] gives one
 //! [`Subscription`] per owned partition.
 //!

@@ -45,6 +45,19 @@ const DESCRIBE_CHUNK: u32 = 64;
 
 impl Client {
     /// A topic with the earliest and next offset of every partition.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`](crate::Error::InvalidTopicName),
+    /// [`Error::TopicNotFound`](crate::Error::TopicNotFound);
+    /// [`Error::Corrupt`](crate::Error::Corrupt) for unreadable topic
+    /// metadata or partition head; [`Error::Timeout`](crate::Error::Timeout)
+    /// or [`Error::Etcd`](crate::Error::Etcd) when etcd does not answer in
+    /// time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
         let topic = self.topic(name).await?;
         let partitions = self.partition_infos(&topic, 0..topic.partitions).await?;

@@ -89,6 +89,15 @@ impl RetentionReport {
 impl Client {
     /// Deletes the message at `offset` of a partition. Returns whether a
     /// message was there to delete. The offset is never reused.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: one guarded rewrite of one batch, applied whole or not at
+    /// all.
     pub async fn delete_message(&self, topic: &str, partition: u32, offset: u64) -> Result<bool> {
         Ok(self.delete_messages(topic, partition, &[offset]).await? == 1)
     }
@@ -111,6 +120,20 @@ impl Client {
     /// deleted when none is left) in one transaction guarded by the batch's
     /// mod revision. Offsets are never reused; the partition's next offset
     /// is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`], [`Error::PartitionOutOfRange`]; [`Error::Corrupt`]
+    /// for a batch that contradicts its key (nothing of it is deleted);
+    /// [`Error::QuotaExceeded`] while etcd's quota is exhausted (a rewrite is a
+    /// write); [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in
+    /// time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: each batch is rewritten in a transaction of its own,
+    /// so a dropped call may have deleted the offsets of some batches and not
+    /// of others, never part of one batch's. Calling it again finishes.
     pub async fn delete_messages(
         &self,
         topic: &str,
@@ -150,6 +173,17 @@ impl Client {
     /// to the partition's next offset) and returns the partition's offsets
     /// afterwards. Whole batches are deleted; the batch straddling `before`
     /// is rewritten. Offsets are never reused: the next offset is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`]. Under [`Error::QuotaExceeded`] the
+    /// whole batches below `before` may be gone already (deletes work under
+    /// NOSPACE) while the batch straddling it is not rewritten yet.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have deleted some batches below
+    /// `before`; calling it again finishes.
     pub async fn truncate_partition(
         &self,
         topic: &str,
@@ -168,6 +202,16 @@ impl Client {
     /// consumers and other sweeps. Producers trim the partitions they write
     /// to by themselves; this sweep is for partitions nobody writes to any
     /// more (age limits) and for compaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`], for the first partition that fails; the
+    /// partitions before it are trimmed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have trimmed some partitions; any
+    /// later sweep (or the producers) finishes.
     pub async fn enforce_retention(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
@@ -195,6 +239,16 @@ impl Client {
     /// whose newest message has an empty value (a tombstone). Keyless
     /// messages are kept. Safe while producers append: messages appended
     /// during the sweep are never removed by it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`], for the first partition that fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have compacted some batches; what
+    /// it removed is only what a full run removes, and calling it again
+    /// finishes.
     pub async fn compact_topic(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();

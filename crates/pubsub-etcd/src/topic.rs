@@ -239,6 +239,18 @@ pub struct TopicInfo {
 impl Client {
     /// Creates a topic. Of several concurrent creates of one name exactly one
     /// succeeds; the others get [`Error::TopicExists`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::InvalidPartitionCount`],
+    /// [`Error::InvalidConfig`] for a bad setting; [`Error::TopicExists`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses (a [`Error::Timeout`] leaves it unknown whether the topic was
+    /// created: read it with [`Client::topic`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// One transaction: a dropped call created the topic or did not.
     pub async fn create_topic(&self, topic: NewTopic) -> Result<TopicInfo> {
         validate_topic_name(&topic.name)?;
         validate_partitions(topic.partitions)?;
@@ -269,6 +281,16 @@ impl Client {
     }
 
     /// Reads a topic's metadata.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`]; [`Error::Corrupt`]
+    /// for metadata that does not parse or check; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn topic(&self, name: &str) -> Result<TopicInfo> {
         validate_topic_name(name)?;
         let key = self.keys.topic(name);
@@ -280,6 +302,16 @@ impl Client {
     }
 
     /// Every topic of the namespace, sorted by name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] naming the first topic key whose metadata does not parse
+    /// or check; [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in
+    /// time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let prefix = self.keys.topics_prefix();
         let options = GetOptions::new().with_range(prefix_end(&prefix));
@@ -302,6 +334,18 @@ impl Client {
     /// revision, so two concurrent edits of different settings both land.
     /// `None` keeps the partition count; `|_| {}` keeps the settings, and
     /// `|c| *c = new.clone()` replaces them whole.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidPartitionCount`], [`Error::InvalidConfig`] for a bad result
+    /// of `change`; [`Error::TopicNotFound`]; [`Error::PartitionDecrease`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Each attempt is one guarded write: a dropped call changed the topic
+    /// whole or not at all.
     pub async fn alter_topic(
         &self,
         name: &str,
@@ -354,6 +398,16 @@ impl Client {
     /// Deletes a topic with its messages and every group's offsets and
     /// ownership for it, in one transaction. Producers holding the topic get
     /// [`Error::TopicDeleted`]; a later topic of the same name starts empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`]; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// One transaction: a dropped call deleted everything of the topic or
+    /// nothing.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         validate_topic_name(name)?;
         let key = self.keys.topic(name);

@@ -15,8 +15,8 @@ use crate::topic::TopicInfo;
 /// Where a group starts reading a partition it has no committed offset for,
 /// or where an admin reset puts it.
 ///
-/// Its text form, read by [`FromStr`] and written by [`Display`]
-/// (`fmt::Display`), is `earliest`, `latest`, an offset (`42`) or `@` and
+/// Its text form, read by [`FromStr`] and written by
+/// [`Display`](fmt::Display), is `earliest`, `latest`, an offset (`42`) or `@` and
 /// a timestamp in ms since the epoch (`@1700000000000`).
 ///
 /// ```

@@ -89,29 +89,15 @@ impl Client {
         let end = self
             .keys
             .batch(part, offset.saturating_add(MAX_RECORDS_PER_BATCH));
-        let options = GetOptions::new().with_range(end).with_limit(1);
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(start, Some(options)))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
+        let mut page = read_page(self, part, start.into_bytes(), end.into_bytes(), 1).await?;
+        Ok(page.pop())
     }
 
     /// Re-reads one batch key.
     async fn reread(&self, part: &Partition, key: &[u8]) -> Result<Option<StoredBatch>> {
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(key.to_vec(), None))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
+        // The range from the key to the key just after it: the key alone.
+        let mut page = read_page(self, part, key.to_vec(), key_after(key), 1).await?;
+        Ok(page.pop())
     }
 
     /// Rewrites a batch keeping the records for which `keep(offset, record)`

@@ -2,30 +2,21 @@
 //! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`), checks the JSON
 //! summary's shape and that the benchmark left no key behind.
 
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::BIN;
 use etcd_client::GetOptions;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
 /// Only keeps a hung benchmark from hanging the suite.
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A namespace no other test uses; benchmarks run next to it, in
 /// `<name>-bench-<random>`.
 fn namespace() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "bench-test-{}-{nanos:08x}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    common::unique_name("bench-test")
 }
 
 fn command(namespace: &str, args: &[&str]) -> Command {
@@ -40,16 +31,8 @@ fn command(namespace: &str, args: &[&str]) -> Command {
     command
 }
 
-fn wait(mut child: std::process::Child) -> Output {
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("the benchmark took over {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+fn wait(child: std::process::Child) -> Output {
+    common::wait_output(child, DEADLINE, "the benchmark")
 }
 
 /// Runs a benchmark that must succeed with `--format json`; returns its summary.

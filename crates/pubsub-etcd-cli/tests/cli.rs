@@ -2,152 +2,21 @@
 //! `PUBSUB_ETCD_ENDPOINTS` (default `127.0.0.1:2379`), each test in a
 //! namespace of its own that is emptied again when the test ends.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{lines, stderr, wait_status, Namespace, BIN};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
 /// No command of these tests should come near this; it only keeps a hung
 /// process from hanging the suite.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A fresh namespace; dropping it deletes the topics and groups in it
-/// through the CLI itself, also when the test panicked.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Namespace {
-            name: format!(
-                "cli-test-{}-{nanos:08x}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(["--namespace", &self.name, "--timeout", "5s"])
-            .args(args)
-            .env_remove("PUBSUB_ETCD_NAMESPACE");
-        command
-    }
-
-    /// Runs a command with `stdin` as its input.
-    fn run_with(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let mut input = child.stdin.take().unwrap();
-        let stdin = stdin.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = input.write_all(&stdin);
-        });
-        let output = wait_with_deadline(child);
-        writer.join().unwrap();
-        output
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with(args, b"")
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        self.ok_with(args, b"")
-    }
-
-    fn ok_with(&self, args: &[&str], stdin: &[u8]) -> String {
-        let output = self.run_with(args, stdin);
-        assert!(
-            output.status.success(),
-            "{args:?} failed with {:?}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("stdout is UTF-8")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["--format", "json"]);
-        serde_json::from_str(&self.ok(&args)).expect("stdout is one JSON document")
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        // Deleting a topic also deletes every group's state on it.
-        let output = self
-            .command(&["topic", "list", "--format", "json"])
-            .output();
-        let Ok(output) = output else { return };
-        let Ok(Value::Array(topics)) = serde_json::from_slice::<Value>(&output.stdout) else {
-            return;
-        };
-        for topic in topics {
-            if let Some(name) = topic["name"].as_str() {
-                let _ = self.command(&["topic", "delete", name]).output();
-            }
-        }
-    }
-}
-
-fn wait_with_deadline(mut child: Child) -> Output {
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let status = wait_status(&mut child);
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn wait_status(child: &mut Child) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("the command did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-        .collect()
+fn namespace() -> Namespace {
+    Namespace::new("cli-test", DEADLINE)
 }
 
 /// A partition's (or a list of partitions') offsets alone, without the
@@ -163,13 +32,9 @@ fn offsets(partitions: &Value) -> Value {
     }
 }
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[test]
 fn produce_and_consume_round_trip() {
-    let ns = Namespace::new();
+    let ns = namespace();
     assert_eq!(
         ns.ok(&["topic", "create", "orders", "--partitions", "2"]),
         "created topic \"orders\" with 2 partitions\n"
@@ -275,7 +140,7 @@ fn produce_and_consume_round_trip() {
 
 #[test]
 fn topic_admin_json_shapes() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&[
         "topic",
         "create",
@@ -391,7 +256,7 @@ fn topic_admin_json_shapes() {
 
 #[test]
 fn group_describe_after_partial_consumption_and_reset() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "jobs", "--partitions", "1"]);
     let input: String = (1..=10).map(|i| format!("job-{i}\n")).collect();
     ns.ok_with(&["produce", "jobs"], input.as_bytes());
@@ -536,7 +401,7 @@ fn group_describe_after_partial_consumption_and_reset() {
 
 #[test]
 fn non_utf8_bytes_are_base64() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "bin", "--partitions", "1"]);
     ns.ok_with(
         &["produce", "bin", "--key-separator", "|"],
@@ -567,7 +432,7 @@ fn non_utf8_bytes_are_base64() {
 
 #[test]
 fn unknown_topic_is_a_clear_error() {
-    let ns = Namespace::new();
+    let ns = namespace();
     let expected = format!(
         "error: topic \"nope\" does not exist in namespace {:?} \
          (--namespace or PUBSUB_ETCD_NAMESPACE selects another)\n",
@@ -604,7 +469,7 @@ fn unknown_topic_is_a_clear_error() {
 
 #[test]
 fn bad_usage_exits_2() {
-    let ns = Namespace::new();
+    let ns = namespace();
     for args in [
         &["--no-such-flag", "topic", "list"][..],
         &["topic", "create", "t"],
@@ -664,7 +529,7 @@ fn completions_are_generated() {
 
 #[test]
 fn group_member_leaves_on_sigterm() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "live", "--partitions", "2"]);
     let mut child = ns
         .command(&["consume", "live", "--group", "tail"])
@@ -695,7 +560,7 @@ fn group_member_leaves_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = wait_status(&mut child);
+    let status = wait_status(&mut child, DEADLINE, "the command");
     assert_eq!(status.code(), Some(0));
     // Left the group: no owners remain, commits do.
     let after = ns.json(&["group", "describe", "tail"]);
@@ -706,7 +571,7 @@ fn group_member_leaves_on_sigterm() {
 
 #[test]
 fn closed_stdout_ends_quietly() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "big", "--partitions", "1"]);
     // Well over a pipe's buffer, so the consumer must block on its output.
     let value = "v".repeat(1000);
@@ -724,7 +589,7 @@ fn closed_stdout_ends_quietly() {
     assert_eq!(line.len(), 1001);
     drop(stdout);
     let mut stderr_pipe = child.stderr.take().unwrap();
-    let status = wait_status(&mut child);
+    let status = wait_status(&mut child, DEADLINE, "the command");
     let mut diagnostics = String::new();
     stderr_pipe.read_to_string(&mut diagnostics).unwrap();
     assert_eq!(status.code(), Some(0), "{diagnostics}");
@@ -738,7 +603,7 @@ fn closed_stdout_ends_quietly() {
 
 #[test]
 fn exit_at_end_with_empty_partitions_and_from_time() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "sparse", "--partitions", "4"]);
     // Nothing at all: exits at once, with or without a group.
     assert_eq!(
@@ -784,7 +649,7 @@ fn exit_at_end_with_empty_partitions_and_from_time() {
 
 #[test]
 fn topic_retention_options() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&[
         "topic",
         "create",
@@ -896,7 +761,7 @@ fn topic_retention_options() {
 
 #[test]
 fn message_delete_and_truncate() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "items", "--partitions", "2"]);
     ns.ok_with(
         &["produce", "items", "--partition", "0"],
@@ -1007,7 +872,7 @@ fn message_delete_and_truncate() {
 
 #[test]
 fn retention_sweep_and_key_compaction() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&[
         "topic",
         "create",
@@ -1070,7 +935,7 @@ fn retention_sweep_and_key_compaction() {
 
 #[test]
 fn admin_compact_alarms_and_disarm() {
-    let ns = Namespace::new();
+    let ns = namespace();
     // Something deleted, so the compaction has history to drop.
     ns.ok(&["topic", "create", "scratch", "--partitions", "1"]);
     ns.ok_with(&["produce", "scratch"], b"x\ny\n");
@@ -1122,7 +987,7 @@ fn admin_compact_alarms_and_disarm() {
 /// mutating commands, and errors that name what was wrong.
 #[test]
 fn kcat_and_kafka_tool_parity() {
-    let ns = Namespace::new();
+    let ns = namespace();
     let created = ns.json(&[
         "topic",
         "create",
@@ -1321,7 +1186,7 @@ fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
 
 #[test]
 fn produce_serves_prometheus_metrics() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "m", "--partitions", "2"]);
     let (port, addr) = free_port();
     let mut child = ns
@@ -1339,7 +1204,7 @@ fn produce_serves_prometheus_metrics() {
     }
     let body = scrape(port);
     drop(stdin);
-    assert!(wait_status(&mut child).success());
+    assert!(wait_status(&mut child, DEADLINE, "the command").success());
     let topic = "topic=\"m\"";
     assert_eq!(
         metric(&body, "pubsub_etcd_produced_messages_total", topic),
@@ -1366,7 +1231,7 @@ fn produce_serves_prometheus_metrics() {
 /// and friends; options and environment variables still win.
 #[test]
 fn contexts_from_the_config_file() {
-    let ns = Namespace::new();
+    let ns = namespace();
     let endpoints = std::env::var("PUBSUB_ETCD_ENDPOINTS").unwrap_or("127.0.0.1:2379".into());
     let dir = std::env::temp_dir().join(format!("{}-config", ns.name));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1430,7 +1295,7 @@ fn contexts_from_the_config_file() {
 
 #[test]
 fn admin_status_shows_history_and_space_and_the_opt_out() {
-    let ns = Namespace::new();
+    let ns = namespace();
     let status = ns.json(&["admin", "status"]);
     let (revision, oldest) = (
         status["revision"].as_i64().unwrap(),
@@ -1478,7 +1343,7 @@ fn admin_status_shows_history_and_space_and_the_opt_out() {
 
 #[test]
 fn consume_serves_group_metrics() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "m", "--partitions", "2"]);
     ns.ok_with(&["produce", "m"], b"a\nb\nc\n");
     let (port, addr) = free_port();
@@ -1536,7 +1401,7 @@ fn consume_serves_group_metrics() {
 /// At -vv the library's spans show, with their fields and durations.
 #[test]
 fn verbose_logs_show_the_library_spans() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "s", "--partitions", "1"]);
     let produced = ns.run_with(&["-vv", "produce", "s"], b"a\n");
     assert!(produced.status.success());
@@ -1559,7 +1424,7 @@ fn verbose_logs_show_the_library_spans() {
 /// one group member per topic (as `kcat -G g t1 t2`).
 #[test]
 fn several_topics_at_once() {
-    let ns = Namespace::new();
+    let ns = namespace();
     for topic in ["m-one", "m-two", "other"] {
         ns.ok(&["topic", "create", topic, "--partitions", "2"]);
         let lines: String = (0..5).map(|i| format!("{topic}-{i}\n")).collect();
@@ -1636,7 +1501,7 @@ fn log_lines(from: usize, n: usize) -> String {
 
 #[test]
 fn compression_of_topics_and_producers() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&[
         "topic",
         "create",

@@ -3,149 +3,20 @@
 //! draining with `--exit-at-end`, and going on under a NOSPACE alarm. Each
 //! test works in a namespace of its own, emptied again when the test ends.
 
-// The library's std-only etcd process harness.
-#[path = "../../pubsub-etcd/tests/common/etcd_proc.rs"]
-#[allow(dead_code)]
-mod etcd_proc;
+mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+use std::time::Duration;
 
+use common::{etcd_proc, Namespace};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
 /// Only keeps a hung process from hanging the suite.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-struct Namespace {
-    name: String,
-    /// Another etcd than the one in `PUBSUB_ETCD_ENDPOINTS`.
-    endpoints: Option<String>,
-}
-
-impl Namespace {
-    fn on(endpoints: String) -> Self {
-        let mut ns = Namespace::new();
-        ns.endpoints = Some(endpoints);
-        ns
-    }
-
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Namespace {
-            name: format!(
-                "cli-group-test-{}-{nanos:08x}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ),
-            endpoints: None,
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(["--namespace", &self.name, "--timeout", "5s"])
-            .args(args)
-            .env_remove("PUBSUB_ETCD_NAMESPACE");
-        if let Some(endpoints) = &self.endpoints {
-            command.env("PUBSUB_ETCD_ENDPOINTS", endpoints);
-        }
-        command
-    }
-
-    fn spawn(&self, args: &[&str], stdin: &[u8]) -> Child {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let mut input = child.stdin.take().unwrap();
-        let stdin = stdin.to_vec();
-        std::thread::spawn(move || {
-            let _ = input.write_all(&stdin);
-        });
-        child
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok_with(&self, args: &[&str], stdin: &[u8]) -> String {
-        succeeded(args, wait_with_deadline(self.spawn(args, stdin)))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        self.ok_with(args, b"")
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        // Deleting a topic also deletes every group's state on it.
-        let output = self
-            .command(&["topic", "list", "--format", "json"])
-            .output();
-        let Ok(output) = output else { return };
-        let Ok(Value::Array(topics)) = serde_json::from_slice::<Value>(&output.stdout) else {
-            return;
-        };
-        for topic in topics {
-            if let Some(name) = topic["name"].as_str() {
-                let _ = self.command(&["topic", "delete", name]).output();
-            }
-        }
-    }
-}
-
-fn succeeded(args: &[&str], output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{args:?} failed with {:?}: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("stdout is UTF-8")
-}
-
-fn wait_with_deadline(mut child: Child) -> Output {
-    let stdout = child.stdout.take();
-    let mut stderr = child.stderr.take().unwrap();
-    // A caller may have taken stdout to read it as it comes.
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut stdout) = stdout {
-            let _ = stdout.read_to_end(&mut buf);
-        }
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("the command did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+fn namespace() -> Namespace {
+    Namespace::new("cli-group-test", DEADLINE)
 }
 
 fn lag(ns: &Namespace, group: &str, topic: &str) -> u64 {
@@ -166,7 +37,7 @@ fn lag(ns: &Namespace, group: &str, topic: &str) -> u64 {
 /// for the end of the topic.
 #[test]
 fn group_exit_at_end_drains_every_partition_of_a_wide_topic() {
-    let ns = Namespace::new();
+    let ns = namespace();
     ns.ok(&["topic", "create", "t", "--partitions", "256"]);
     let input: String = (0..2560).map(|i| format!("{}:a{i}\n", i % 256)).collect();
     ns.ok_with(&["produce", "t", "--key-separator", ":"], input.as_bytes());
@@ -190,7 +61,7 @@ fn group_consumer_keeps_delivering_under_nospace() {
         quota_backend_bytes: Some(1024 * 1024),
         ..etcd_proc::ClusterOptions::default()
     });
-    let ns = Namespace::on(cluster.endpoints().join(","));
+    let ns = namespace().on(cluster.endpoints().join(","));
     ns.ok(&["topic", "create", "t", "--partitions", "1"]);
     let input: String = (0..3000).map(|i| format!("{i:0>100}\n")).collect();
     ns.ok_with(&["produce", "t"], input.as_bytes());
@@ -201,7 +72,7 @@ fn group_consumer_keeps_delivering_under_nospace() {
     std::thread::sleep(Duration::from_secs(2));
     ns.ok(&["topic", "create", "filler", "--partitions", "1"]);
     let big: String = (0..64).map(|_| "x".repeat(60_000) + "\n").collect();
-    let filled = wait_with_deadline(ns.spawn(&["produce", "filler"], big.as_bytes()));
+    let filled = ns.run_with(&["produce", "filler"], big.as_bytes());
     assert!(
         !filled.status.success() && String::from_utf8_lossy(&filled.stderr).contains("quota"),
         "the quota was not exhausted: {filled:?}"
@@ -226,7 +97,7 @@ fn group_consumer_keeps_delivering_under_nospace() {
     let _ = Command::new("kill")
         .args(["-TERM", &consumer.id().to_string()])
         .status();
-    let output = wait_with_deadline(consumer);
+    let output = ns.wait(consumer, &args);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         (delivered, exited),

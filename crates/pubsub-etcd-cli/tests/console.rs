@@ -2,14 +2,15 @@
 //! (default `127.0.0.1:2379`), each test in a namespace of its own, and
 //! talks to its JSON API over plain HTTP/1.1.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::BIN;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
 
 struct Console {
     child: Child,
@@ -145,13 +146,7 @@ impl Drop for Console {
 }
 
 fn namespace() -> String {
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("console-test-{}-{nanos:08x}-{n}", std::process::id())
+    common::unique_name("console-test")
 }
 
 const JSON: &str = "Content-Type: application/json";

@@ -1,18 +1,15 @@
 //! The `pubsub-etcd` binary against etcd processes of its own that the tests
 //! pause, kill and restart, and against a topic deleted under a producer.
 
-#[path = "../../pubsub-etcd/tests/common/etcd_proc.rs"]
-#[allow(dead_code)]
-mod etcd_proc;
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use etcd_proc::{ClusterOptions, EtcdCluster};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
+use common::etcd_proc::{ClusterOptions, EtcdCluster};
+use common::BIN;
 /// Only keeps a hung process from hanging the suite.
 const DEADLINE: Duration = Duration::from_secs(40);
 
@@ -362,15 +359,5 @@ fn status_reports_health_and_fails_on_an_alarm() {
 }
 
 fn wait(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the command did not end within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_status(child, DEADLINE, "the command")
 }

@@ -6,31 +6,41 @@
 //! spin or allocate without bound. Also a topic deleted under a running
 //! `consume`.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pubsub-etcd");
+use std::io::{BufRead, BufReader, Read};
+use std::ops::Deref;
+use std::process::{Child, Command, ExitStatus, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Namespace;
+
 /// No command here should come near this; it only keeps a hung process
 /// from hanging the suite.
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A fresh namespace with a raw etcd connection for writing garbage;
-/// dropping it deletes topic `t` (its metadata, data and group state).
-struct Namespace {
-    name: String,
+/// dropping it deletes topic `t` (its metadata, data and group state)
+/// through the library, which needs no readable metadata, before the
+/// namespace's own cleanup runs.
+struct Garbage {
+    cli: Namespace,
     runtime: tokio::runtime::Runtime,
     client: pubsub_etcd::Client,
 }
 
-impl Namespace {
+impl Deref for Garbage {
+    type Target = Namespace;
+
+    fn deref(&self) -> &Namespace {
+        &self.cli
+    }
+}
+
+impl Garbage {
     fn new() -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!("cli-garbage-{}-{nanos:08x}", std::process::id());
+        let cli = Namespace::new("cli-garbage", DEADLINE);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -38,52 +48,15 @@ impl Namespace {
         let client = runtime
             .block_on(
                 pubsub_etcd::Client::builder(pubsub_etcd::endpoints_from_env())
-                    .namespace(&name)
+                    .namespace(&cli.name)
                     .connect(),
             )
             .expect("etcd is reachable");
-        Namespace {
-            name,
+        Garbage {
+            cli,
             runtime,
             client,
         }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(["--namespace", &self.name, "--timeout", "5s"])
-            .args(args)
-            .env_remove("PUBSUB_ETCD_NAMESPACE")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command
-    }
-
-    /// Runs a command to its end with `stdin` as its input.
-    fn run(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = self.command(args).spawn().expect("the binary starts");
-        let mut input = child.stdin.take().unwrap();
-        let stdin = stdin.to_string();
-        let writer = std::thread::spawn(move || {
-            let _ = std::io::Write::write_all(&mut input, stdin.as_bytes());
-        });
-        let output = wait_with_deadline(child, args);
-        writer.join().unwrap();
-        output
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str], stdin: &str) -> String {
-        let output = self.run(args, stdin);
-        assert!(
-            output.status.success(),
-            "{args:?} failed with {:?}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
     }
 
     /// The full etcd key of `suffix` in this namespace.
@@ -114,40 +87,9 @@ impl Namespace {
     }
 }
 
-impl Drop for Namespace {
+impl Drop for Garbage {
     fn drop(&mut self) {
         let _ = self.runtime.block_on(self.client.delete_topic("t"));
-    }
-}
-
-fn wait_with_deadline(mut child: Child, args: &[&str]) -> Output {
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("{args:?} did not finish within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
     }
 }
 
@@ -170,21 +112,18 @@ fn assert_clean_failure(what: &str, output: &Output, key: &str, reason: &str) {
 
 #[test]
 fn every_command_refuses_invalid_topic_metadata() {
-    let ns = Namespace::new();
-    ns.ok(&["topic", "create", "t", "--partitions", "2"], "");
-    ns.ok(&["produce", "t"], "a\nb\n");
+    let ns = Garbage::new();
+    ns.ok(&["topic", "create", "t", "--partitions", "2"]);
+    ns.ok_with(&["produce", "t"], b"a\nb\n");
     // Group state, for `group describe`.
-    ns.ok(
-        &[
-            "consume",
-            "t",
-            "--group",
-            "g",
-            "--from-beginning",
-            "--exit-at-end",
-        ],
-        "",
-    );
+    ns.ok(&[
+        "consume",
+        "t",
+        "--group",
+        "g",
+        "--from-beginning",
+        "--exit-at-end",
+    ]);
     let key = ns.key("topics/t");
     for (value, reason) in [
         (r#"{"partitions":0,"created_ms":1}"#, "partition count 0"),
@@ -209,13 +148,13 @@ fn every_command_refuses_invalid_topic_metadata() {
             &["group", "describe", "g"],
             &["topic", "enforce-retention", "t"],
         ] {
-            let output = ns.run(args, "c\n");
+            let output = ns.run_with(args, b"c\n");
             assert_clean_failure(&format!("{args:?} on {value}"), &output, &key, reason);
         }
     }
     // Nothing was written or deleted meanwhile.
     ns.put("topics/t", r#"{"partitions":2,"created_ms":1}"#);
-    let consumed = ns.ok(&["consume", "t", "--from-beginning", "--exit-at-end"], "");
+    let consumed = ns.ok(&["consume", "t", "--from-beginning", "--exit-at-end"]);
     let mut lines: Vec<&str> = consumed.lines().collect();
     lines.sort_unstable();
     assert_eq!(lines, ["a", "b"]);
@@ -230,7 +169,7 @@ struct Running {
 
 impl Running {
     fn start(ns: &Namespace, args: &[&str]) -> Running {
-        let mut child = ns.command(args).spawn().expect("the binary starts");
+        let mut child = ns.spawn(args, b"");
         let collect = |pipe: Box<dyn Read + Send>| {
             let lines = Arc::new(Mutex::new(Vec::new()));
             let sink = lines.clone();
@@ -332,12 +271,15 @@ fn clock_ticks_per_second() -> u64 {
 /// and then sit idle without burning CPU; the other commands work.
 #[test]
 fn followers_skip_garbage_batches_once_and_stay_idle() {
-    let ns = Namespace::new();
-    ns.ok(&["topic", "create", "t", "--partitions", "2"], "");
+    let ns = Garbage::new();
+    ns.ok(&["topic", "create", "t", "--partitions", "2"]);
     for value in ["m0", "m1", "m2"] {
-        ns.ok(&["produce", "t", "--partition", "0"], &format!("{value}\n"));
+        ns.ok_with(
+            &["produce", "t", "--partition", "0"],
+            format!("{value}\n").as_bytes(),
+        );
     }
-    ns.ok(&["produce", "t", "--partition", "1"], "p1\n");
+    ns.ok_with(&["produce", "t", "--partition", "1"], b"p1\n");
     let good = ns.get(&ns.batch(0, "00000000000000000000"));
     let garbage: Vec<(u32, &str, Vec<u8>)> = vec![
         (0, "zzz", vec![1, 0xff, 0xff]),
@@ -390,7 +332,7 @@ fn followers_skip_garbage_batches_once_and_stay_idle() {
         );
     }
     // Still following: a new message arrives.
-    ns.ok(&["produce", "t", "--partition", "1"], "m3\n");
+    ns.ok_with(&["produce", "t", "--partition", "1"], b"m3\n");
     for follower in &mut followers {
         assert_eq!(follower.wait_for(5)[4], "m3");
     }
@@ -399,7 +341,7 @@ fn followers_skip_garbage_batches_once_and_stay_idle() {
         assert!(status.code().is_none(), "ended by itself: {status:?}");
     }
 
-    let description = ns.ok(&["topic", "describe", "t", "--format", "json"], "");
+    let description = ns.ok(&["topic", "describe", "t", "--format", "json"]);
     let description: serde_json::Value = serde_json::from_str(&description).unwrap();
     let partitions = &description["partitions"];
     assert_eq!(
@@ -410,9 +352,9 @@ fn followers_skip_garbage_batches_once_and_stay_idle() {
         (&partitions[1]["earliest"], &partitions[1]["next"]),
         (&0.into(), &2.into())
     );
-    ns.ok(&["topic", "list"], "");
-    ns.ok(&["group", "describe", "g"], "");
-    let consumed = ns.ok(&["consume", "t", "--from-beginning", "--exit-at-end"], "");
+    ns.ok(&["topic", "list"]);
+    ns.ok(&["group", "describe", "g"]);
+    let consumed = ns.ok(&["consume", "t", "--from-beginning", "--exit-at-end"]);
     let mut consumed: Vec<&str> = consumed.lines().collect();
     consumed.sort_unstable();
     assert_eq!(consumed, ["m0", "m1", "m2", "m3", "p1"]);
@@ -422,17 +364,17 @@ fn followers_skip_garbage_batches_once_and_stay_idle() {
 /// member when its topic is deleted, or deleted and created again.
 #[test]
 fn consume_ends_when_its_topic_is_deleted() {
-    let ns = Namespace::new();
+    let ns = Garbage::new();
     for recreate in [false, true] {
-        ns.ok(&["topic", "create", "t", "--partitions", "2"], "");
-        ns.ok(&["produce", "t", "--partition", "1"], "before\n");
+        ns.ok(&["topic", "create", "t", "--partitions", "2"]);
+        ns.ok_with(&["produce", "t", "--partition", "1"], b"before\n");
         let mut plain = Running::start(&ns, &["consume", "t", "--from-beginning"]);
         let mut member = Running::start(&ns, &["consume", "t", "--group", "g", "--from-beginning"]);
         assert_eq!(plain.wait_for(1), ["before"]);
         assert_eq!(member.wait_for(1), ["before"]);
-        ns.ok(&["topic", "delete", "t"], "");
+        ns.ok(&["topic", "delete", "t"]);
         if recreate {
-            ns.ok(&["topic", "create", "t", "--partitions", "2"], "");
+            ns.ok(&["topic", "create", "t", "--partitions", "2"]);
         }
         for (what, consumer) in [("plain", plain), ("member", member)] {
             let (status, stderr) = consumer.wait();
@@ -443,7 +385,7 @@ fn consume_ends_when_its_topic_is_deleted() {
             );
         }
         if recreate {
-            ns.ok(&["topic", "delete", "t"], "");
+            ns.ok(&["topic", "delete", "t"]);
         }
     }
 }

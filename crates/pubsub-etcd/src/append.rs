@@ -18,7 +18,6 @@
 //! twice. Any stale attempt still in flight carries a compare on an old
 //! head revision and so cannot apply once anything else has.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,50 +31,23 @@ use crate::client::Client;
 use crate::compression::Compression;
 use crate::error::{Error, Result};
 use crate::keys::prefix_end;
+use crate::partition::{Head, Partition};
 use crate::record::{self, pb, BatchRecords};
 use crate::telemetry;
 
 /// Entries kept in a head's idempotence table.
 const PRODUCER_TABLE_LEN: usize = 32;
 
-/// What this appender last knew of its partition's head.
-#[derive(Debug, Clone)]
-struct Head {
-    next_offset: u64,
-    /// 0 while the head key does not exist yet: etcd compares a missing
-    /// key's mod revision as 0.
-    mod_revision: i64,
-    producers: Vec<pb::ProducerState>,
-    /// Record bytes ever appended (application bytes, before compression).
-    total_bytes: u64,
-    /// Batch value bytes ever stored (after compression): what byte
-    /// retention counts.
-    total_stored_bytes: u64,
-}
-
-impl Head {
-    fn from_stored(stored: pb::PartitionHead, mod_revision: i64) -> Self {
-        Head {
-            next_offset: stored.next_offset,
-            mod_revision,
-            producers: stored.producers,
-            total_bytes: stored.total_bytes,
-            total_stored_bytes: stored.total_stored_bytes,
-        }
-    }
-}
-
 /// The single writer of one producer to one partition.
 #[derive(Debug)]
 pub(crate) struct PartitionAppender {
     client: Client,
-    topic: Arc<str>,
-    incarnation: i64,
-    partition: u32,
+    partition: Partition,
     producer_id: u64,
     compression: Compression,
     /// Sequence number of the next batch.
     next_seq: u64,
+    /// What this appender last knew of its partition's head.
     head: Option<Head>,
     /// When this appender last put its waiting marker (it is starved).
     marked_at: Option<Instant>,
@@ -98,16 +70,12 @@ struct Uncertain {
 impl PartitionAppender {
     pub(crate) fn new(
         client: Client,
-        topic: Arc<str>,
-        incarnation: i64,
-        partition: u32,
+        partition: Partition,
         producer_id: u64,
         compression: Compression,
     ) -> Self {
         PartitionAppender {
             client,
-            topic,
-            incarnation,
             partition,
             producer_id,
             compression,
@@ -133,7 +101,7 @@ impl PartitionAppender {
     /// error once `deadline` passes while the outcome is still unknown.
     /// With `lease`, the batch key is attached to that etcd lease (records
     /// with a time to live), so etcd deletes the batch when it expires.
-    #[tracing::instrument(level = "debug", name = "append", skip_all, fields(topic = %self.topic, partition = self.partition, records = records.len()))]
+    #[tracing::instrument(level = "debug", name = "append", skip_all, fields(topic = %self.partition.topic(), partition = self.partition.number(), records = records.len()))]
     pub(crate) async fn append_leased(
         &mut self,
         mut records: Vec<pb::Record>,
@@ -190,7 +158,7 @@ impl PartitionAppender {
                 .await
             {
                 Ok(response) if response.succeeded() => {
-                    telemetry::appended(&self.topic, count, bytes, started.elapsed());
+                    telemetry::appended(self.partition.topic(), count, bytes, started.elapsed());
                     self.head = Some(Head {
                         mod_revision: response.header().map_or(0, |h| h.revision()),
                         ..new_head
@@ -209,13 +177,13 @@ impl PartitionAppender {
                         Landed::No if Instant::now() >= deadline => {
                             // Never written: the records fail, none is stored.
                             return Err(Error::Contended {
-                                topic: self.topic.to_string(),
-                                partition: self.partition,
+                                topic: self.partition.topic().to_string(),
+                                partition: self.partition.number(),
                                 waited: started.elapsed(),
                             });
                         }
                         Landed::No => {
-                            telemetry::append_conflict(&self.topic);
+                            telemetry::append_conflict(self.partition.topic());
                             conflicts += 1;
                             if conflicts >= STARVED_AFTER {
                                 self.mark_waiting().await;
@@ -233,8 +201,8 @@ impl PartitionAppender {
                     if Instant::now() >= deadline {
                         return Err(e);
                     }
-                    telemetry::append_retry(&self.topic);
-                    tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "append outcome unknown, checking");
+                    telemetry::append_retry(self.partition.topic());
+                    tracing::debug!(topic = %self.partition.topic(), partition = self.partition.number(), error = %e, "append outcome unknown, checking");
                 }
                 Err(e @ Error::QuotaExceeded { .. }) => {
                     // etcd applies a write that passed its quota pre-check
@@ -274,13 +242,11 @@ impl PartitionAppender {
     }
 
     fn head_key(&self) -> String {
-        self.client
-            .keys
-            .head(&self.topic, self.incarnation, self.partition)
+        self.client.keys.head(&self.partition)
     }
 
     fn topic_key(&self) -> String {
-        self.client.keys.topic(&self.topic)
+        self.client.keys.topic(self.partition.topic())
     }
 
     /// Whether this append reads the waiting markers: always while another
@@ -329,21 +295,18 @@ impl PartitionAppender {
             total_bytes: head.total_bytes + records.len(),
             total_stored_bytes: head.total_stored_bytes + batch_value.len() as u64,
         };
-        let head_value = record::encode(&pb::PartitionHead {
-            next_offset: new_head.next_offset,
-            producers: new_head.producers.clone(),
-            total_bytes: new_head.total_bytes,
-            total_stored_bytes: new_head.total_stored_bytes,
-        });
-        let batch_key = self.client.keys.batch(
-            &self.topic,
-            self.incarnation,
-            self.partition,
-            batch.base_offset + count - 1,
-        );
+        let head_value = new_head.encode();
+        let batch_key = self
+            .client
+            .keys
+            .batch(&self.partition, batch.base_offset + count - 1);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(self.topic_key(), CompareOp::Equal, self.incarnation),
+                Compare::create_revision(
+                    self.topic_key(),
+                    CompareOp::Equal,
+                    self.partition.incarnation(),
+                ),
                 Compare::mod_revision(self.head_key(), CompareOp::Equal, head.mod_revision),
             ])
             .and_then(self.then_ops(batch_key, batch_value, head_value, lease, read_markers))
@@ -365,7 +328,7 @@ impl PartitionAppender {
         read_markers: bool,
     ) -> Vec<TxnOp> {
         let keys = &self.client.keys;
-        let waiting = keys.waiting_prefix(&self.topic, self.incarnation, self.partition);
+        let waiting = keys.waiting_prefix(&self.partition);
         let mut ops = vec![
             TxnOp::put(
                 batch_key,
@@ -386,12 +349,7 @@ impl PartitionAppender {
         }
         if self.marked_at.is_some() {
             ops.push(TxnOp::delete(
-                keys.waiting(
-                    &self.topic,
-                    self.incarnation,
-                    self.partition,
-                    self.producer_id,
-                ),
+                keys.waiting(&self.partition, self.producer_id),
                 None,
             ));
         }
@@ -400,12 +358,7 @@ impl PartitionAppender {
 
     /// Whether a successful append saw a recent marker of another producer.
     fn others_waiting_in(&self, response: &TxnResponse) -> bool {
-        let mine = self.client.keys.waiting(
-            &self.topic,
-            self.incarnation,
-            self.partition,
-            self.producer_id,
-        );
+        let mine = self.client.keys.waiting(&self.partition, self.producer_id);
         let recent = record::now_millis() - MARKER_FRESH_MS;
         response.op_responses().into_iter().any(|op| match op {
             TxnOpResponse::Get(get) => get.kvs().iter().any(|kv| {
@@ -429,12 +382,7 @@ impl PartitionAppender {
         {
             return;
         }
-        let key = self.client.keys.waiting(
-            &self.topic,
-            self.incarnation,
-            self.partition,
-            self.producer_id,
-        );
+        let key = self.client.keys.waiting(&self.partition, self.producer_id);
         // Under a short lease, so a producer that stops while starved
         // leaves nothing behind.
         let mut lease_client = self.client.etcd.lease_client();
@@ -458,12 +406,9 @@ impl PartitionAppender {
         ];
         for u in uncertain {
             ops.push(TxnOp::get(
-                self.client.keys.batch(
-                    &self.topic,
-                    self.incarnation,
-                    self.partition,
-                    u.base_offset + u.count - 1,
-                ),
+                self.client
+                    .keys
+                    .batch(&self.partition, u.base_offset + u.count - 1),
                 None,
             ));
         }
@@ -490,14 +435,10 @@ impl PartitionAppender {
             _ => None,
         });
         let topic = gets.next().flatten();
-        if topic.map(|kv| kv.create_revision()) != Some(self.incarnation) {
-            return Err(Error::TopicDeleted(self.topic.to_string()));
+        if topic.map(|kv| kv.create_revision()) != Some(self.partition.incarnation()) {
+            return Err(Error::TopicDeleted(self.partition.topic().to_string()));
         }
-        let head_kv = gets.next().flatten();
-        let head = Head::from_stored(
-            record::decode_head(head_kv.as_ref())?,
-            head_kv.map_or(0, |kv| kv.mod_revision()),
-        );
+        let head = Head::decode(gets.next().flatten().as_ref())?;
         let landed = head
             .producers
             .iter()

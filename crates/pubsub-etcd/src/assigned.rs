@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::group::{check_partition, StartOffset};
+use crate::partition::Partition;
 use crate::reader::{watch_topic, Envelope, ReaderSpec};
 use crate::record::Message;
 use crate::topic::topic_arc;
@@ -52,9 +53,7 @@ impl Client {
             let from = self.resolve_start(&info, partition, start).await?;
             let spec = ReaderSpec {
                 client: self.clone(),
-                topic: name.clone(),
-                incarnation: info.incarnation,
-                partition,
+                partition: Partition::new(name.clone(), info.incarnation, partition),
                 from,
                 page: 1000,
                 epoch: 0,

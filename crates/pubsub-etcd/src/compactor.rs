@@ -35,7 +35,8 @@ use crate::telemetry;
 
 /// Whether a client takes part in compacting etcd's history, and when a
 /// compaction is due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum AutoCompaction {
     /// Take no part: for an etcd that is compacted already (etcd's

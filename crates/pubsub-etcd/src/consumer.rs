@@ -1,5 +1,5 @@
-//! The group [`Consumer`] (a member that reads the partitions it owns) with
-//! its [`ConsumerBuilder`].
+//! The group [`Consumer`]: a member that reads the partitions it owns
+//! (configured and joined through `join.rs`'s [`ConsumerBuilder`]).
 //!
 //! The consumer is the application-facing half of a member; the other half,
 //! a background task in `group::member`, keeps the lease alive, balances
@@ -13,13 +13,16 @@
 //! [`Consumer::next_event`] keeps its progress in the consumer itself, so a
 //! dropped call (a `select!` branch that lost) loses nothing, and the same
 //! poll function makes the consumer a [`Stream`].
+//!
+//! A little over 500 lines, kept whole: that state machine, the commits it
+//! makes on its own and the [`CommitHandle`] sharing them are one concept,
+//! and a split would hand the state machine's fields to another module.
 
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
@@ -29,197 +32,12 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::group::{
     Ack, AutoCommit, Committer, Control, Event, Member, MemberConfig, MemberState, Notice,
-    StartOffset,
 };
+use crate::join::ConsumerBuilder;
 use crate::reader::Envelope;
 use crate::record::Message;
 use crate::telemetry;
-use crate::topic::{topic_arc, validate_group_name};
-
-/// Upper bounds of the builder's sizes and durations: far above any sane
-/// setting, low enough that no arithmetic on them overflows.
-const MAX_BUFFER: usize = 1 << 20;
-const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-/// Configures a group [`Consumer`]; every setting has a documented default.
-#[derive(Debug, Clone)]
-pub struct ConsumerBuilder {
-    pub(crate) client: Client,
-    pub(crate) topic: String,
-    pub(crate) group: String,
-    pub(crate) member_id: Option<String>,
-    pub(crate) session_ttl: Duration,
-    pub(crate) start: StartOffset,
-    pub(crate) auto_commit: AutoCommit,
-    pub(crate) page: usize,
-    pub(crate) buffer: usize,
-}
-
-impl ConsumerBuilder {
-    /// Lease TTL of the member: a member that stops renewing it (dies,
-    /// freezes, is cut off) loses its partitions this long after its last
-    /// renewal. Default: 10 s; from 2 s (etcd's minimum) to 24 h.
-    pub fn session_ttl(mut self, ttl: Duration) -> Self {
-        self.session_ttl = ttl;
-        self
-    }
-
-    /// Where to start on a partition the group never committed. Default:
-    /// [`StartOffset::Earliest`].
-    pub fn start_offset(mut self, start: StartOffset) -> Self {
-        self.start = start;
-        self
-    }
-
-    /// When to commit on its own. Default: [`AutoCommit::Interval`] of 5 s.
-    pub fn auto_commit(mut self, policy: AutoCommit) -> Self {
-        self.auto_commit = policy;
-        self
-    }
-
-    /// A stable member id (e.g. a pod name). Default: host-pid-random.
-    pub fn member_id(mut self, id: impl Into<String>) -> Self {
-        self.member_id = Some(id.into());
-        self
-    }
-
-    /// Messages read per etcd request while catching up. Default: 1,000.
-    pub fn fetch_messages(mut self, messages: usize) -> Self {
-        self.page = messages;
-        self
-    }
-
-    /// Messages buffered ahead of the application, across all owned
-    /// partitions; each partition reader also holds at most one page.
-    /// Default: 1,024; at most 2^20 (as for `fetch_messages`).
-    pub fn buffer(mut self, messages: usize) -> Self {
-        self.buffer = messages;
-        self
-    }
-
-    /// Joins the group and starts consuming.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidGroupName`] or [`Error::InvalidConfig`] for a bad
-    /// group name, member id or setting; [`Error::TopicNotFound`] when the
-    /// topic does not exist; [`Error::Timeout`] or [`Error::Etcd`] when
-    /// etcd cannot be reached to register the member.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: a join dropped half-way may leave a member key that
-    /// stays until its lease expires (the session TTL), and the group
-    /// balances partitions to it meanwhile.
-    pub async fn join(self) -> Result<Consumer> {
-        validate_group_name(&self.group)?;
-        if self.session_ttl < Duration::from_secs(2) || self.session_ttl > MAX_DURATION {
-            return Err(Error::InvalidConfig(format!(
-                "session_ttl is {:?}; it must be between 2 s and 24 h",
-                self.session_ttl
-            )));
-        }
-        if let AutoCommit::Interval(every) = self.auto_commit {
-            if every.is_zero() || every > MAX_DURATION {
-                return Err(Error::InvalidConfig(format!(
-                    "the auto-commit interval is {every:?}; it must be between 1 ns and 24 h"
-                )));
-            }
-        }
-        if !(1..=MAX_BUFFER).contains(&self.page) || !(1..=MAX_BUFFER).contains(&self.buffer) {
-            return Err(Error::InvalidConfig(format!(
-                "fetch_messages is {} and buffer is {}; both must be between 1 and {MAX_BUFFER}",
-                self.page, self.buffer
-            )));
-        }
-        if let Some(id) = &self.member_id {
-            validate_group_name(id).map_err(|_| {
-                Error::InvalidConfig(format!(
-                    "member id {id:?}: only ASCII letters, digits, '.', '_' and '-' are allowed"
-                ))
-            })?;
-        }
-        let topic = self.client.topic(&self.topic).await?;
-        let member_id = self.member_id.clone().unwrap_or_else(default_member_id);
-        let (queue_tx, queue_rx) = mpsc::channel(self.buffer);
-        let (events_tx, events_rx) = mpsc::channel(64);
-        let (control_tx, control_rx) = mpsc::channel(16);
-        let shared = Arc::new(MemberState::new());
-        let config = MemberConfig {
-            client: self.client.clone(),
-            group: self.group.clone(),
-            session_ttl: self.session_ttl,
-            start: self.start,
-            auto_commit: self.auto_commit,
-            page: self.page,
-        };
-        let member = Member::join(
-            config,
-            topic,
-            member_id.clone(),
-            shared.clone(),
-            queue_tx,
-            events_tx,
-            control_rx,
-        )
-        .await?;
-        let control = member.client();
-        let committer = member.committer();
-        let task = tokio::spawn(member.run());
-        Ok(Consumer {
-            client: control,
-            committer,
-            topic: topic_arc(&self.topic),
-            group: self.group,
-            member_id,
-            auto_commit: self.auto_commit,
-            queue: queue_rx,
-            events: events_rx,
-            events_open: true,
-            shared,
-            control: control_tx,
-            task: Some(task),
-            pending_ack: None,
-            uncommitted: None,
-            committing: None,
-        })
-    }
-}
-
-fn default_member_id() -> String {
-    // The machine's own name ($HOSTNAME is a shell variable, rarely
-    // exported), cut to leave room for the suffix.
-    let host: String = gethostname::gethostname()
-        .to_string_lossy()
-        .chars()
-        .take(200)
-        .collect();
-    let host = Some(host)
-        .filter(|h| !h.is_empty() && validate_group_name(h).is_ok())
-        .unwrap_or_else(|| "member".to_string());
-    format!(
-        "{host}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
-impl Client {
-    /// Starts configuring a member of consumer group `group` on `topic`.
-    pub fn consumer(&self, topic: impl Into<String>, group: impl Into<String>) -> ConsumerBuilder {
-        ConsumerBuilder {
-            client: self.clone(),
-            topic: topic.into(),
-            group: group.into(),
-            member_id: None,
-            session_ttl: Duration::from_secs(10),
-            start: StartOffset::Earliest,
-            auto_commit: AutoCommit::default(),
-            page: 1000,
-            buffer: 1024,
-        }
-    }
-}
+use crate::topic::{topic_arc, TopicInfo};
 
 /// A live member of a consumer group: yields the messages of the partitions
 /// it owns, rebalanced automatically as members join, leave or die.
@@ -253,6 +71,57 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// The application's half of member `member_id` of `builder`'s group
+    /// on `topic`: joins, starts the member task, and returns.
+    pub(crate) async fn start(
+        builder: ConsumerBuilder,
+        topic: TopicInfo,
+        member_id: String,
+    ) -> Result<Consumer> {
+        let (queue_tx, queue_rx) = mpsc::channel(builder.buffer);
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let shared = Arc::new(MemberState::new());
+        let config = MemberConfig {
+            client: builder.client.clone(),
+            group: builder.group.clone(),
+            session_ttl: builder.session_ttl,
+            start: builder.start,
+            auto_commit: builder.auto_commit,
+            page: builder.page,
+        };
+        let member = Member::join(
+            config,
+            topic,
+            member_id.clone(),
+            shared.clone(),
+            queue_tx,
+            events_tx,
+            control_rx,
+        )
+        .await?;
+        let control = member.client();
+        let committer = member.committer();
+        let task = tokio::spawn(member.run());
+        Ok(Consumer {
+            client: control,
+            committer,
+            topic: topic_arc(&builder.topic),
+            group: builder.group,
+            member_id,
+            auto_commit: builder.auto_commit,
+            queue: queue_rx,
+            events: events_rx,
+            events_open: true,
+            shared,
+            control: control_tx,
+            task: Some(task),
+            pending_ack: None,
+            uncommitted: None,
+            committing: None,
+        })
+    }
+
     /// This member's id in the group.
     pub fn member_id(&self) -> &str {
         &self.member_id
@@ -657,21 +526,5 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         // The member task notices the closed control channel and leaves.
         self.queue.close();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::default_member_id;
-
-    #[test]
-    fn member_ids_start_with_the_host_name() {
-        // The kernel's name for the machine, whatever the environment says.
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-        let id = default_member_id();
-        assert!(
-            id.starts_with(&format!("{}-{}-", host.trim(), std::process::id())),
-            "{id}"
-        );
     }
 }

@@ -2,23 +2,22 @@
 //! paged range read that consumers catch up with, and the check every
 //! batch read passes before anything trusts its offsets.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use etcd_client::GetOptions;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::keys::{prefix_end, Keys};
-use crate::record::{self, pb, Message, MAX_RECORDS_PER_BATCH};
-use crate::topic::topic_arc;
+use crate::keys::prefix_end;
+use crate::partition::Partition;
+use crate::record::{self, Message, MAX_RECORDS_PER_BATCH};
 
 /// Most batch keys one read returns: a batch is at most about 1.4 MiB, so a
 /// page stays within a few tens of MiB of memory.
 const MAX_BATCHES_PER_READ: usize = 32;
 
 /// What one fetch read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Fetched {
     /// Messages in offset order; deleted and expired ones are skipped, so
     /// offsets may have gaps.
@@ -27,8 +26,10 @@ pub struct Fetched {
     pub next_offset: u64,
     /// The etcd revision the read saw; a watch from `revision + 1` misses
     /// nothing written after it.
+    #[serde(skip)]
     pub(crate) revision: i64,
     /// Batch keys the read decoded.
+    #[serde(skip)]
     pub(crate) batches: usize,
 }
 
@@ -46,6 +47,17 @@ impl Client {
     /// Reads up to `max` messages of one partition, starting at offset
     /// `from`, in offset order. Returns fewer (possibly none) at the end of
     /// the partition.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`];
+    /// [`Error::PartitionOutOfRange`]; [`Error::Corrupt`] for unreadable topic
+    /// metadata (corrupt batches are skipped and logged); [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn fetch(
         &self,
         topic: &str,
@@ -63,9 +75,7 @@ impl Client {
         }
         fetch_partition(
             self,
-            &topic_arc(topic),
-            info.incarnation,
-            partition,
+            &Partition::of(&info, partition),
             from,
             max,
             Cut::Exact,
@@ -74,72 +84,15 @@ impl Client {
     }
 }
 
-/// Decodes the batch stored at `key` of a partition and checks it against
-/// its key before anything trusts its offsets: the key must be the one the
-/// batch's extent names (its last offset, so garbage names such as a
-/// 21-digit number never pass), the extent must hold 1 to
-/// [`MAX_RECORDS_PER_BATCH`] offsets and end below `u64::MAX` (so `last + 1`
-/// never overflows), and the records' offsets must increase within it.
-pub(crate) fn decode_batch(
-    keys: &Keys,
-    topic: &str,
-    incarnation: i64,
-    partition: u32,
-    key: &[u8],
-    value: Bytes,
-) -> Result<pb::RecordBatch> {
-    let batch = record::decode_batch_value(key, value)?;
-    let corrupt = |reason: String| Error::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason,
-    };
-    let count = u64::from(batch.offset_count);
-    if count == 0 || count > MAX_RECORDS_PER_BATCH {
-        return Err(corrupt(format!(
-            "batch spans {count} offsets; a batch spans 1 to {MAX_RECORDS_PER_BATCH}"
-        )));
-    }
-    let last = match batch.base_offset.checked_add(count - 1) {
-        Some(last) if last < u64::MAX => last,
-        _ => {
-            return Err(corrupt(format!(
-                "batch of {count} offsets from {} ends beyond the largest offset",
-                batch.base_offset
-            )))
-        }
-    };
-    let expected = keys.batch(topic, incarnation, partition, last);
-    if key != expected.as_bytes() {
-        return Err(corrupt(format!(
-            "batch holds offsets {}..={last}, so its key would be {expected}",
-            batch.base_offset
-        )));
-    }
-    let mut previous = None;
-    for r in &batch.records {
-        if u64::from(r.offset_delta) >= count || previous.is_some_and(|p| p >= r.offset_delta) {
-            return Err(corrupt(format!(
-                "record offset delta {} is out of order or outside the batch's {count} offsets",
-                r.offset_delta
-            )));
-        }
-        previous = Some(r.offset_delta);
-    }
-    Ok(batch)
-}
-
 /// [`read_partition`], logging each corrupt batch it skipped.
 pub(crate) async fn fetch_partition(
     client: &Client,
-    topic: &Arc<str>,
-    incarnation: i64,
-    partition: u32,
+    part: &Partition,
     from: u64,
     max: usize,
     cut: Cut,
 ) -> Result<Fetched> {
-    let (fetched, corrupt) =
-        read_partition(client, topic, incarnation, partition, from, max, cut).await?;
+    let (fetched, corrupt) = read_partition(client, part, from, max, cut).await?;
     for error in &corrupt {
         tracing::warn!(%error, "skipped a corrupt batch");
     }
@@ -157,18 +110,16 @@ pub(crate) async fn fetch_partition(
 /// continue from `next_offset` use the latter so that a large batch is
 /// decoded once, not once per page.
 ///
-/// Keys that fail [`decode_batch`] are skipped and their errors returned
+/// Keys that fail [`Partition::decode_batch`] are skipped and their errors returned
 /// beside the result (at most [`MAX_CORRUPT_KEPT`]; more are only counted
 /// in a warning); they never move `next_offset`. When a read found
 /// only such keys, the next read starts just after them (and goes on to the
 /// open range), so garbage neither stops the fetch short of a good batch
 /// behind it nor makes it read the same keys again.
-#[tracing::instrument(level = "debug", name = "fetch", skip(client, cut), fields(topic = %topic))]
+#[tracing::instrument(level = "debug", name = "fetch", skip(client, part, cut), fields(topic = %part.topic(), partition = part.number()))]
 pub(crate) async fn read_partition(
     client: &Client,
-    topic: &Arc<str>,
-    incarnation: i64,
-    partition: u32,
+    part: &Partition,
     from: u64,
     max: usize,
     cut: Cut,
@@ -183,10 +134,8 @@ pub(crate) async fn read_partition(
     let window_end = from
         .saturating_add(max as u64)
         .saturating_add(MAX_RECORDS_PER_BATCH);
-    let mut start = keys.batch(topic, incarnation, partition, from).into_bytes();
-    let mut end = keys
-        .batch(topic, incarnation, partition, window_end)
-        .into_bytes();
+    let mut start = keys.batch(part, from).into_bytes();
+    let mut end = keys.batch(part, window_end).into_bytes();
     let mut limit = window_limit;
     let mut open = false;
     let mut fetched = Fetched {
@@ -213,20 +162,13 @@ pub(crate) async fn read_partition(
                 break;
             }
             open = true;
-            end = prefix_end(&keys.batches_prefix(topic, incarnation, partition));
+            end = prefix_end(&keys.batches_prefix(part));
             limit = 1;
             continue;
         };
         for kv in kvs {
             let (key, value) = kv.into_key_value();
-            let batch = match decode_batch(
-                keys,
-                topic,
-                incarnation,
-                partition,
-                &key,
-                Bytes::from(value),
-            ) {
+            let batch = match part.decode_batch(keys, &key, Bytes::from(value)) {
                 Ok(batch) => batch,
                 Err(error) if corrupt.len() < MAX_CORRUPT_KEPT => {
                     corrupt.push(error);
@@ -238,7 +180,7 @@ pub(crate) async fn read_partition(
                 }
             };
             let batch_end = batch.base_offset + u64::from(batch.offset_count);
-            for message in record::batch_messages(topic, partition, batch, from, now) {
+            for message in record::batch_messages(part, batch, from, now) {
                 if cut == Cut::Exact && fetched.messages.len() == max {
                     break 'read;
                 }
@@ -258,12 +200,12 @@ pub(crate) async fn read_partition(
         start.push(0);
         if !full && !open {
             open = true;
-            end = prefix_end(&keys.batches_prefix(topic, incarnation, partition));
+            end = prefix_end(&keys.batches_prefix(part));
             limit = 1;
         }
     }
     if corrupt_dropped > 0 {
-        tracing::warn!(%topic, partition, skipped = corrupt_dropped, "skipped more corrupt batches than reported");
+        tracing::warn!(topic = %part.topic(), partition = part.number(), skipped = corrupt_dropped, "skipped more corrupt batches than reported");
     }
     Ok((fetched, corrupt))
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{ConnectOptions, GetOptions};
 
-use crate::client::redact_endpoint;
+use crate::builder::redact_endpoint;
 use crate::telemetry;
 
 /// How often every endpoint is probed.

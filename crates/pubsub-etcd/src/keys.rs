@@ -23,6 +23,7 @@
 //! `-` and `.`, which sort before `/`, so `topics/a` must never match `topics/a-b`.
 
 use crate::error::{Error, Result};
+use crate::partition::Partition;
 use crate::topic::check_name;
 
 /// Width of a zero-padded offset: `u64::MAX` has 20 digits.
@@ -79,54 +80,37 @@ impl Keys {
         format!("{}data/{topic}/", self.root)
     }
 
-    pub(crate) fn partition_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
+    /// Everything stored under one partition.
+    pub(crate) fn partition_prefix(&self, p: &Partition) -> String {
         format!(
-            "{}data/{topic}/{incarnation}/{partition:0PARTITION_WIDTH$}/",
-            self.root
+            "{}data/{}/{}/{:0PARTITION_WIDTH$}/",
+            self.root,
+            p.topic(),
+            p.incarnation(),
+            p.number()
         )
     }
 
-    pub(crate) fn head(&self, topic: &str, incarnation: i64, partition: u32) -> String {
-        format!(
-            "{}head",
-            self.partition_prefix(topic, incarnation, partition)
-        )
+    pub(crate) fn head(&self, p: &Partition) -> String {
+        format!("{}head", self.partition_prefix(p))
     }
 
-    pub(crate) fn batches_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
-        format!("{}b/", self.partition_prefix(topic, incarnation, partition))
+    pub(crate) fn batches_prefix(&self, p: &Partition) -> String {
+        format!("{}b/", self.partition_prefix(p))
     }
 
     /// Markers of producers starved by contention on one partition.
-    pub(crate) fn waiting_prefix(&self, topic: &str, incarnation: i64, partition: u32) -> String {
-        format!("{}w/", self.partition_prefix(topic, incarnation, partition))
+    pub(crate) fn waiting_prefix(&self, p: &Partition) -> String {
+        format!("{}w/", self.partition_prefix(p))
     }
 
-    pub(crate) fn waiting(
-        &self,
-        topic: &str,
-        incarnation: i64,
-        partition: u32,
-        producer_id: u64,
-    ) -> String {
-        format!(
-            "{}{producer_id:016x}",
-            self.waiting_prefix(topic, incarnation, partition)
-        )
+    pub(crate) fn waiting(&self, p: &Partition, producer_id: u64) -> String {
+        format!("{}{producer_id:016x}", self.waiting_prefix(p))
     }
 
     /// The key of the batch whose last offset is `last_offset`.
-    pub(crate) fn batch(
-        &self,
-        topic: &str,
-        incarnation: i64,
-        partition: u32,
-        last_offset: u64,
-    ) -> String {
-        format!(
-            "{}{last_offset:0OFFSET_WIDTH$}",
-            self.batches_prefix(topic, incarnation, partition)
-        )
+    pub(crate) fn batch(&self, p: &Partition, last_offset: u64) -> String {
+        format!("{}{last_offset:0OFFSET_WIDTH$}", self.batches_prefix(p))
     }
 
     /// Every group's state for one topic.
@@ -271,9 +255,10 @@ mod tests {
     #[test]
     fn batch_keys_sort_in_offset_order() {
         let keys = Keys::new("ns").unwrap();
-        let a = keys.batch("t", 7, 3, 9);
-        let b = keys.batch("t", 7, 3, 10);
-        let c = keys.batch("t", 7, 3, u64::MAX);
+        let p = Partition::new("t".into(), 7, 3);
+        let a = keys.batch(&p, 9);
+        let b = keys.batch(&p, 10);
+        let c = keys.batch(&p, u64::MAX);
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a, "ns/data/t/7/00003/b/00000000000000000009");
         assert_eq!(Keys::trailing_number(c.as_bytes()), Some(u64::MAX));
@@ -322,9 +307,10 @@ mod tests {
         for topic in ["t", "data", "groups", "topics", "foo", "a-b"] {
             all.push(keys.topic(topic));
             all.push(keys.topic_data_prefix(topic));
-            all.push(keys.head(topic, 1, 0));
-            all.push(keys.batch(topic, 1, 0, u64::MAX));
-            all.push(keys.waiting(topic, 1, 0, 7));
+            let p = Partition::new(topic.into(), 1, 0);
+            all.push(keys.head(&p));
+            all.push(keys.batch(&p, u64::MAX));
+            all.push(keys.waiting(&p, 7));
             all.push(keys.topic_groups_prefix(topic));
             for group in ["g", "members", "offsets"] {
                 all.push(keys.member(topic, group, "m"));

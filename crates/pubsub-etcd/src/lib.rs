@@ -74,7 +74,7 @@
 //! # }
 //! ```
 //!
-//! [`Consumer::recv`] and [`Consumer::stream`] give messages only;
+//! [`Consumer::recv`] and the consumer as a `Stream` give messages only;
 //! [`Consumer::into_partitioned`] gives one
 //! [`Subscription`] per owned partition.
 //!
@@ -143,6 +143,7 @@
 
 mod append;
 mod assigned;
+mod builder;
 mod client;
 mod compactor;
 mod compression;
@@ -151,31 +152,37 @@ mod error;
 mod fetch;
 mod group;
 mod health;
+mod join;
 mod keys;
 mod maintenance;
+mod offsets;
+mod partition;
 mod producer;
 mod queue;
 mod reader;
 mod record;
 mod retention;
+mod rewrite;
 mod subscription;
 pub mod telemetry;
 mod topic;
 
 pub use assigned::AssignedReader;
-pub use bytes::Bytes;
-pub use client::{
-    endpoints_from_env, redact_endpoint, Client, ClientBuilder, CACERT_ENV, CERT_ENV,
-    DEFAULT_ENDPOINT, DEFAULT_NAMESPACE, ENDPOINTS_ENV, KEY_ENV, NAMESPACE_ENV, PASSWORD_ENV,
-    USER_ENV,
+pub use builder::{
+    endpoints_from_env, redact_endpoint, ClientBuilder, CACERT_ENV, CERT_ENV, DEFAULT_ENDPOINT,
+    DEFAULT_NAMESPACE, ENDPOINTS_ENV, KEY_ENV, NAMESPACE_ENV, PASSWORD_ENV, USER_ENV,
 };
+pub use bytes::Bytes;
+pub use client::Client;
 pub use compactor::{AutoCompaction, CompactionRecord};
 pub use compression::{Compression, DEFAULT_ZSTD_LEVEL, MAX_DECODED_RECORDS_BYTES};
-pub use consumer::{CommitHandle, Consumer, ConsumerBuilder};
+pub use consumer::{CommitHandle, Consumer};
 pub use error::{Error, EtcdError, Result};
 pub use fetch::Fetched;
 pub use group::{AutoCommit, Event, PartitionLag, StartOffset};
+pub use join::ConsumerBuilder;
 pub use maintenance::{Alarm, AlarmKind, CompactReport, HistoryStatus, MemberSpace, MemberStatus};
+pub use offsets::{PartitionInfo, TopicDescription};
 pub use producer::{
     partition_for_key, Delivery, Partitioner, Producer, ProducerBuilder, RecordMetadata, SendError,
     DEFAULT_MAX_BATCH_BYTES,
@@ -184,7 +191,4 @@ pub use queue::{Job, QueueConsumer, QueueConsumerBuilder, QueueReset, QueueStats
 pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
-pub use topic::{
-    CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, MAX_NAME_LEN,
-    MAX_PARTITIONS,
-};
+pub use topic::{CleanupPolicy, NewTopic, TopicConfig, TopicInfo, MAX_NAME_LEN, MAX_PARTITIONS};

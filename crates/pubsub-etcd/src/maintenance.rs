@@ -148,6 +148,19 @@ impl Client {
     /// reached alone through its advertised client URL, with this client's
     /// TLS settings and credentials; a member that cannot be reached reports
     /// an `error` and the others are still defragmented.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses while the members are listed or the history is compacted; a member
+    /// that cannot be reached or defragmented is reported in its
+    /// [`MemberSpace::error`] instead.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have compacted the history and
+    /// defragmented some members. Nothing is lost; calling it again finishes
+    /// the work.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn compact_history(&self, defrag: bool) -> Result<CompactReport> {
         let members = self.maintenance_members().await?;
@@ -220,6 +233,17 @@ impl Client {
 
     /// The span of history etcd keeps, the last automatic compaction, and
     /// each member's database size against its in-use size. Read-only.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses while the revisions or the members are read; a member that cannot be
+    /// asked is reported in its [`MemberStatus::error`], and an unreadable record
+    /// of the last cycle in `last_cycle_error`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn history_status(&self) -> Result<HistoryStatus> {
         let (last_cycle, last_cycle_error, revision) = match self
             .timed(
@@ -318,6 +342,14 @@ impl Client {
     }
 
     /// Every alarm raised in the etcd cluster.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn alarms(&self) -> Result<Vec<Alarm>> {
         let response = self
             .timed(
@@ -349,6 +381,16 @@ impl Client {
     /// those member ids. Free space first ([`Client::compact_history`] with
     /// defragmentation): a member still over its quota raises the alarm again
     /// at the next write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses; the alarms disarmed before the failure stay disarmed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have disarmed some alarms and not
+    /// others; calling it again disarms the rest.
     pub async fn disarm_nospace(&self) -> Result<Vec<u64>> {
         let mut disarmed = Vec::new();
         for alarm in self.alarms().await? {

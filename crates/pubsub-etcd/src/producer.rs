@@ -35,6 +35,7 @@ use crate::append::PartitionAppender;
 use crate::client::Client;
 use crate::compression::Compression;
 use crate::error::{Error, Result};
+use crate::partition::Partition;
 use crate::record::{self, pb, Record, MAX_RECORDS_PER_BATCH};
 use crate::retention;
 use crate::topic::{TopicConfig, TopicInfo};
@@ -55,7 +56,8 @@ const LEASE_MARGIN_MS: i64 = 2000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// How a record without an explicit partition gets one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Partitioner {
     /// Keyed records go to `fnv1a_64(key) % partitions` (stable while the
@@ -659,9 +661,7 @@ impl Producer {
         let worker = Worker {
             appender: PartitionAppender::new(
                 shared.client.clone(),
-                shared.name.clone(),
-                incarnation,
-                partition,
+                Partition::new(shared.name.clone(), incarnation, partition),
                 // Each worker its own id: a successor cannot continue its
                 // predecessor's sequence.
                 rand::random(),
@@ -969,9 +969,7 @@ impl Worker {
         let (next, total_bytes) = self.appender.known_head()?;
         Some(retention::producer_trim(
             self.shared.client.clone(),
-            self.shared.name.clone(),
-            self.incarnation,
-            self.partition,
+            Partition::new(self.shared.name.clone(), self.incarnation, self.partition),
             config,
             next,
             total_bytes,

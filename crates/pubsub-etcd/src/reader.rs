@@ -9,7 +9,7 @@
 //! group-less readers also run [`watch_topic`], which ends them with
 //! [`Error::TopicDeleted`] as a group member's topic check does.
 //!
-//! A batch key that fails [`decode_batch`] (garbage name, undecodable value,
+//! A batch key that fails [`Partition::decode_batch`] (garbage name, undecodable value,
 //! extent contradicting the key) is skipped and reported once per reader,
 //! as an error to the application and a warning: it never moves the
 //! position, halts the partition, or makes the reader read it again and
@@ -25,8 +25,9 @@ use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::Error;
-use crate::fetch::{decode_batch, read_partition, Cut};
+use crate::fetch::{read_partition, Cut};
 use crate::keys::prefix_end;
+use crate::partition::Partition;
 use crate::record::{self, Message};
 use crate::telemetry;
 
@@ -47,9 +48,7 @@ pub(crate) enum Envelope {
 #[derive(Debug, Clone)]
 pub(crate) struct ReaderSpec {
     pub(crate) client: Client,
-    pub(crate) topic: Arc<str>,
-    pub(crate) incarnation: i64,
-    pub(crate) partition: u32,
+    pub(crate) partition: Partition,
     pub(crate) from: u64,
     pub(crate) page: usize,
     pub(crate) epoch: u64,
@@ -99,7 +98,7 @@ impl ReaderSpec {
                 Ok(Some(revision)) => revision,
                 Ok(None) => return,
                 Err(error) => {
-                    tracing::warn!(topic = %self.topic, partition = self.partition, %error, "partition read failed, retrying");
+                    tracing::warn!(topic = %self.partition.topic(), partition = self.partition.number(), %error, "partition read failed, retrying");
                     if !reported && !error.is_outcome_unknown() {
                         // Permanent-looking errors reach the application once.
                         reported = true;
@@ -120,10 +119,10 @@ impl ReaderSpec {
                 .await
             {
                 Follow::QueueClosed => return,
-                Follow::Restart => telemetry::reader_reconnect(&self.topic),
+                Follow::Restart => telemetry::reader_reconnect(self.partition.topic()),
                 Follow::Failed(error) => {
-                    telemetry::reader_reconnect(&self.topic);
-                    tracing::debug!(topic = %self.topic, partition = self.partition, %error, "watch ended, re-reading");
+                    telemetry::reader_reconnect(self.partition.topic());
+                    tracing::debug!(topic = %self.partition.topic(), partition = self.partition.number(), %error, "watch ended, re-reading");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
@@ -144,9 +143,7 @@ impl ReaderSpec {
         loop {
             let (fetched, skipped) = read_partition(
                 &self.client,
-                &self.topic,
-                self.incarnation,
-                self.partition,
+                &self.partition,
                 *position,
                 self.page,
                 Cut::WholeBatches(self.page.div_ceil(per_batch)),
@@ -186,8 +183,8 @@ impl ReaderSpec {
         corrupt: &mut Reported,
     ) -> Follow {
         let keys = &self.client.keys;
-        let prefix = keys.batches_prefix(&self.topic, self.incarnation, self.partition);
-        let start = keys.batch(&self.topic, self.incarnation, self.partition, *position);
+        let prefix = keys.batches_prefix(&self.partition);
+        let start = keys.batch(&self.partition, *position);
         let options = WatchOptions::new()
             .with_range(prefix_end(&prefix))
             .with_start_revision(after + 1);
@@ -220,14 +217,7 @@ impl ReaderSpec {
                 }
                 let Some(kv) = event.kv() else { continue };
                 let value = Bytes::copy_from_slice(kv.value());
-                let batch = match decode_batch(
-                    keys,
-                    &self.topic,
-                    self.incarnation,
-                    self.partition,
-                    kv.key(),
-                    value,
-                ) {
+                let batch = match self.partition.decode_batch(keys, kv.key(), value) {
                     Ok(batch) => batch,
                     Err(error) => {
                         // Skipped: it says nothing trustworthy about offsets.
@@ -239,8 +229,7 @@ impl ReaderSpec {
                 };
                 let end = batch.base_offset + u64::from(batch.offset_count);
                 let from = *position;
-                for message in record::batch_messages(&self.topic, self.partition, batch, from, now)
-                {
+                for message in record::batch_messages(&self.partition, batch, from, now) {
                     if queue
                         .send(Envelope::Message {
                             message,
@@ -269,7 +258,7 @@ impl ReaderSpec {
         if !corrupt.first_time(&error) {
             return true;
         }
-        tracing::warn!(topic = %self.topic, partition = self.partition, %error, "skipping a corrupt batch");
+        tracing::warn!(topic = %self.partition.topic(), partition = self.partition.number(), %error, "skipping a corrupt batch");
         let envelope = Envelope::Error {
             error,
             epoch: self.epoch,

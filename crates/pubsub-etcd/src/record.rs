@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::compression::{self, Compression};
 use crate::error::{Error, Result};
+use crate::partition::Partition;
 
 /// The generated protobuf types of `proto/record.proto`.
 pub(crate) mod pb {
@@ -266,14 +267,6 @@ fn corrupt(key: &[u8], reason: String) -> Error {
     }
 }
 
-/// Parses a partition head key's value; a missing head is the empty head.
-pub(crate) fn decode_head(kv: Option<&etcd_client::KeyValue>) -> Result<pb::PartitionHead> {
-    match kv {
-        Some(kv) => decode(kv.key(), Bytes::copy_from_slice(kv.value())),
-        None => Ok(pb::PartitionHead::default()),
-    }
-}
-
 /// Parses a batch value of either format version, decompressing records
 /// within [`compression::MAX_DECODED_RECORDS_BYTES`]. The batch keeps its
 /// `codec` (so a rewrite can keep it) but not its compressed bytes.
@@ -313,12 +306,12 @@ pub(crate) fn decode_batch_value(key: &[u8], value: Bytes) -> Result<pb::RecordB
 /// Turns a stored batch into messages, keeping those at or after `from`
 /// that have not expired by `now_ms`.
 pub(crate) fn batch_messages(
-    topic: &Arc<str>,
-    partition: u32,
+    part: &Partition,
     batch: pb::RecordBatch,
     from: u64,
     now_ms: i64,
 ) -> impl Iterator<Item = Message> + '_ {
+    let (topic, partition) = (part.topic(), part.number());
     let base = batch.base_offset;
     batch.records.into_iter().filter_map(move |r| {
         let offset = base + u64::from(r.offset_delta);
@@ -366,8 +359,8 @@ mod tests {
         assert_eq!(bytes[0], FORMAT_VERSION);
         let back: pb::RecordBatch = decode(b"k", Bytes::from(bytes)).unwrap();
         assert_eq!(back, batch);
-        let topic: Arc<str> = Arc::from("t");
-        let messages: Vec<_> = batch_messages(&topic, 0, back, 11, 0).collect();
+        let part = Partition::new("t".into(), 1, 0);
+        let messages: Vec<_> = batch_messages(&part, back, 11, 0).collect();
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].offset, 11);
         assert!(messages[0].value.is_empty());
@@ -384,15 +377,9 @@ mod tests {
             records: vec![r.clone()],
             ..pb::RecordBatch::default()
         };
-        let topic: Arc<str> = Arc::from("t");
-        assert_eq!(
-            batch_messages(&topic, 0, batch.clone(), 0, before).count(),
-            1
-        );
-        assert_eq!(
-            batch_messages(&topic, 0, batch, 0, r.expires_at_ms).count(),
-            0
-        );
+        let part = Partition::new("t".into(), 1, 0);
+        assert_eq!(batch_messages(&part, batch.clone(), 0, before).count(), 1);
+        assert_eq!(batch_messages(&part, batch, 0, r.expires_at_ms).count(), 0);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! Every operation here only deletes batch keys or rewrites them without
 //! some of their records; none touches a partition head, which producers
 //! own, so offsets are never reused and the head still reports the next
-//! offset. A rewrite is a transaction guarded by the batch key's mod
-//! revision, retried after re-reading the batch when it loses a race (with
-//! another rewrite, or with the lease of a batch with a time to live). Batch
+//! offset. A rewrite (`rewrite.rs`) is a transaction guarded by the batch
+//! key's mod revision, retried after re-reading the batch when it loses a
+//! race (with another rewrite, or with the lease of a batch with a time to
+//! live). Batch
 //! keys are written once by producers and never again, so a producer never
 //! races with these operations; readers skip absent records (a batch keeps
 //! its `offset_count`, so gaps are known to be gaps).
@@ -31,22 +32,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{DeleteOptions, GetOptions};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::fetch::decode_batch;
 use crate::keys::prefix_end;
-use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
-use crate::topic::{CleanupPolicy, PartitionInfo, TopicConfig, TopicInfo};
+use crate::offsets::PartitionInfo;
+use crate::partition::{Head, Partition};
+use crate::record::{self, pb};
+use crate::rewrite::{key_after, read_page, Rewrite};
+use crate::topic::{CleanupPolicy, TopicConfig, TopicInfo};
 
 /// Most batch keys one range delete removes.
 const DELETE_CHUNK: i64 = 1000;
 /// Most batches (values) read in one page by sweeps.
 const PAGE: i64 = 32;
-/// Most rewrite attempts of one batch before giving up: each failure means
-/// someone else changed the batch, so this is never reached in practice.
-const MAX_REWRITE_ATTEMPTS: u32 = 100;
 
 /// What a retention sweep, truncation or compaction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -69,110 +69,48 @@ impl RetentionReport {
         self.batches_rewritten += other.batches_rewritten;
         self.records_removed += other.records_removed;
     }
-}
 
-/// A batch as read from etcd, with what a guarded rewrite needs.
-#[derive(Debug, Clone)]
-struct StoredBatch {
-    key: Vec<u8>,
-    mod_revision: i64,
-    lease: i64,
-    batch: pb::RecordBatch,
-}
-
-impl StoredBatch {
-    /// Checked by [`decode_batch`]: a rewrite trusts the batch's offsets,
-    /// so a batch contradicting its key fails the sweep (naming the key)
-    /// rather than have the wrong records deleted.
-    fn from_kv(client: &Client, part: PartitionRef<'_>, kv: etcd_client::KeyValue) -> Result<Self> {
-        let mod_revision = kv.mod_revision();
-        let lease = kv.lease();
-        let (key, value) = kv.into_key_value();
-        let batch = decode_batch(
-            &client.keys,
-            part.topic,
-            part.incarnation,
-            part.partition,
-            &key,
-            Bytes::from(value),
-        )?;
-        Ok(StoredBatch {
-            key,
-            mod_revision,
-            lease,
-            batch,
-        })
-    }
-
-    fn last_offset(&self) -> u64 {
-        self.batch.base_offset + u64::from(self.batch.offset_count) - 1
-    }
-}
-
-/// The outcome of one guarded rewrite.
-enum Rewrite {
-    /// Every record was kept; nothing written.
-    Unchanged,
-    /// Rewritten without `removed` records.
-    Rewritten { removed: u64 },
-    /// No record was left: the key was deleted.
-    Deleted { removed: u64 },
-    /// The batch changed (or vanished) since it was read.
-    Conflict,
-}
-
-/// One partition of one topic incarnation.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PartitionRef<'a> {
-    pub(crate) topic: &'a str,
-    pub(crate) incarnation: i64,
-    pub(crate) partition: u32,
-}
-
-impl<'a> PartitionRef<'a> {
-    /// Every partition of a topic.
-    fn all(topic: &'a str, info: &TopicInfo) -> impl Iterator<Item = PartitionRef<'a>> {
-        let incarnation = info.incarnation;
-        (0..info.partitions).map(move |partition| PartitionRef {
-            topic,
-            incarnation,
-            partition,
-        })
-    }
-
-    fn batch_key(&self, client: &Client, last_offset: u64) -> String {
-        client
-            .keys
-            .batch(self.topic, self.incarnation, self.partition, last_offset)
-    }
-
-    fn batches_prefix(&self, client: &Client) -> String {
-        client
-            .keys
-            .batches_prefix(self.topic, self.incarnation, self.partition)
+    /// Counts what one batch's rewrite did.
+    fn count(&mut self, outcome: Rewrite) {
+        match outcome {
+            Rewrite::Unchanged => {}
+            Rewrite::Rewritten { removed } => {
+                self.batches_rewritten += 1;
+                self.records_removed += removed;
+            }
+            Rewrite::Deleted { removed } => {
+                self.batches_deleted += 1;
+                self.records_removed += removed;
+            }
+        }
     }
 }
 
 impl Client {
     /// Deletes the message at `offset` of a partition. Returns whether a
     /// message was there to delete. The offset is never reused.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: one guarded rewrite of one batch, applied whole or not at
+    /// all.
     pub async fn delete_message(&self, topic: &str, partition: u32, offset: u64) -> Result<bool> {
         Ok(self.delete_messages(topic, partition, &[offset]).await? == 1)
     }
 
     /// Reads the topic and checks that it has `partition`.
-    async fn existing_partition<'a>(
+    async fn existing_partition(
         &self,
-        topic: &'a str,
+        topic: &str,
         partition: u32,
-    ) -> Result<(TopicInfo, PartitionRef<'a>)> {
+    ) -> Result<(TopicInfo, Partition)> {
         let info = self.topic(topic).await?;
         crate::group::check_partition(&info, partition)?;
-        let part = PartitionRef {
-            topic,
-            incarnation: info.incarnation,
-            partition,
-        };
+        let part = Partition::of(&info, partition);
         Ok((info, part))
     }
 
@@ -182,6 +120,20 @@ impl Client {
     /// deleted when none is left) in one transaction guarded by the batch's
     /// mod revision. Offsets are never reused; the partition's next offset
     /// is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TopicNotFound`], [`Error::PartitionOutOfRange`]; [`Error::Corrupt`]
+    /// for a batch that contradicts its key (nothing of it is deleted);
+    /// [`Error::QuotaExceeded`] while etcd's quota is exhausted (a rewrite is a
+    /// write); [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in
+    /// time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: each batch is rewritten in a transaction of its own,
+    /// so a dropped call may have deleted the offsets of some batches and not
+    /// of others, never part of one batch's. Calling it again finishes.
     pub async fn delete_messages(
         &self,
         topic: &str,
@@ -196,7 +148,7 @@ impl Client {
         let mut i = 0;
         while i < offsets.len() {
             let offset = offsets[i];
-            let Some(stored) = self.batch_containing(part, offset).await? else {
+            let Some(stored) = self.batch_containing(&part, offset).await? else {
                 i += 1;
                 continue;
             };
@@ -208,10 +160,10 @@ impl Client {
                 continue;
             }
             let targets = &offsets[i..end];
-            let report = self
-                .rewrite_until_done(part, stored, |o, _| targets.binary_search(&o).is_err())
+            let outcome = self
+                .rewrite_until_done(&part, stored, |o, _| targets.binary_search(&o).is_err())
                 .await?;
-            deleted += report.records_removed;
+            deleted += outcome.removed();
             i = end;
         }
         Ok(deleted)
@@ -221,6 +173,17 @@ impl Client {
     /// to the partition's next offset) and returns the partition's offsets
     /// afterwards. Whole batches are deleted; the batch straddling `before`
     /// is rewritten. Offsets are never reused: the next offset is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`]. Under [`Error::QuotaExceeded`] the
+    /// whole batches below `before` may be gone already (deletes work under
+    /// NOSPACE) while the batch straddling it is not rewritten yet.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have deleted some batches below
+    /// `before`; calling it again finishes.
     pub async fn truncate_partition(
         &self,
         topic: &str,
@@ -228,8 +191,8 @@ impl Client {
         before: u64,
     ) -> Result<PartitionInfo> {
         let (info, part) = self.existing_partition(topic, partition).await?;
-        let (next, _) = self.head_state(part).await?;
-        truncate_before(self, part, before.min(next)).await?;
+        let next = self.read_head(&part).await?.next_offset;
+        truncate_before(self, &part, before.min(next)).await?;
         self.partition_info(&info, partition).await
     }
 
@@ -239,15 +202,32 @@ impl Client {
     /// consumers and other sweeps. Producers trim the partitions they write
     /// to by themselves; this sweep is for partitions nobody writes to any
     /// more (age limits) and for compaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`], for the first partition that fails; the
+    /// partitions before it are trimmed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have trimmed some partitions; any
+    /// later sweep (or the producers) finishes.
     pub async fn enforce_retention(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for part in PartitionRef::all(topic, &info) {
-            let (next, stored_bytes) = self.head_state(part).await?;
-            let r = trim_partition(self, part, &info.config, next, stored_bytes).await?;
+        for part in Partition::all(&info) {
+            let head = self.read_head(&part).await?;
+            let r = trim_partition(
+                self,
+                &part,
+                &info.config,
+                head.next_offset,
+                head.total_stored_bytes,
+            )
+            .await?;
             report.add(&r);
             if info.config.cleanup_policy == CleanupPolicy::Compact {
-                report.add(&compact_partition(self, part).await?);
+                report.add(&compact_partition(self, &part).await?);
             }
         }
         report.partitions = self.describe_topic(topic).await?.partitions;
@@ -259,190 +239,51 @@ impl Client {
     /// whose newest message has an empty value (a tombstone). Keyless
     /// messages are kept. Safe while producers append: messages appended
     /// during the sweep are never removed by it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::delete_messages`], for the first partition that fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have compacted some batches; what
+    /// it removed is only what a full run removes, and calling it again
+    /// finishes.
     pub async fn compact_topic(&self, topic: &str) -> Result<RetentionReport> {
         let info = self.topic(topic).await?;
         let mut report = RetentionReport::default();
-        for part in PartitionRef::all(topic, &info) {
-            report.add(&compact_partition(self, part).await?);
+        for part in Partition::all(&info) {
+            report.add(&compact_partition(self, &part).await?);
         }
         report.partitions = self.describe_topic(topic).await?.partitions;
         Ok(report)
     }
 
-    /// The partition head's next offset and total stored bytes (0 and 0
-    /// before the first append).
-    async fn head_state(&self, part: PartitionRef<'_>) -> Result<(u64, u64)> {
-        let key = self.keys.head(part.topic, part.incarnation, part.partition);
+    /// The partition's head (the empty head before the first append).
+    async fn read_head(&self, part: &Partition) -> Result<Head> {
+        let key = self.keys.head(part);
         let response = self
             .timed("read partition head", self.kv.clone().get(key, None))
             .await?;
-        let head = record::decode_head(response.kvs().first())?;
-        Ok((head.next_offset, head.total_stored_bytes))
+        Head::decode(response.kvs().first())
     }
-
-    /// The batch that would hold `offset`: the first whose last offset is at
-    /// least `offset` (it holds it when its base offset is not above it).
-    async fn batch_containing(
-        &self,
-        part: PartitionRef<'_>,
-        offset: u64,
-    ) -> Result<Option<StoredBatch>> {
-        let start = part.batch_key(self, offset);
-        // A batch holds at most MAX_RECORDS_PER_BATCH offsets, so the one
-        // holding `offset` ends below this key: keep the range narrow.
-        let end = part.batch_key(self, offset.saturating_add(MAX_RECORDS_PER_BATCH));
-        let options = GetOptions::new().with_range(end).with_limit(1);
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(start, Some(options)))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
-    }
-
-    /// Re-reads one batch key.
-    async fn reread(&self, part: PartitionRef<'_>, key: &[u8]) -> Result<Option<StoredBatch>> {
-        let mut response = self
-            .timed("read batch", self.kv.clone().get(key.to_vec(), None))
-            .await?;
-        response
-            .take_kvs()
-            .into_iter()
-            .next()
-            .map(|kv| StoredBatch::from_kv(self, part, kv))
-            .transpose()
-    }
-
-    /// Rewrites a batch keeping the records for which `keep(offset, record)`
-    /// holds, re-reading and retrying on conflict, until done or the batch
-    /// is gone.
-    async fn rewrite_until_done(
-        &self,
-        part: PartitionRef<'_>,
-        mut stored: StoredBatch,
-        keep: impl Fn(u64, &pb::Record) -> bool,
-    ) -> Result<RetentionReport> {
-        let mut report = RetentionReport::default();
-        for _ in 0..MAX_REWRITE_ATTEMPTS {
-            match self.rewrite(&stored, &keep).await? {
-                Rewrite::Unchanged => return Ok(report),
-                Rewrite::Rewritten { removed } => {
-                    report.batches_rewritten += 1;
-                    report.records_removed += removed;
-                    return Ok(report);
-                }
-                Rewrite::Deleted { removed } => {
-                    report.batches_deleted += 1;
-                    report.records_removed += removed;
-                    return Ok(report);
-                }
-                Rewrite::Conflict => match self.reread(part, &stored.key).await? {
-                    Some(again) => stored = again,
-                    None => return Ok(report),
-                },
-            }
-        }
-        Err(Error::InvalidConfig(format!(
-            "batch {} kept changing during {MAX_REWRITE_ATTEMPTS} rewrite attempts",
-            String::from_utf8_lossy(&stored.key)
-        )))
-    }
-
-    /// One guarded rewrite attempt.
-    async fn rewrite(
-        &self,
-        stored: &StoredBatch,
-        keep: &impl Fn(u64, &pb::Record) -> bool,
-    ) -> Result<Rewrite> {
-        let base = stored.batch.base_offset;
-        let before = stored.batch.records.len();
-        let mut batch = stored.batch.clone();
-        batch
-            .records
-            .retain(|r| keep(base + u64::from(r.offset_delta), r));
-        let removed = (before - batch.records.len()) as u64;
-        if removed == 0 {
-            return Ok(Rewrite::Unchanged);
-        }
-        let key = stored.key.clone();
-        let guard = Compare::mod_revision(key.clone(), CompareOp::Equal, stored.mod_revision);
-        let (op, outcome) = if batch.records.is_empty() {
-            (TxnOp::delete(key, None), Rewrite::Deleted { removed })
-        } else {
-            // Keep the batch's lease (records with a time to live), so etcd
-            // still deletes it at its deadline.
-            let options = (stored.lease != 0).then(|| PutOptions::new().with_lease(stored.lease));
-            // Keep the batch's codec too (at its default level): a rewrite
-            // only removes records, and a batch is stored plain unless that
-            // is larger, so it never outgrows the request limit.
-            let records = BatchRecords::new(
-                std::mem::take(&mut batch.records),
-                record::compression_of(batch.codec),
-            );
-            batch.codec = 0;
-            (
-                TxnOp::put(key, records.value(&batch), options),
-                Rewrite::Rewritten { removed },
-            )
-        };
-        let txn = Txn::new().when([guard]).and_then([op]);
-        match self.timed("rewrite batch", self.kv.clone().txn(txn)).await {
-            Ok(response) if response.succeeded() => Ok(outcome),
-            Ok(_) => Ok(Rewrite::Conflict),
-            // The batch's lease expired between read and rewrite: etcd has
-            // deleted (or is deleting) the batch; re-read it.
-            Err(Error::Etcd { source, .. }) if source.to_string().contains("lease not found") => {
-                Ok(Rewrite::Conflict)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Reads up to `limit` batches with keys in `[start, end)`.
-async fn read_page(
-    client: &Client,
-    part: PartitionRef<'_>,
-    start: Vec<u8>,
-    end: Vec<u8>,
-    limit: i64,
-) -> Result<Vec<StoredBatch>> {
-    let options = GetOptions::new().with_range(end).with_limit(limit);
-    let mut response = client
-        .timed("read batches", client.kv.clone().get(start, Some(options)))
-        .await?;
-    response
-        .take_kvs()
-        .into_iter()
-        .map(|kv| StoredBatch::from_kv(client, part, kv))
-        .collect()
-}
-
-/// The key just after `key` in etcd's order.
-fn key_after(key: &[u8]) -> Vec<u8> {
-    let mut next = key.to_vec();
-    next.push(0);
-    next
 }
 
 /// Deletes every record below offset `before`: whole batches by range
 /// deletes, then the straddling batch by a guarded rewrite.
 pub(crate) async fn truncate_before(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
     before: u64,
 ) -> Result<RetentionReport> {
     let mut report = RetentionReport::default();
     if before == 0 {
         return Ok(report);
     }
-    let prefix = part.batches_prefix(client);
+    let prefix = client.keys.batches_prefix(part);
     // Batches are named by their last offset: those entirely below `before`
     // are exactly the keys below batch(before).
-    let end = part.batch_key(client, before);
+    let end = client.keys.batch(part, before);
     loop {
         // Range deletes of bounded size, so one request never removes an
         // unbounded number of keys.
@@ -477,7 +318,7 @@ pub(crate) async fn truncate_before(
             let r = client
                 .rewrite_until_done(part, stored, |offset, _| offset >= before)
                 .await?;
-            report.add(&r);
+            report.count(r);
         }
     }
     Ok(report)
@@ -489,7 +330,7 @@ pub(crate) async fn truncate_before(
 /// range delete over an empty range and one read of the oldest batch.
 pub(crate) async fn trim_partition(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
     config: &TopicConfig,
     next: u64,
     total_stored_bytes: u64,
@@ -506,9 +347,9 @@ pub(crate) async fn trim_partition(
     if min_timestamp.is_some() || min_base_bytes.is_some() {
         // Whole batches from the oldest on, stopping at the first within
         // limits. The page grows from 1: usually the oldest batch is kept.
-        let prefix = part.batches_prefix(client);
+        let prefix = client.keys.batches_prefix(part);
         let end = prefix_end(&prefix);
-        let mut start = part.batch_key(client, cutoff).into_bytes();
+        let mut start = client.keys.batch(part, cutoff).into_bytes();
         let mut limit = 1;
         'scan: loop {
             let page = read_page(client, part, start, end.clone(), limit).await?;
@@ -542,7 +383,8 @@ pub(crate) async fn trim_partition(
     }
     // Never below what a queue on this topic has not settled yet.
     let floor =
-        crate::queue::retention_floor(client, part.topic, part.incarnation, part.partition).await?;
+        crate::queue::retention_floor(client, part.topic(), part.incarnation(), part.number())
+            .await?;
     truncate_before(
         client,
         part,
@@ -554,9 +396,9 @@ pub(crate) async fn trim_partition(
 /// Key compaction of one partition (see [`Client::compact_topic`]).
 pub(crate) async fn compact_partition(
     client: &Client,
-    part: PartitionRef<'_>,
+    part: &Partition,
 ) -> Result<RetentionReport> {
-    let prefix = part.batches_prefix(client);
+    let prefix = client.keys.batches_prefix(part);
     // Pass 1: the newest offset of every key, up to the last batch seen.
     let mut newest: HashMap<Bytes, u64> = HashMap::new();
     let mut start = prefix.clone().into_bytes();
@@ -608,7 +450,7 @@ pub(crate) async fn compact_partition(
             let r = client
                 .rewrite_until_done(part, stored.clone(), keep)
                 .await?;
-            report.add(&r);
+            report.count(r);
         }
         match page.last() {
             Some(last) if page.len() as i64 == PAGE => start = key_after(&last.key),
@@ -626,19 +468,13 @@ pub(crate) fn wants_trim(config: &TopicConfig) -> bool {
 /// Trims one partition on behalf of a producer; errors are only logged.
 pub(crate) async fn producer_trim(
     client: Client,
-    topic: Arc<str>,
-    incarnation: i64,
-    partition: u32,
+    part: Partition,
     config: TopicConfig,
     next: u64,
     total_stored_bytes: u64,
 ) {
-    let part = PartitionRef {
-        topic: &topic,
-        incarnation,
-        partition,
-    };
-    match trim_partition(&client, part, &config, next, total_stored_bytes).await {
+    let (topic, partition) = (part.topic(), part.number());
+    match trim_partition(&client, &part, &config, next, total_stored_bytes).await {
         Ok(report) if report.batches_deleted + report.batches_rewritten > 0 => {
             tracing::debug!(%topic, partition, ?report, "trimmed partition to its retention limits");
         }

@@ -32,6 +32,14 @@ pub struct Subscription {
 
 impl Subscription {
     /// The next message of this partition; `None` once it is revoked.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`Consumer::recv`] on this partition.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped call loses no message.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         self.messages.recv().await
     }
@@ -45,6 +53,15 @@ impl Subscription {
     }
 
     /// Commits `message` as handled (fenced like [`Consumer::commit`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Consumer::commit`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Consumer::commit`]: done or not done, and committing again is
+    /// harmless.
     pub async fn commit(&self, message: &Message) -> Result<()> {
         self.committer.commit(message).await
     }
@@ -69,12 +86,26 @@ impl Consumer {
 impl PartitionedConsumer {
     /// The subscription of the next partition assigned to this member;
     /// `None` once the member is closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped call loses no subscription.
     pub async fn next_subscription(&mut self) -> Option<Subscription> {
         self.subscriptions.recv().await
     }
 
     /// Unsubscribes from everything: ends every subscription, commits per
     /// the policy, releases the partitions and leaves the group.
+    ///
+    /// # Errors
+    ///
+    /// As [`Consumer::close`]; [`Error::ConsumerClosed`] when the task routing
+    /// the subscriptions ended abnormally.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: once started, the member leaves in the background
+    /// and a dropped call does not learn whether its final commits landed.
     pub async fn close(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

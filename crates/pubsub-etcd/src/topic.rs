@@ -1,15 +1,15 @@
 //! Topics: naming rules, the stored metadata, and the admin operations
-//! (create, get, list, describe, update, delete) on [`Client`].
+//! (create, get, list, alter, delete) on [`Client`]; what their partitions
+//! hold now is `offsets.rs`'s.
 
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
 use crate::compression::Compression;
 use crate::error::{Error, Result};
-use crate::fetch::{decode_batch, fetch_partition, Cut};
 use crate::keys::prefix_end;
 use crate::record;
 
@@ -155,7 +155,8 @@ impl TopicConfig {
 }
 
 /// What a new topic looks like.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct NewTopic {
     pub name: String,
     pub partitions: u32,
@@ -235,40 +236,21 @@ pub struct TopicInfo {
     pub(crate) mod_revision: i64,
 }
 
-/// One partition's range of offsets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PartitionInfo {
-    pub partition: u32,
-    /// The lowest offset still stored (equal to `next` when empty).
-    pub earliest: u64,
-    /// The offset the next appended message will get.
-    pub next: u64,
-    /// Application bytes (records encoded, before compression) appended from
-    /// the oldest stored batch on. Records deleted from inside that range
-    /// are still counted.
-    pub bytes: u64,
-    /// The same range's bytes as stored in etcd (batch values, after
-    /// compression): what byte retention counts. Counted from the format
-    /// version that records them (older batches count 0).
-    pub stored_bytes: u64,
-}
-
-/// A topic with the offsets of each of its partitions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct TopicDescription {
-    pub topic: TopicInfo,
-    pub partitions: Vec<PartitionInfo>,
-}
-
-/// Most partitions per describe transaction: two reads each, and etcd
-/// allows 128 operations per transaction.
-const DESCRIBE_CHUNK: u32 = 64;
-
 impl Client {
     /// Creates a topic. Of several concurrent creates of one name exactly one
     /// succeeds; the others get [`Error::TopicExists`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::InvalidPartitionCount`],
+    /// [`Error::InvalidConfig`] for a bad setting; [`Error::TopicExists`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses (a [`Error::Timeout`] leaves it unknown whether the topic was
+    /// created: read it with [`Client::topic`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// One transaction: a dropped call created the topic or did not.
     pub async fn create_topic(&self, topic: NewTopic) -> Result<TopicInfo> {
         validate_topic_name(&topic.name)?;
         validate_partitions(topic.partitions)?;
@@ -299,6 +281,16 @@ impl Client {
     }
 
     /// Reads a topic's metadata.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`]; [`Error::Corrupt`]
+    /// for metadata that does not parse or check; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn topic(&self, name: &str) -> Result<TopicInfo> {
         validate_topic_name(name)?;
         let key = self.keys.topic(name);
@@ -310,6 +302,16 @@ impl Client {
     }
 
     /// Every topic of the namespace, sorted by name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] naming the first topic key whose metadata does not parse
+    /// or check; [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in
+    /// time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let prefix = self.keys.topics_prefix();
         let options = GetOptions::new().with_range(prefix_end(&prefix));
@@ -326,145 +328,24 @@ impl Client {
             .collect()
     }
 
-    /// A topic with the earliest and next offset of every partition.
-    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        let topic = self.topic(name).await?;
-        let partitions = self.partition_infos(&topic, 0..topic.partitions).await?;
-        Ok(TopicDescription { topic, partitions })
-    }
-
-    /// The earliest and next offset of one partition.
-    pub(crate) async fn partition_info(
-        &self,
-        topic: &TopicInfo,
-        partition: u32,
-    ) -> Result<PartitionInfo> {
-        let mut infos = self
-            .partition_infos(topic, partition..partition + 1)
-            .await?;
-        Ok(infos.remove(0))
-    }
-
-    /// The next offset of each of `partitions`, from their heads only
-    /// (etcd's 128 operations per transaction, so one request per 128).
-    pub(crate) async fn next_offsets(
-        &self,
-        topic: &TopicInfo,
-        partitions: &[u32],
-    ) -> Result<Vec<(u32, u64)>> {
-        let mut nexts = Vec::with_capacity(partitions.len());
-        for chunk in partitions.chunks(128) {
-            let ops = chunk
-                .iter()
-                .map(|&p| TxnOp::get(self.keys.head(&topic.name, topic.incarnation, p), None))
-                .collect::<Vec<_>>();
-            let response = self
-                .read_txn("read partition heads", Txn::new().and_then(ops))
-                .await?;
-            for (&p, op) in chunk.iter().zip(response.op_responses()) {
-                let next = match op {
-                    TxnOpResponse::Get(get) => record::decode_head(get.kvs().first())?.next_offset,
-                    _ => 0,
-                };
-                nexts.push((p, next));
-            }
-        }
-        Ok(nexts)
-    }
-
-    pub(crate) async fn partition_infos(
-        &self,
-        topic: &TopicInfo,
-        range: std::ops::Range<u32>,
-    ) -> Result<Vec<PartitionInfo>> {
-        let mut partitions = Vec::with_capacity(range.len());
-        let mut first = range.start;
-        while first < range.end {
-            let last = (first + DESCRIBE_CHUNK).min(range.end);
-            let mut ops = Vec::new();
-            for p in first..last {
-                ops.push(TxnOp::get(
-                    self.keys.head(&topic.name, topic.incarnation, p),
-                    None,
-                ));
-                let prefix = self.keys.batches_prefix(&topic.name, topic.incarnation, p);
-                let options = GetOptions::new()
-                    .with_range(prefix_end(&prefix))
-                    .with_limit(1);
-                ops.push(TxnOp::get(prefix, Some(options)));
-            }
-            let response = self
-                .read_txn("describe partitions", Txn::new().and_then(ops))
-                .await?;
-            let mut responses = response.op_responses().into_iter().map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-                _ => None,
-            });
-            for p in first..last {
-                let head = record::decode_head(responses.next().flatten().as_ref())?;
-                let next = head.next_offset;
-                let (earliest, base_bytes, base_stored) = match responses.next().flatten() {
-                    Some(kv) => match decode_batch(
-                        &self.keys,
-                        &topic.name,
-                        topic.incarnation,
-                        p,
-                        kv.key(),
-                        bytes::Bytes::copy_from_slice(kv.value()),
-                    ) {
-                        Ok(batch) => (
-                            batch
-                                .records
-                                .first()
-                                .map_or(next, |r| batch.base_offset + u64::from(r.offset_delta)),
-                            batch.base_bytes,
-                            batch.base_stored_bytes,
-                        ),
-                        Err(_) => (self.earliest_past_garbage(topic, p, next).await?, 0, 0),
-                    },
-                    None => (next, head.total_bytes, head.total_stored_bytes),
-                };
-                partitions.push(PartitionInfo {
-                    partition: p,
-                    earliest,
-                    next,
-                    bytes: head.total_bytes.saturating_sub(base_bytes),
-                    stored_bytes: head.total_stored_bytes.saturating_sub(base_stored),
-                });
-            }
-            first = last;
-        }
-        Ok(partitions)
-    }
-
-    /// The earliest offset of a partition whose first batch key is
-    /// corrupt: the first message a fetch from 0 finds, skipping (and
-    /// logging) the corrupt keys.
-    async fn earliest_past_garbage(
-        &self,
-        topic: &TopicInfo,
-        partition: u32,
-        next: u64,
-    ) -> Result<u64> {
-        let fetched = fetch_partition(
-            self,
-            &topic_arc(&topic.name),
-            topic.incarnation,
-            partition,
-            0,
-            1,
-            Cut::Exact,
-        )
-        .await?;
-        Ok(fetched.messages.first().map_or(next, |m| m.offset))
-    }
-
     /// Changes a topic's partition count (growing only) and edits its
     /// current settings with `change`, which sees the stored settings and
     /// may run more than once: the write is guarded by the metadata's mod
     /// revision, so two concurrent edits of different settings both land.
     /// `None` keeps the partition count; `|_| {}` keeps the settings, and
     /// `|c| *c = new.clone()` replaces them whole.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidPartitionCount`], [`Error::InvalidConfig`] for a bad result
+    /// of `change`; [`Error::TopicNotFound`]; [`Error::PartitionDecrease`];
+    /// [`Error::Timeout`] or [`Error::Etcd`] when etcd does not answer in time or
+    /// refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// Each attempt is one guarded write: a dropped call changed the topic
+    /// whole or not at all.
     pub async fn alter_topic(
         &self,
         name: &str,
@@ -517,6 +398,16 @@ impl Client {
     /// Deletes a topic with its messages and every group's offsets and
     /// ownership for it, in one transaction. Producers holding the topic get
     /// [`Error::TopicDeleted`]; a later topic of the same name starts empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopicName`], [`Error::TopicNotFound`]; [`Error::Timeout`] or
+    /// [`Error::Etcd`] when etcd does not answer in time or refuses.
+    ///
+    /// # Cancel safety
+    ///
+    /// One transaction: a dropped call deleted everything of the topic or
+    /// nothing.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         validate_topic_name(name)?;
         let key = self.keys.topic(name);

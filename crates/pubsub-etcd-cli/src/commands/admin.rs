@@ -4,8 +4,8 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use pubsub_etcd::{AlarmKind, Client, CompactReport, HistoryStatus};
-use serde_json::json;
+use pubsub_etcd::{Alarm, AlarmKind, Client, CompactReport, CompactionRecord, HistoryStatus};
+use serde::Serialize;
 
 use crate::cli::{AdminCommand, Format};
 use crate::output::{self, Table};
@@ -38,15 +38,7 @@ pub async fn run(client: &Client, command: AdminCommand) -> anyhow::Result<()> {
             let alarms = client.alarms().await?;
             match format.format {
                 Format::Json => {
-                    let list: Vec<_> = alarms
-                        .iter()
-                        .map(|a| {
-                            json!({
-                                "member_id": member_id(a.member_id),
-                                "alarm": alarm_name(a.kind),
-                            })
-                        })
-                        .collect();
+                    let list: Vec<_> = alarms.iter().map(AlarmJson::from).collect();
                     output::print_json(&list)
                 }
                 Format::Table => {
@@ -80,7 +72,7 @@ pub async fn run(client: &Client, command: AdminCommand) -> anyhow::Result<()> {
             let members = client.disarm_nospace().await?;
             let ids: Vec<String> = members.iter().map(|&id| member_id(id)).collect();
             match format.format {
-                Format::Json => output::print_json(&json!({ "disarmed": ids })),
+                Format::Json => output::print_json(&Disarmed { disarmed: &ids }),
                 Format::Table if ids.is_empty() => output::print_text("no NOSPACE alarm raised\n"),
                 Format::Table => {
                     let text: String = ids
@@ -108,28 +100,67 @@ pub(super) fn alarm_name(kind: AlarmKind) -> &'static str {
     }
 }
 
-fn compact_json(report: &CompactReport) -> serde_json::Value {
-    let members: Vec<_> = report
-        .members
-        .iter()
-        .map(|m| {
-            json!({
-                "member_id": member_id(m.member_id),
-                "name": m.name,
-                "endpoint": m.endpoint,
-                "db_size_before": m.db_size_before,
-                "db_size_after": m.db_size_after,
-                "db_size_in_use_after": m.db_size_in_use_after,
-                "defragmented": m.defragmented,
-                "error": m.error,
+/// An alarm in JSON: the member in hexadecimal and etcd's name of the alarm.
+#[derive(Serialize)]
+pub(super) struct AlarmJson {
+    member_id: String,
+    alarm: &'static str,
+}
+
+impl From<&Alarm> for AlarmJson {
+    fn from(alarm: &Alarm) -> Self {
+        AlarmJson {
+            member_id: member_id(alarm.member_id),
+            alarm: alarm_name(alarm.kind),
+        }
+    }
+}
+
+/// `admin disarm` in JSON.
+#[derive(Serialize)]
+struct Disarmed<'a> {
+    disarmed: &'a [String],
+}
+
+/// A [`CompactReport`] in JSON: the library's fields, member ids in hexadecimal.
+#[derive(Serialize)]
+struct CompactJson<'a> {
+    revision: i64,
+    already_compacted: bool,
+    members: Vec<MemberSpaceJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct MemberSpaceJson<'a> {
+    member_id: String,
+    name: &'a str,
+    endpoint: &'a str,
+    db_size_before: Option<i64>,
+    db_size_after: Option<i64>,
+    db_size_in_use_after: Option<i64>,
+    defragmented: bool,
+    error: Option<&'a str>,
+}
+
+fn compact_json(report: &CompactReport) -> CompactJson<'_> {
+    CompactJson {
+        revision: report.revision,
+        already_compacted: report.already_compacted,
+        members: report
+            .members
+            .iter()
+            .map(|m| MemberSpaceJson {
+                member_id: member_id(m.member_id),
+                name: &m.name,
+                endpoint: &m.endpoint,
+                db_size_before: m.db_size_before,
+                db_size_after: m.db_size_after,
+                db_size_in_use_after: m.db_size_in_use_after,
+                defragmented: m.defragmented,
+                error: m.error.as_deref(),
             })
-        })
-        .collect();
-    json!({
-        "revision": report.revision,
-        "already_compacted": report.already_compacted,
-        "members": members,
-    })
+            .collect(),
+    }
 }
 
 fn compact_table(report: &CompactReport) -> String {
@@ -167,30 +198,49 @@ fn compact_table(report: &CompactReport) -> String {
     text
 }
 
-fn status_json(status: &HistoryStatus) -> serde_json::Value {
-    let members: Vec<_> = status
-        .members
-        .iter()
-        .map(|m| {
-            json!({
-                "member_id": member_id(m.member_id),
-                "name": m.name,
-                "endpoint": m.endpoint,
-                "db_size": m.db_size,
-                "db_size_in_use": m.db_size_in_use,
-                "error": m.error,
+/// A [`HistoryStatus`] in JSON, with the span of history it keeps.
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    revision: i64,
+    oldest_revision: i64,
+    history_span: i64,
+    last_cycle: Option<&'a CompactionRecord>,
+    last_cycle_error: Option<&'a str>,
+    auto_compacting: bool,
+    members: Vec<MemberJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct MemberJson<'a> {
+    member_id: String,
+    name: &'a str,
+    endpoint: &'a str,
+    db_size: Option<i64>,
+    db_size_in_use: Option<i64>,
+    error: Option<&'a str>,
+}
+
+fn status_json(status: &HistoryStatus) -> StatusJson<'_> {
+    StatusJson {
+        revision: status.revision,
+        oldest_revision: status.oldest_revision,
+        history_span: status.revision - status.oldest_revision,
+        last_cycle: status.last_cycle.as_ref(),
+        last_cycle_error: status.last_cycle_error.as_deref(),
+        auto_compacting: status.auto_compacting,
+        members: status
+            .members
+            .iter()
+            .map(|m| MemberJson {
+                member_id: member_id(m.member_id),
+                name: &m.name,
+                endpoint: &m.endpoint,
+                db_size: m.db_size,
+                db_size_in_use: m.db_size_in_use,
+                error: m.error.as_deref(),
             })
-        })
-        .collect();
-    json!({
-        "revision": status.revision,
-        "oldest_revision": status.oldest_revision,
-        "history_span": status.revision - status.oldest_revision,
-        "last_cycle": status.last_cycle,
-        "last_cycle_error": status.last_cycle_error,
-        "auto_compacting": status.auto_compacting,
-        "members": members,
-    })
+            .collect(),
+    }
 }
 
 fn status_table(status: &HistoryStatus) -> String {

@@ -1,10 +1,14 @@
 //! `context list | show`: the saved connection contexts and the settings
 //! in effect. Passwords are never shown.
 
-use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
 
 use super::Config;
 use crate::cli::{ConnectionArgs, ContextCommand, Format};
+use crate::context::Context;
 use crate::output::{self, or_dash, Table};
 
 pub fn run(command: &ContextCommand, config: &Config, args: &ConnectionArgs) -> anyhow::Result<()> {
@@ -14,11 +18,11 @@ pub fn run(command: &ContextCommand, config: &Config, args: &ConnectionArgs) -> 
         .map_or_else(|| "-".to_string(), |p| p.display().to_string());
     match command {
         ContextCommand::List { format } => match format.format {
-            Format::Json => output::print_json(&json!({
-                "file": file,
-                "selected": config.selected,
-                "contexts": config.file.contexts,
-            })),
+            Format::Json => output::print_json(&Contexts {
+                file: &file,
+                selected: config.selected.as_deref(),
+                contexts: &config.file.contexts,
+            }),
             Format::Table => {
                 let mut table = Table::new(["", "NAME", "ENDPOINTS", "NAMESPACE", "USER"]);
                 for (name, context) in &config.file.contexts {
@@ -44,16 +48,18 @@ pub fn run(command: &ContextCommand, config: &Config, args: &ConnectionArgs) -> 
                 .user
                 .as_deref()
                 .map(|u| u.split_once(':').map_or(u, |(name, _)| name).to_string());
-            let shown = json!({
-                "context": config.selected,
-                "endpoints": endpoints,
-                "namespace": args.namespace,
-                "user": user,
-                "cacert": args.cacert,
-                "cert": args.cert,
-                "key": args.key,
-                "timeout": args.timeout.map(|t| humantime::format_duration(t).to_string()),
-            });
+            let shown = serde_json::to_value(Shown {
+                context: config.selected.as_deref(),
+                endpoints,
+                namespace: &args.namespace,
+                user,
+                cacert: args.cacert.as_ref(),
+                cert: args.cert.as_ref(),
+                key: args.key.as_ref(),
+                timeout: args
+                    .timeout
+                    .map(|t| humantime::format_duration(t).to_string()),
+            })?;
             match format.format {
                 Format::Json => output::print_json(&shown),
                 Format::Table => {
@@ -78,4 +84,26 @@ pub fn run(command: &ContextCommand, config: &Config, args: &ConnectionArgs) -> 
             }
         }
     }
+}
+
+/// `context list` in JSON.
+#[derive(Serialize)]
+struct Contexts<'a> {
+    file: &'a str,
+    selected: Option<&'a str>,
+    contexts: &'a BTreeMap<String, Context>,
+}
+
+/// The settings in effect, as `context show` prints them; the table lists
+/// the same fields by name.
+#[derive(Serialize)]
+struct Shown<'a> {
+    context: Option<&'a str>,
+    endpoints: Vec<String>,
+    namespace: &'a str,
+    user: Option<String>,
+    cacert: Option<&'a PathBuf>,
+    cert: Option<&'a PathBuf>,
+    key: Option<&'a PathBuf>,
+    timeout: Option<String>,
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use pubsub_etcd::{Client, Error, PartitionLag, StartOffset};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::cli::{Format, GroupCommand, TopicPartitions};
 use crate::output::{self, Table};
@@ -22,14 +22,12 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
                 Format::Json => {
                     let list: Vec<_> = rows
                         .iter()
-                        .map(|(group, topics, state, members, lag)| {
-                            json!({
-                                "group": group,
-                                "topics": topics,
-                                "state": state,
-                                "members": members,
-                                "lag": lag,
-                            })
+                        .map(|&(group, topics, state, members, lag)| GroupJson {
+                            group,
+                            topics,
+                            state,
+                            members,
+                            lag,
                         })
                         .collect();
                     output::print_json(&list)
@@ -139,17 +137,18 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
                     let offsets: Vec<_> = plan
                         .iter()
                         .flat_map(|(topic, moves)| {
-                            moves.iter().map(move |m| {
-                                json!({
-                                    "topic": topic,
-                                    "partition": m.partition,
-                                    "current": m.current,
-                                    "offset": m.new,
-                                })
+                            moves.iter().map(move |m| MoveJson {
+                                topic,
+                                partition: m.partition,
+                                current: m.current,
+                                offset: m.new,
                             })
                         })
                         .collect();
-                    output::print_json(&json!({ "executed": execute, "offsets": offsets }))
+                    output::print_json(&Reset {
+                        executed: execute,
+                        offsets,
+                    })
                 }
                 Format::Table => {
                     let mut table = Table::new(["TOPIC", "PARTITION", "CURRENT", "NEW"]);
@@ -174,7 +173,10 @@ pub async fn run(client: &Client, command: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::Delete { group, format } => {
             client.delete_group(&group).await?;
             match format.format {
-                Format::Json => output::print_json(&json!({ "group": group, "deleted": true })),
+                Format::Json => output::print_json(&Deleted {
+                    group: &group,
+                    deleted: true,
+                }),
                 Format::Table => output::print_text(&format!("deleted group {group:?}\n")),
             }
         }
@@ -190,6 +192,38 @@ pub(super) enum Target {
 }
 
 /// One partition's move in a reset plan.
+/// A group as `group list` shows it in JSON.
+#[derive(Serialize)]
+struct GroupJson<'a> {
+    group: &'a str,
+    topics: &'a BTreeSet<String>,
+    state: &'a str,
+    members: usize,
+    lag: u64,
+}
+
+/// `group reset-offsets` in JSON: what was (or would be) committed.
+#[derive(Serialize)]
+struct Reset<'a> {
+    executed: bool,
+    offsets: Vec<MoveJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct MoveJson<'a> {
+    topic: &'a str,
+    partition: u32,
+    current: Option<u64>,
+    offset: u64,
+}
+
+/// `group delete` in JSON.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    group: &'a str,
+    deleted: bool,
+}
+
 pub(super) struct Move {
     pub(super) partition: u32,
     pub(super) current: Option<u64>,

@@ -1,7 +1,7 @@
 //! `message delete`.
 
 use pubsub_etcd::Client;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::cli::{Format, MessageCommand};
 use crate::output;
@@ -30,11 +30,11 @@ pub async fn run(client: &Client, command: MessageCommand) -> anyhow::Result<()>
             let deleted = client.delete_messages(&topic, partition, &stored).await?;
             let requested = offsets.len();
             let result = match format.format {
-                Format::Json => output::print_json(&json!({
-                    "deleted": deleted,
-                    "requested": requested,
-                    "not_found": missing,
-                })),
+                Format::Json => output::print_json(&Deleted {
+                    deleted,
+                    requested,
+                    not_found: &missing,
+                }),
                 Format::Table => output::print_text(&format!(
                     "deleted {deleted} of {requested} messages from partition {partition} \
                      of topic {topic:?}\n"
@@ -51,4 +51,12 @@ pub async fn run(client: &Client, command: MessageCommand) -> anyhow::Result<()>
             Ok(())
         }
     }
+}
+
+/// `message delete` in JSON.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    deleted: u64,
+    requested: usize,
+    not_found: &'a [u64],
 }

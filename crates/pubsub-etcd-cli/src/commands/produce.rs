@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pubsub_etcd::{
     Bytes, Client, Delivery, Error, Record, RecordMetadata, DEFAULT_MAX_BATCH_BYTES,
 };
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::cli::{ProduceArgs, ProduceFormat};
@@ -370,6 +370,20 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
 }
 
+/// A stored line in `--format json`: where it went.
+#[derive(Serialize)]
+struct Stored {
+    partition: u32,
+    offset: u64,
+}
+
+/// A failed line in `--format json`: its number and why.
+#[derive(Serialize)]
+struct Failed {
+    line: u64,
+    error: String,
+}
+
 /// Per-line output, progress and the closing summary.
 struct Report {
     format: ProduceFormat,
@@ -402,14 +416,11 @@ impl Report {
         }
         match (self.format, result) {
             (ProduceFormat::Json, Ok((partition, offset))) => {
-                serde_json::to_writer(
-                    &mut self.out,
-                    &json!({ "partition": partition, "offset": offset }),
-                )?;
+                serde_json::to_writer(&mut self.out, &Stored { partition, offset })?;
                 self.out.write_all(b"\n")?;
             }
             (ProduceFormat::Json, Err(error)) => {
-                serde_json::to_writer(&mut self.out, &json!({ "line": line, "error": error }))?;
+                serde_json::to_writer(&mut self.out, &Failed { line, error })?;
                 self.out.write_all(b"\n")?;
             }
             (ProduceFormat::Text, Ok(_)) => {}

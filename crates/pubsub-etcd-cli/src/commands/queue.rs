@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use anyhow::Context as _;
 use pubsub_etcd::{Client, Job, QueueReset};
-use serde_json::json;
+use serde::Serialize;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::cli::{Format, QueueCommand};
@@ -44,17 +44,17 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
             let stats = client.queue_stats(&topic, &name).await?;
             let age_ms = stats.oldest_unsettled_ms.map(|t| (now_ms() - t).max(0));
             match format.format {
-                Format::Json => output::print_json(&json!({
-                    "topic": topic,
-                    "queue": name,
-                    "pending": stats.pending,
-                    "in_flight": stats.in_flight,
-                    "redelivered": stats.redelivered,
-                    "expired": stats.expired,
-                    "dead_lettered": stats.dead_lettered,
-                    "terminated": stats.terminated,
-                    "oldest_unsettled_age_ms": age_ms,
-                })),
+                Format::Json => output::print_json(&StatsJson {
+                    topic: &topic,
+                    queue: &name,
+                    pending: stats.pending,
+                    in_flight: stats.in_flight,
+                    redelivered: stats.redelivered,
+                    expired: stats.expired,
+                    dead_lettered: stats.dead_lettered,
+                    terminated: stats.terminated,
+                    oldest_unsettled_age_ms: age_ms,
+                }),
                 Format::Table => {
                     let mut table = Table::new([
                         "PENDING",
@@ -151,18 +151,16 @@ fn print_job(job: &Job, format: Format) -> anyhow::Result<()> {
     let mut out = output::stdout();
     match format {
         Format::Json => {
-            serde_json::to_writer(
-                &mut out,
-                &json!({
-                    "topic": &*m.topic,
-                    "partition": m.partition,
-                    "offset": m.offset,
-                    "timestamp_ms": m.timestamp,
-                    "delivery_count": job.delivery_count,
-                    "key": m.key.as_ref().map(|k| String::from_utf8_lossy(k)),
-                    "value": String::from_utf8_lossy(&m.value),
-                }),
-            )?;
+            let json = JobJson {
+                topic: &m.topic,
+                partition: m.partition,
+                offset: m.offset,
+                timestamp_ms: m.timestamp,
+                delivery_count: job.delivery_count,
+                key: m.key.as_ref().map(|k| String::from_utf8_lossy(k)),
+                value: String::from_utf8_lossy(&m.value),
+            };
+            serde_json::to_writer(&mut out, &json)?;
             out.write_all(b"\n")?;
         }
         Format::Table => {
@@ -194,6 +192,35 @@ async fn run_exec(command: &str, job: &Job) -> anyhow::Result<bool> {
         let _ = stdin.write_all(&m.value).await;
     }
     Ok(child.wait().await?.success())
+}
+
+/// `queue describe` in JSON: the library's counters, and the age of the
+/// oldest unsettled message in place of its timestamp (the age is what a
+/// probe compares).
+#[derive(Serialize)]
+struct StatsJson<'a> {
+    topic: &'a str,
+    queue: &'a str,
+    pending: u64,
+    in_flight: u64,
+    redelivered: u64,
+    expired: u64,
+    dead_lettered: u64,
+    terminated: u64,
+    oldest_unsettled_age_ms: Option<i64>,
+}
+
+/// One delivered job in JSON; key and value as text, invalid UTF-8
+/// replaced.
+#[derive(Serialize)]
+struct JobJson<'a> {
+    topic: &'a str,
+    partition: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    delivery_count: u32,
+    key: Option<std::borrow::Cow<'a, str>>,
+    value: std::borrow::Cow<'a, str>,
 }
 
 fn now_ms() -> i64 {

@@ -2,11 +2,13 @@
 //! of `nats server check` and `etcdctl endpoint status`, usable as a
 //! monitoring probe: it exits 1 when something needs a person.
 
+use std::collections::BTreeSet;
+
 use futures::{stream, StreamExt, TryStreamExt};
 use pubsub_etcd::Client;
-use serde_json::json;
+use serde::Serialize;
 
-use super::admin::{alarm_name, member_id};
+use super::admin::{alarm_name, member_id, AlarmJson};
 use super::group::group_members_and_lag;
 use super::topic::Stored;
 use crate::cli::{Format, HealthLimits, StatusArgs};
@@ -72,20 +74,20 @@ pub(crate) async fn report(
             }
             _ => None,
         };
-        members.push(json!({
-            "member_id": member_id(m.member_id),
-            "name": m.name,
-            "endpoint": m.endpoint,
-            "leader": m.leader,
-            "version": m.version,
-            "db_size": m.db_size,
-            "db_size_in_use": m.db_size_in_use,
-            "fragmentation_pct": fragmentation.map(round1),
-            "headroom_pct": headroom.map(round1),
-            "raft_index": m.raft_index,
-            "raft_term": m.raft_term,
-            "error": m.error,
-        }));
+        members.push(MemberHealth {
+            member_id: member_id(m.member_id),
+            name: &m.name,
+            endpoint: &m.endpoint,
+            leader: m.leader,
+            version: m.version.as_deref(),
+            db_size: m.db_size,
+            db_size_in_use: m.db_size_in_use,
+            fragmentation_pct: fragmentation.map(round1),
+            headroom_pct: headroom.map(round1),
+            raft_index: m.raft_index,
+            raft_term: m.raft_term,
+            error: m.error.as_deref(),
+        });
     }
 
     let now = jiff::Timestamp::now().as_millisecond();
@@ -96,15 +98,15 @@ pub(crate) async fn report(
         .map(|topic| async move {
             let description = client.describe_topic(&topic.name).await?;
             let stored = Stored::of(client, &description).await?;
-            anyhow::Ok(json!({
-                "name": topic.name,
-                "partitions": topic.partitions,
-                "stored_messages": stored.messages,
-                "newest_age_ms": stored.last_timestamp_ms.map(|t| (now - t).max(0)),
-            }))
+            anyhow::Ok(TopicHealth {
+                name: topic.name,
+                partitions: topic.partitions,
+                stored_messages: stored.messages,
+                newest_age_ms: stored.last_timestamp_ms.map(|t| (now - t).max(0)),
+            })
         })
         .collect();
-    let topics: Vec<serde_json::Value> = stream::iter(reads)
+    let topics: Vec<TopicHealth> = stream::iter(reads)
         .buffered(CONCURRENT_READS)
         .try_collect()
         .await?;
@@ -115,38 +117,89 @@ pub(crate) async fn report(
         .into_iter()
         .map(|(group, group_topics)| async move {
             let (members, lag) = group_members_and_lag(client, &group, &group_topics).await?;
-            anyhow::Ok(json!({
-                "group": group,
-                "topics": group_topics,
-                "members": members,
-                "lag": lag,
-            }))
+            anyhow::Ok(GroupHealth {
+                group,
+                topics: group_topics,
+                members,
+                lag,
+            })
         })
         .collect();
-    let groups: Vec<serde_json::Value> = stream::iter(reads)
+    let groups: Vec<GroupHealth> = stream::iter(reads)
         .buffered(CONCURRENT_READS)
         .try_collect()
         .await?;
 
-    let report = json!({
-        "ok": problems.is_empty(),
-        "problems": problems,
-        "etcd": {
-            "revision": history.revision,
-            "oldest_revision": history.oldest_revision,
-            "history_span": history.revision - history.oldest_revision,
-            "quota_bytes": quota,
-            "members": members,
-            "alarms": alarms.iter().map(|a| json!({
-                "member_id": member_id(a.member_id),
-                "alarm": alarm_name(a.kind),
-            })).collect::<Vec<_>>(),
+    let report = Report {
+        ok: problems.is_empty(),
+        problems: &problems,
+        etcd: EtcdHealth {
+            revision: history.revision,
+            oldest_revision: history.oldest_revision,
+            history_span: history.revision - history.oldest_revision,
+            quota_bytes: quota,
+            members,
+            alarms: alarms.iter().map(AlarmJson::from).collect(),
         },
-        "namespace": client.namespace(),
-        "topics": topics,
-        "groups": groups,
-    });
+        namespace: client.namespace(),
+        topics,
+        groups,
+    };
+    let report = serde_json::to_value(report)?;
     Ok((report, problems))
+}
+
+/// What `status --format json` prints.
+#[derive(Serialize)]
+struct Report<'a> {
+    ok: bool,
+    problems: &'a [String],
+    etcd: EtcdHealth<'a>,
+    namespace: &'a str,
+    topics: Vec<TopicHealth>,
+    groups: Vec<GroupHealth>,
+}
+
+#[derive(Serialize)]
+struct EtcdHealth<'a> {
+    revision: i64,
+    oldest_revision: i64,
+    history_span: i64,
+    quota_bytes: u64,
+    members: Vec<MemberHealth<'a>>,
+    alarms: Vec<AlarmJson>,
+}
+
+#[derive(Serialize)]
+struct MemberHealth<'a> {
+    member_id: String,
+    name: &'a str,
+    endpoint: &'a str,
+    leader: Option<bool>,
+    version: Option<&'a str>,
+    db_size: Option<i64>,
+    db_size_in_use: Option<i64>,
+    fragmentation_pct: Option<f64>,
+    headroom_pct: Option<f64>,
+    raft_index: Option<u64>,
+    raft_term: Option<u64>,
+    error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TopicHealth {
+    name: String,
+    partitions: u32,
+    stored_messages: u64,
+    newest_age_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct GroupHealth {
+    group: String,
+    topics: BTreeSet<String>,
+    members: usize,
+    lag: u64,
 }
 
 fn round1(value: f64) -> f64 {

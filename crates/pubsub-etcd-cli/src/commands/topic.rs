@@ -6,7 +6,7 @@ use pubsub_etcd::{
     CleanupPolicy, Client, Error, NewTopic, PartitionInfo, RetentionReport, TopicConfig,
     TopicDescription, TopicInfo,
 };
-use serde_json::json;
+use serde::Serialize;
 
 use crate::cli::{self, Format, TopicCommand, TopicConfigArgs};
 use crate::output::{self, Table};
@@ -28,10 +28,10 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 Err(error) => return Err(error.into()),
             };
             match format.format {
-                Format::Json => output::print_json(&json!({
-                    "created": created,
-                    "topic": topic_json(&info),
-                })),
+                Format::Json => output::print_json(&Created {
+                    created,
+                    topic: TopicJson::from(&info),
+                }),
                 Format::Table if created => output::print_text(&format!(
                     "created topic {:?} with {} partitions\n",
                     info.name, info.partitions
@@ -48,7 +48,7 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let topics = client.list_topics().await?;
             match format.format {
                 Format::Json => {
-                    let list: Vec<_> = topics.iter().map(topic_json).collect();
+                    let list: Vec<_> = topics.iter().map(TopicJson::from).collect();
                     output::print_json(&list)
                 }
                 Format::Table => {
@@ -86,7 +86,7 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 .alter_topic(&name, partitions, |config| apply(&changes, config))
                 .await?;
             match format.format {
-                Format::Json => output::print_json(&topic_json(&info)),
+                Format::Json => output::print_json(&TopicJson::from(&info)),
                 Format::Table => output::print_text(&format!("altered topic {}\n", summary(&info))),
             }
         }
@@ -101,7 +101,10 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 Err(error) => return Err(error.into()),
             };
             match format.format {
-                Format::Json => output::print_json(&json!({ "topic": name, "deleted": deleted })),
+                Format::Json => output::print_json(&Deleted {
+                    topic: &name,
+                    deleted,
+                }),
                 Format::Table if deleted => {
                     output::print_text(&format!("deleted topic {name:?}\n"))
                 }
@@ -138,12 +141,12 @@ pub async fn run(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 Err(error) => return Err(error.into()),
             };
             match format.format {
-                Format::Json => output::print_json(&json!({
-                    "topic": name,
-                    "partition": info.partition,
-                    "earliest": info.earliest,
-                    "next": info.next,
-                })),
+                Format::Json => output::print_json(&Truncated {
+                    topic: &name,
+                    partition: info.partition,
+                    earliest: info.earliest,
+                    next: info.next,
+                }),
                 Format::Table => output::print_text(&format!(
                     "truncated partition {} of topic {name:?}: earliest {}, next {}\n",
                     info.partition, info.earliest, info.next
@@ -198,13 +201,13 @@ fn print_report(
     format: Format,
 ) -> anyhow::Result<()> {
     match format {
-        Format::Json => output::print_json(&json!({
-            "topic": topic,
-            "batches_deleted": report.batches_deleted,
-            "batches_rewritten": report.batches_rewritten,
-            "records_removed": report.records_removed,
-            "partitions": partitions_json(&report.partitions),
-        })),
+        Format::Json => output::print_json(&Report {
+            topic,
+            batches_deleted: report.batches_deleted,
+            batches_rewritten: report.batches_rewritten,
+            records_removed: report.records_removed,
+            partitions: partitions_json(&report.partitions),
+        }),
         Format::Table => {
             let mut text = format!(
                 "{done} topic {topic:?}: {} batches deleted, {} rewritten, {} records removed\n\n",
@@ -238,31 +241,87 @@ fn ratio(p: &PartitionInfo) -> Option<f64> {
     (p.stored_bytes > 0).then(|| p.bytes as f64 / p.stored_bytes as f64)
 }
 
-/// Partitions in JSON: their offsets and bytes, and the ratio.
-fn partitions_json(partitions: &[PartitionInfo]) -> serde_json::Value {
+/// `topic create` in JSON.
+#[derive(Serialize)]
+struct Created<'a> {
+    created: bool,
+    topic: TopicJson<'a>,
+}
+
+/// `topic delete` in JSON.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    topic: &'a str,
+    deleted: bool,
+}
+
+/// `topic truncate` in JSON: the partition's offsets afterwards.
+#[derive(Serialize)]
+struct Truncated<'a> {
+    topic: &'a str,
+    partition: u32,
+    earliest: u64,
+    next: u64,
+}
+
+/// A sweep's [`RetentionReport`] in JSON, with the topic it ran on.
+#[derive(Serialize)]
+struct Report<'a> {
+    topic: &'a str,
+    batches_deleted: u64,
+    batches_rewritten: u64,
+    records_removed: u64,
+    partitions: Vec<PartitionJson<'a>>,
+}
+
+/// A partition in JSON: the library's offsets and bytes, and the ratio.
+#[derive(Serialize)]
+struct PartitionJson<'a> {
+    #[serde(flatten)]
+    info: &'a PartitionInfo,
+    ratio: Option<f64>,
+}
+
+fn partitions_json(partitions: &[PartitionInfo]) -> Vec<PartitionJson<'_>> {
     partitions
         .iter()
-        .map(|p| {
-            json!({
-                "partition": p.partition,
-                "earliest": p.earliest,
-                "next": p.next,
-                "bytes": p.bytes,
-                "stored_bytes": p.stored_bytes,
-                "ratio": ratio(p),
-            })
+        .map(|info| PartitionJson {
+            info,
+            ratio: ratio(info),
         })
         .collect()
 }
 
-/// A topic as `topic list` shows it in JSON; other commands embed it.
-fn topic_json(topic: &TopicInfo) -> serde_json::Value {
-    json!({
-        "name": topic.name,
-        "partitions": topic.partitions,
-        "config": topic.config,
-        "created_ms": topic.created_ms,
-    })
+/// A topic as `topic list` shows it in JSON; other commands embed it. The
+/// incarnation stays out: it is an etcd revision, not the topic's to show.
+#[derive(Serialize)]
+struct TopicJson<'a> {
+    name: &'a str,
+    partitions: u32,
+    config: &'a TopicConfig,
+    created_ms: i64,
+}
+
+impl<'a> From<&'a TopicInfo> for TopicJson<'a> {
+    fn from(topic: &'a TopicInfo) -> Self {
+        TopicJson {
+            name: &topic.name,
+            partitions: topic.partitions,
+            config: &topic.config,
+            created_ms: topic.created_ms,
+        }
+    }
+}
+
+/// `topic describe` in JSON.
+#[derive(Serialize)]
+struct DescriptionJson<'a> {
+    name: &'a str,
+    partitions: Vec<PartitionJson<'a>>,
+    config: &'a TopicConfig,
+    created_ms: i64,
+    stored_messages: u64,
+    last_timestamp_ms: Option<i64>,
 }
 
 /// What a topic holds now: the offsets still stored (deleted and expired
@@ -306,15 +365,17 @@ impl Stored {
     }
 }
 
+/// `topic describe` in JSON, as a value the console adds rates to.
 pub(super) fn describe_json(description: &TopicDescription, stored: &Stored) -> serde_json::Value {
-    json!({
-        "name": description.topic.name,
-        "partitions": partitions_json(&description.partitions),
-        "config": description.topic.config,
-        "created_ms": description.topic.created_ms,
-        "stored_messages": stored.messages,
-        "last_timestamp_ms": stored.last_timestamp_ms,
-    })
+    let json = DescriptionJson {
+        name: &description.topic.name,
+        partitions: partitions_json(&description.partitions),
+        config: &description.topic.config,
+        created_ms: description.topic.created_ms,
+        stored_messages: stored.messages,
+        last_timestamp_ms: stored.last_timestamp_ms,
+    };
+    serde_json::to_value(json).expect("a topic description serialises")
 }
 
 fn describe_table(description: &TopicDescription, stored: &Stored) -> String {

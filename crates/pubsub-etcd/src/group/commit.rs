@@ -28,7 +28,8 @@ const FENCED_PER_TXN: usize = 40;
 const UNOWNED_PER_TXN: usize = 100;
 
 /// When a consumer commits on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum AutoCommit {
     /// Only explicit commits; a revoked or closed partition keeps its last

@@ -9,13 +9,14 @@ use std::str::FromStr;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
-use crate::topic::{topic_arc, TopicInfo};
+use crate::partition::Partition;
+use crate::topic::TopicInfo;
 
 /// Where a group starts reading a partition it has no committed offset for,
 /// or where an admin reset puts it.
 ///
-/// Its text form, read by [`FromStr`] and written by [`Display`]
-/// (`fmt::Display`), is `earliest`, `latest`, an offset (`42`) or `@` and
+/// Its text form, read by [`FromStr`] and written by
+/// [`Display`](fmt::Display), is `earliest`, `latest`, an offset (`42`) or `@` and
 /// a timestamp in ms since the epoch (`@1700000000000`).
 ///
 /// ```
@@ -48,6 +49,16 @@ impl fmt::Display for StartOffset {
             StartOffset::Offset(offset) => write!(f, "{offset}"),
             StartOffset::Timestamp(ms) => write!(f, "@{ms}"),
         }
+    }
+}
+
+/// As its text form, the one [`FromStr`] reads.
+impl serde::Serialize for StartOffset {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -136,19 +147,11 @@ impl Client {
             StartOffset::Timestamp(ts) => {
                 // No time index: scan forward. Timestamps set by producers
                 // need not be monotonic, so the first match wins.
-                let name = topic_arc(&topic.name);
+                let part = Partition::of(topic, partition);
                 let mut from = bounds.0;
                 loop {
-                    let page = fetch_partition(
-                        self,
-                        &name,
-                        topic.incarnation,
-                        partition,
-                        from,
-                        1000,
-                        Cut::WholeBatches(4),
-                    )
-                    .await?;
+                    let page =
+                        fetch_partition(self, &part, from, 1000, Cut::WholeBatches(4)).await?;
                     if let Some(m) = page.messages.iter().find(|m| m.timestamp >= ts) {
                         break m.offset;
                     }
@@ -228,6 +231,10 @@ mod tests {
             assert_eq!(start.to_string().parse::<StartOffset>().unwrap(), start);
         }
         assert_eq!(StartOffset::Offset(42).to_string(), "42");
+        assert_eq!(
+            serde_json::to_string(&StartOffset::Timestamp(5)).unwrap(),
+            r#""@5""#
+        );
         assert_eq!(
             "EARLIEST".parse::<StartOffset>().unwrap(),
             StartOffset::Earliest

@@ -17,7 +17,11 @@ use crate::error::{Error, Result};
 use crate::record::Message;
 
 /// What a consumer yields: messages, and changes to what it owns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serialised externally tagged in snake case: `{"assigned": [0, 1]}`,
+/// `{"message": {...}}`, `"reconnected"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
     /// A message of an owned partition.

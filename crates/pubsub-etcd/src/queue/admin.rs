@@ -11,6 +11,7 @@ use super::{QueueReset, QueueStats};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
+use crate::partition::Partition;
 use crate::record::now_millis;
 use crate::topic::{topic_arc, validate_group_name};
 
@@ -35,16 +36,8 @@ impl Client {
             stats.terminated = stats.terminated.saturating_add(state.terminated);
             let low = state.low_watermark();
             if low < *head {
-                let page = fetch_partition(
-                    self,
-                    &topic,
-                    info.incarnation,
-                    partition as u32,
-                    low,
-                    1,
-                    Cut::Exact,
-                )
-                .await?;
+                let part = Partition::new(topic.clone(), info.incarnation, partition as u32);
+                let page = fetch_partition(self, &part, low, 1, Cut::Exact).await?;
                 if let Some(m) = page.messages.first() {
                     let oldest = stats.oldest_unsettled_ms.get_or_insert(m.timestamp);
                     *oldest = (*oldest).min(m.timestamp);

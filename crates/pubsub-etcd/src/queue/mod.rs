@@ -59,7 +59,8 @@ pub struct QueueStats {
 }
 
 /// Where [`Client::reset_queue`] puts a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum QueueReset {
     /// Forget every lease and settlement: the earliest stored message is
     /// delivered next.

@@ -13,6 +13,7 @@ use super::state::{Settled, State};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::QueueKey;
+use crate::partition::Partition;
 use crate::record::{self, pb};
 use crate::topic::TopicInfo;
 
@@ -169,9 +170,8 @@ pub(super) async fn read_snapshot(
             ));
         }
         ops.extend(
-            chunk
-                .iter()
-                .map(|&p| TxnOp::get(client.keys.head(&info.name, info.incarnation, p), None)),
+            Partition::each(info, chunk.iter().copied())
+                .map(|p| TxnOp::get(client.keys.head(&p), None)),
         );
         let response = client
             .read_txn("read queue state", Txn::new().and_then(ops))

@@ -21,6 +21,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fetch::{fetch_partition, Cut};
 use crate::keys::QueueKey;
+use crate::partition::Partition;
 use crate::record::{now_millis, Record};
 use crate::topic::{topic_arc, TopicInfo};
 use crate::Producer;
@@ -515,11 +516,10 @@ impl Worker {
         let mut covered = taken.from;
         let mut beyond = None;
         while covered < taken.to {
+            let part = Partition::new(self.topic.clone(), self.info.incarnation, partition);
             let fetched = fetch_partition(
                 &self.client,
-                &self.topic,
-                self.info.incarnation,
-                partition,
+                &part,
                 covered,
                 (taken.to - covered) as usize,
                 Cut::Exact,

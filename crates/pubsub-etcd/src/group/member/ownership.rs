@@ -11,6 +11,7 @@ use super::{Member, Revocation, MAX_TXN_OPS};
 use crate::error::Result;
 use crate::group::assign;
 use crate::group::state::{Ack, Claim, Event};
+use crate::partition::Partition;
 use crate::reader::ReaderSpec;
 use crate::telemetry;
 
@@ -139,9 +140,7 @@ impl Member {
         };
         let spec = ReaderSpec {
             client: self.data.clone(),
-            topic: self.name.clone(),
-            incarnation: self.topic.incarnation,
-            partition,
+            partition: Partition::new(self.name.clone(), self.topic.incarnation, partition),
             from,
             page: self.config.page,
             epoch: claim.epoch(),

@@ -161,6 +161,7 @@ mod retention;
 mod subscription;
 pub mod telemetry;
 mod topic;
+mod transaction;
 
 pub use assigned::AssignedReader;
 pub use bytes::Bytes;
@@ -188,3 +189,4 @@ pub use topic::{
     CleanupPolicy, NewTopic, PartitionInfo, TopicConfig, TopicDescription, TopicInfo, MAX_NAME_LEN,
     MAX_PARTITIONS,
 };
+pub use transaction::Transaction;

@@ -122,6 +122,9 @@ pub enum Command {
     /// Work queues: consume with per-message acks, describe, reset, delete
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// An exactly-once pipeline stage: feed IN's messages to a command,
+    /// publish its output lines to OUT
+    Pipe(PipeArgs),
     /// Delete individual messages
     #[command(subcommand)]
     Message(MessageCommand),
@@ -493,6 +496,48 @@ pub enum ConsumeFormat {
     Raw,
     /// One JSON object per line, with key, headers and position
     Json,
+}
+
+/// `pipe`: see `commands/pipe.rs` for the contract with CMD.
+#[derive(Debug, Args)]
+pub struct PipeArgs {
+    /// Topic to read, as a member of --group
+    pub input: String,
+
+    /// Topic to publish CMD's output lines to (each with its input's key)
+    pub output: String,
+
+    /// Consumer group of the stage's members
+    #[arg(long, value_name = "G")]
+    pub group: String,
+
+    /// Shell command started once: it reads one message value per line on
+    /// stdin and writes exactly one output line per input line, in order,
+    /// flushing each (e.g. `sed -u`, `python3 -u`)
+    #[arg(long, value_name = "CMD")]
+    pub exec: String,
+
+    /// Inputs per transaction at most: their outputs and offsets are
+    /// committed together
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub batch: usize,
+
+    /// How long a batch waits for more inputs after its first
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "50ms")]
+    pub linger: Duration,
+
+    /// Lease time of the member: a stopped member's partitions move on
+    /// after this long
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub session_ttl: Duration,
+
+    /// Stable member id [default: host-pid-random]
+    #[arg(long, value_name = "ID")]
+    pub member_id: Option<String>,
+
+    /// Stop after committing this many inputs
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::group::Claim;
-use crate::producer::partition_for_key;
+use crate::producer::{partition_for_key, RecordMetadata};
 use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
 use crate::topic::{parse_topic, validate_topic_name};
 
@@ -42,19 +42,21 @@ pub(super) struct Plan {
     pub(super) placed: Vec<(usize, u64)>,
 }
 
-/// A sent attempt: the first output batch's head and batch keys (every
-/// batch of a transaction lands or none does), and where each batch went.
+/// A sent attempt: the first output batch's head and batch keys and its
+/// base offset (every batch of a transaction lands or none does), and
+/// where each output went.
 #[derive(Debug, Clone)]
 pub(super) struct Attempt {
     pub(super) head_key: String,
     pub(super) batch_key: String,
-    pub(super) bases: Vec<(u32, u64)>,
+    pub(super) base: u64,
+    pub(super) placed: Vec<RecordMetadata>,
 }
 
 /// What the else branch of a refused attempt says.
 pub(super) enum Refused {
-    /// An earlier attempt of this commit had landed, at these bases.
-    Landed(Vec<(u32, u64)>),
+    /// An earlier attempt of this commit had landed, placing the outputs so.
+    Landed(Vec<RecordMetadata>),
     /// Only heads or topic metadata moved: rebuild and send again.
     Moved,
 }
@@ -260,7 +262,7 @@ impl Transaction {
             puts.push(TxnOp::put(head_key.clone(), head_value, None));
             elses.push(TxnOp::get(head_key.clone(), None));
             first_keys.get_or_insert((head_key, batch_key));
-            bases.push((batch.partition, base));
+            bases.push(base);
             new_heads.push(((batch.topic.clone(), batch.partition), stored));
         }
         for attempt in &self.uncertain {
@@ -290,7 +292,17 @@ impl Transaction {
         let attempt = Attempt {
             head_key,
             batch_key,
-            bases,
+            base: bases.first().copied().unwrap_or_default(),
+            placed: plan
+                .placed
+                .iter()
+                .zip(&self.outputs)
+                .map(|((batch, delta), output)| RecordMetadata {
+                    partition: plan.batches[*batch].partition,
+                    offset: bases[*batch] + delta,
+                    timestamp: output.record.timestamp_ms,
+                })
+                .collect(),
         };
         let txn = Txn::new().when(compares).and_then(puts).or_else(elses);
         Ok((txn, attempt, new_heads))
@@ -380,7 +392,7 @@ impl Transaction {
 
     /// After unknown outcomes: reads the uncertain attempts' heads and
     /// batches and says where the commit landed, if it did.
-    pub(super) async fn resolve(&mut self) -> Result<Option<Vec<(u32, u64)>>> {
+    pub(super) async fn resolve(&mut self) -> Result<Option<Vec<RecordMetadata>>> {
         let gets: Vec<TxnOp> = self
             .uncertain
             .iter()
@@ -400,7 +412,10 @@ impl Transaction {
 
     /// Looks for this commit's `(producer id, seq)` in the heads and
     /// batches read for the uncertain attempts (a head and a batch each).
-    pub(super) fn find_landed(&self, kvs: &[Option<KeyValue>]) -> Result<Option<Vec<(u32, u64)>>> {
+    pub(super) fn find_landed(
+        &self,
+        kvs: &[Option<KeyValue>],
+    ) -> Result<Option<Vec<RecordMetadata>>> {
         for (attempt, pair) in self.uncertain.iter().zip(kvs.chunks(2)) {
             let (head, batch) = (
                 pair.first().and_then(Option::as_ref),
@@ -415,11 +430,12 @@ impl Transaction {
                 if let Some(entry) = mine {
                     // Attempts on this head differ by base: the one that
                     // landed is the one at the base the table records.
-                    if let Some(landed) = self.uncertain.iter().find(|a| {
-                        a.head_key == attempt.head_key
-                            && a.bases.first().map(|b| b.1) == Some(entry.base_offset)
-                    }) {
-                        return Ok(Some(landed.bases.clone()));
+                    if let Some(landed) = self
+                        .uncertain
+                        .iter()
+                        .find(|a| a.head_key == attempt.head_key && a.base == entry.base_offset)
+                    {
+                        return Ok(Some(landed.placed.clone()));
                     }
                 }
             }
@@ -427,7 +443,7 @@ impl Transaction {
                 let stored =
                     record::decode_batch_value(kv.key(), Bytes::copy_from_slice(kv.value()))?;
                 if stored.producer_id == self.producer_id && stored.producer_seq == self.seq {
-                    return Ok(Some(attempt.bases.clone()));
+                    return Ok(Some(attempt.placed.clone()));
                 }
             }
         }

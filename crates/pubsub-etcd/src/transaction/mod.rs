@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::client::Client;
 use crate::consumer::Consumer;
 use crate::error::{Error, Result};
-use crate::group::{AutoCommit, Claim, Committer};
+use crate::group::{AutoCommit, Committer};
 use crate::producer::RecordMetadata;
 use crate::record::{pb, Message, Record};
 use crate::topic::TopicInfo;
@@ -218,17 +218,19 @@ impl Transaction {
                 "records with a TTL cannot be sent in a transaction (it attaches no lease)".into(),
             ));
         }
-        let claims = self.committer.input_claims(&self.inputs)?;
         self.read_missing_topics().await?;
+        let mut plan = self.plan()?;
+        // An earlier call's outcome first: if it landed, its offsets are
+        // committed and the fences below no longer describe it.
+        if !self.uncertain.is_empty() {
+            if let Some(bases) = self.resolve().await? {
+                return Ok(self.landed(&plan, bases));
+            }
+        }
+        let claims = self.committer.input_claims(&self.inputs)?;
         let started = Instant::now();
         let mut unknown_since: Option<Instant> = None;
-        let mut plan = self.plan()?;
         loop {
-            if !self.uncertain.is_empty() {
-                if let Some(bases) = self.resolve().await? {
-                    return Ok(self.landed(&claims, &plan, &bases));
-                }
-            }
             self.read_missing_heads(&plan).await?;
             let (txn, attempt, new_heads) = self.build(&claims, &plan)?;
             let sent = self
@@ -247,10 +249,10 @@ impl Transaction {
                             },
                         );
                     }
-                    return Ok(self.landed(&claims, &plan, &attempt.bases));
+                    return Ok(self.landed(&plan, attempt.placed));
                 }
                 Ok(response) => match self.refused(&response, &claims, &plan)? {
-                    Refused::Landed(bases) => return Ok(self.landed(&claims, &plan, &bases)),
+                    Refused::Landed(bases) => return Ok(self.landed(&plan, bases)),
                     Refused::Moved => {
                         if started.elapsed() >= CONTENDED_AFTER {
                             let first = plan.batches.first();
@@ -281,22 +283,20 @@ impl Transaction {
                     }
                     tracing::debug!(error = %e, "transaction outcome unknown, checking");
                     tokio::time::sleep(RETRY_PAUSE).await;
+                    if let Some(bases) = self.resolve().await? {
+                        return Ok(self.landed(&plan, bases));
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// The commit landed with its batches at `bases`: records it, moves to
-    /// the next sequence number and says where each output went.
-    fn landed(
-        &mut self,
-        claims: &[(u32, u64, Claim)],
-        plan: &Plan,
-        bases: &[(u32, u64)],
-    ) -> Vec<RecordMetadata> {
+    /// The commit landed, placing the outputs so: records its offsets and
+    /// moves on to the next sequence number.
+    fn landed(&mut self, plan: &Plan, placed: Vec<RecordMetadata>) -> Vec<RecordMetadata> {
         self.committer
-            .recorded(claims.iter().map(|(p, offset, _)| (*p, *offset)));
+            .recorded(self.inputs.iter().map(|(p, offset)| (*p, *offset)));
         self.seq += 1;
         self.keyless = self.keyless.wrapping_add(1);
         if !self.uncertain.is_empty() {
@@ -305,14 +305,6 @@ impl Transaction {
                 self.heads.remove(&(batch.topic.clone(), batch.partition));
             }
         }
-        plan.placed
-            .iter()
-            .zip(&self.outputs)
-            .map(|((batch, delta), output)| RecordMetadata {
-                partition: plan.batches[*batch].partition,
-                offset: bases[*batch].1 + delta,
-                timestamp: output.record.timestamp_ms,
-            })
-            .collect()
+        placed
     }
 }

@@ -766,6 +766,10 @@ pub enum BenchCommand {
     /// One phase of `bench partitions`, run by it in a child process
     #[command(hide = true)]
     PartitionsWorker(PartitionsWorkerArgs),
+    /// A pipeline stage copying a backlog exactly once (a transaction per
+    /// batch) against plain consume-then-produce of the same backlog, and
+    /// their ratio
+    Pipeline(BenchPipelineArgs),
 }
 
 /// Options every benchmark takes.
@@ -792,8 +796,33 @@ impl BenchCommand {
             BenchCommand::Latency(args) => &args.options,
             BenchCommand::Partitions(args) => &args.options,
             BenchCommand::PartitionsWorker(args) => &args.options,
+            BenchCommand::Pipeline(args) => &args.options,
         }
     }
+}
+
+/// `bench pipeline`: its plain stage is its baseline, so `--compare-raw`
+/// adds nothing to it.
+#[derive(Debug, Args)]
+pub struct BenchPipelineArgs {
+    /// Messages in the backlog each stage copies
+    #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the input and of each output topic
+    #[arg(long, value_name = "P", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub partitions: u32,
+
+    /// Inputs per transaction (and per plain send-then-commit) at most
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    pub batch: usize,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
 }
 
 #[derive(Debug, Args)]

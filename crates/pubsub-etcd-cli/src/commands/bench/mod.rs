@@ -11,6 +11,7 @@ mod consume;
 mod latency;
 mod partitions;
 mod payload;
+mod pipeline;
 mod produce;
 
 use std::io::IsTerminal as _;
@@ -114,6 +115,10 @@ async fn dispatch(
             let format = args.options.format;
             let summary = partitions::run(client, connection, credentials, &args).await?;
             render(summary, namespace, format)
+        }
+        BenchCommand::Pipeline(args) => {
+            let format = args.options.format;
+            render(pipeline::run(client, &args).await?, namespace, format)
         }
         BenchCommand::PartitionsWorker(_) => unreachable!("run without a bench namespace"),
     }

@@ -65,6 +65,20 @@ pub async fn run(client: &Client, args: &BenchPipelineArgs) -> anyhow::Result<Pi
     let exactly_once = exactly_once(client, args)
         .await
         .context("exactly-once stage")?;
+    for topic in [PLAIN, EXACTLY_ONCE] {
+        let stored: u64 = client
+            .describe_topic(topic)
+            .await?
+            .partitions
+            .iter()
+            .map(|p| p.next)
+            .sum();
+        anyhow::ensure!(
+            stored == args.messages,
+            "{topic} holds {stored} messages, not the {} copied",
+            args.messages
+        );
+    }
     Ok(PipelineSummary {
         settings: Settings {
             messages: args.messages,

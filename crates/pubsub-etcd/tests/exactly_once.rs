@@ -2,15 +2,18 @@
 //! outputs and input offsets land together, a member that lost its input
 //! partition writes nothing, a lost race on an output head is retried,
 //! etcd's limits are refused before sending, and a deleted output topic is
-//! reported.
+//! reported; a commit whose answer was lost is found landed, not written
+//! again.
 
 mod common;
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::bounded;
 use common::group::{member, send_all, within};
+use common::proxy::Proxy;
 use pubsub_etcd::{partition_for_key, AutoCommit, Client, Error, Message, NewTopic, Record};
 
 const GUARD: Duration = Duration::from_secs(10);
@@ -317,4 +320,58 @@ async fn a_deleted_output_topic_is_a_clear_error() {
         "{err}"
     );
     consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_lands_once() {
+    let (client, ns) = common::ns::client().await;
+    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
+    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
+    let producer = client.producer("in").build().await.unwrap();
+    send_all(&producer, [Record::new("a"), Record::new("b")]).await;
+    let proxy = Proxy::start(common::ns::endpoints()[0].clone()).await;
+    let proxied = Client::builder([proxy.endpoint()])
+        .namespace(ns.name())
+        .connect_timeout(Duration::from_secs(2))
+        .request_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    // The session outlives the cut, so the member still owns its input.
+    let mut consumer = proxied
+        .consumer("in", "g")
+        .session_ttl(Duration::from_secs(30))
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    let mut tx = consumer.transaction();
+    let first = within(GUARD, consumer.recv()).await;
+    tx.send("out", Record::new("A"));
+    tx.commit_input(&first);
+    tx.commit().await.unwrap();
+    let second = within(GUARD, consumer.recv()).await;
+    tx.send("out", Record::new("B"));
+    tx.commit_input(&second);
+    // etcd applies the transaction; its answer, and every later one, is lost.
+    proxy.swallow_responses();
+    let err = bounded("commit", tx.commit()).await.unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    assert!(!tx.is_empty(), "an unknown outcome keeps the transaction");
+    assert!(proxy.dropped_bytes.load(Ordering::SeqCst) > 0);
+    let landed: Vec<_> = read_all(&client, "out").await;
+    assert_eq!(landed.len(), 2, "the lost commit landed: {landed:?}");
+    proxy.heal();
+    // Committing again finds the commit landed and writes nothing more.
+    let placed = bounded("commit again", tx.commit()).await.unwrap();
+    assert_eq!(placed[0].offset, 1);
+    assert!(tx.is_empty());
+    let values: Vec<_> = read_all(&client, "out")
+        .await
+        .into_iter()
+        .map(|m| m.value)
+        .collect();
+    assert_eq!(values, vec!["A", "B"]);
+    assert_eq!(committed(&client, "in", "g").await, vec![Some(2)]);
+    drop(consumer);
 }

@@ -94,29 +94,40 @@ impl Transaction {
         Ok(())
     }
 
-    /// Reads the heads of the plan's partitions not known yet.
-    pub(super) async fn read_missing_heads(&mut self, plan: &Plan) -> Result<()> {
+    /// Reads the heads of the plan's partitions not known yet and, in the
+    /// same request (one revision), the heads and batches of the uncertain
+    /// attempts: says where the commit landed, if it did. Not landed, the
+    /// heads cached are from a revision at which it had not, so a stale
+    /// attempt that applies later moves them and the next attempt's compare
+    /// fails rather than writing the outputs twice.
+    pub(super) async fn refresh(&mut self, plan: &Plan) -> Result<Option<Vec<RecordMetadata>>> {
         let missing: Vec<(String, u32)> = plan
             .batches
             .iter()
             .map(|b| (b.topic.clone(), b.partition))
             .filter(|k| !self.heads.contains_key(k))
             .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let gets: Vec<TxnOp> = missing
+        let mut gets: Vec<TxnOp> = missing
             .iter()
             .map(|(t, p)| TxnOp::get(self.head_key(t, *p), None))
             .collect();
+        for attempt in &self.uncertain {
+            gets.push(TxnOp::get(attempt.head_key.clone(), None));
+            gets.push(TxnOp::get(attempt.batch_key.clone(), None));
+        }
+        if gets.is_empty() {
+            return Ok(None);
+        }
         let response = self
             .client
             .read_txn("read output heads", Txn::new().and_then(gets))
             .await?;
-        for (key, kv) in missing.into_iter().zip(first_kvs(&response)) {
+        let kvs = first_kvs(&response);
+        let (heads, uncertain) = kvs.split_at(missing.len());
+        for (key, kv) in missing.into_iter().zip(heads) {
             self.heads.insert(key, head_of(kv.as_ref())?);
         }
-        Ok(())
+        self.find_landed(uncertain)
     }
 
     pub(super) fn head_key(&self, topic: &str, partition: u32) -> String {
@@ -388,26 +399,6 @@ impl Transaction {
 
     pub(super) fn committer_topic(&self) -> String {
         self.committer.topic().to_string()
-    }
-
-    /// After unknown outcomes: reads the uncertain attempts' heads and
-    /// batches and says where the commit landed, if it did.
-    pub(super) async fn resolve(&mut self) -> Result<Option<Vec<RecordMetadata>>> {
-        let gets: Vec<TxnOp> = self
-            .uncertain
-            .iter()
-            .flat_map(|a| {
-                [
-                    TxnOp::get(a.head_key.clone(), None),
-                    TxnOp::get(a.batch_key.clone(), None),
-                ]
-            })
-            .collect();
-        let response = self
-            .client
-            .read_txn("check transaction", Txn::new().and_then(gets))
-            .await?;
-        self.find_landed(&first_kvs(&response))
     }
 
     /// Looks for this commit's `(producer id, seq)` in the heads and

@@ -222,16 +222,16 @@ impl Transaction {
         let mut plan = self.plan()?;
         // An earlier call's outcome first: if it landed, its offsets are
         // committed and the fences below no longer describe it.
-        if !self.uncertain.is_empty() {
-            if let Some(bases) = self.resolve().await? {
-                return Ok(self.landed(&plan, bases));
-            }
+        let mut unknown_since = (!self.uncertain.is_empty()).then(Instant::now);
+        if let Some(placed) = self.refresh_known(&plan, unknown_since).await? {
+            return Ok(self.landed(&plan, placed));
         }
         let claims = self.committer.input_claims(&self.inputs)?;
         let started = Instant::now();
-        let mut unknown_since: Option<Instant> = None;
         loop {
-            self.read_missing_heads(&plan).await?;
+            if let Some(placed) = self.refresh_known(&plan, unknown_since).await? {
+                return Ok(self.landed(&plan, placed));
+            }
             let (txn, attempt, new_heads) = self.build(&claims, &plan)?;
             let sent = self
                 .client
@@ -283,11 +283,31 @@ impl Transaction {
                     }
                     tracing::debug!(error = %e, "transaction outcome unknown, checking");
                     tokio::time::sleep(RETRY_PAUSE).await;
-                    if let Some(bases) = self.resolve().await? {
-                        return Ok(self.landed(&plan, bases));
-                    }
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Transaction::refresh`], retried while its outcome is unknown and
+    /// attempts are uncertain, for up to 10 s from `unknown_since`: never
+    /// send again before knowing whether an attempt landed.
+    async fn refresh_known(
+        &mut self,
+        plan: &Plan,
+        unknown_since: Option<Instant>,
+    ) -> Result<Option<Vec<RecordMetadata>>> {
+        loop {
+            match self.refresh(plan).await {
+                Err(e)
+                    if e.is_outcome_unknown()
+                        && !self.uncertain.is_empty()
+                        && unknown_since
+                            .is_some_and(|since| since.elapsed() < UNAVAILABLE_AFTER) =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                other => return other,
             }
         }
     }

@@ -29,6 +29,14 @@ async fn read_all(client: &Client, topic: &str) -> Vec<Message> {
     out
 }
 
+/// Topics `in` and `out` of one partition each, `in` holding `inputs`.
+async fn in_and_out<const N: usize>(client: &Client, inputs: [Record; N]) {
+    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
+    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
+    let producer = client.producer("in").build().await.unwrap();
+    send_all(&producer, inputs).await;
+}
+
 /// Keys under the namespace's data prefix: batches and heads.
 async fn data_keys(client: &Client, ns: &str) -> i64 {
     let options = etcd_client::GetOptions::new()
@@ -152,10 +160,7 @@ async fn a_transaction_needs_auto_commit_disabled() {
 #[tokio::test]
 async fn a_lost_input_partition_refuses_the_whole_transaction() {
     let (client, ns) = common::ns::client().await;
-    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
-    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
-    let producer = client.producer("in").build().await.unwrap();
-    send_all(&producer, [Record::new("a")]).await;
+    in_and_out(&client, [Record::new("a")]).await;
     let mut consumer = member(&client, "in", "g").await;
     let m = within(GUARD, consumer.recv()).await;
     let mut tx = consumer.transaction();
@@ -188,10 +193,7 @@ async fn a_lost_input_partition_refuses_the_whole_transaction() {
 #[tokio::test]
 async fn a_zombie_member_cannot_write_output_after_a_takeover() {
     let (client, ns) = common::ns::client().await;
-    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
-    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
-    let producer = client.producer("in").build().await.unwrap();
-    send_all(&producer, [Record::new("a")]).await;
+    in_and_out(&client, [Record::new("a")]).await;
     let mut zombie = member(&client, "in", "g").await;
     let m = within(GUARD, zombie.recv()).await;
     // Frozen, the zombie loses its lease as if paused past its TTL; an
@@ -224,10 +226,7 @@ async fn a_zombie_member_cannot_write_output_after_a_takeover() {
 #[tokio::test]
 async fn a_moved_output_head_is_retried_on_the_fresh_head() {
     let (client, _ns) = common::ns::client().await;
-    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
-    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
-    let producer = client.producer("in").build().await.unwrap();
-    send_all(&producer, [Record::new("a"), Record::new("b")]).await;
+    in_and_out(&client, [Record::new("a"), Record::new("b")]).await;
     let mut consumer = member(&client, "in", "g").await;
     let mut tx = consumer.transaction();
     let first = within(GUARD, consumer.recv()).await;
@@ -292,10 +291,7 @@ async fn etcd_limits_are_refused_before_anything_is_sent() {
 #[tokio::test]
 async fn a_deleted_output_topic_is_a_clear_error() {
     let (client, _ns) = common::ns::client().await;
-    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
-    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
-    let producer = client.producer("in").build().await.unwrap();
-    send_all(&producer, [Record::new("a"), Record::new("b")]).await;
+    in_and_out(&client, [Record::new("a"), Record::new("b")]).await;
     let mut consumer = member(&client, "in", "g").await;
     let mut tx = consumer.transaction();
     let first = within(GUARD, consumer.recv()).await;
@@ -325,18 +321,9 @@ async fn a_deleted_output_topic_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_was_lost_lands_once() {
     let (client, ns) = common::ns::client().await;
-    client.create_topic(NewTopic::new("in", 1)).await.unwrap();
-    client.create_topic(NewTopic::new("out", 1)).await.unwrap();
-    let producer = client.producer("in").build().await.unwrap();
-    send_all(&producer, [Record::new("a"), Record::new("b")]).await;
+    in_and_out(&client, [Record::new("a"), Record::new("b")]).await;
     let proxy = Proxy::start(common::ns::endpoints()[0].clone()).await;
-    let proxied = Client::builder([proxy.endpoint()])
-        .namespace(ns.name())
-        .connect_timeout(Duration::from_secs(2))
-        .request_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
+    let proxied = proxy.client(ns.name()).await;
     // The session outlives the cut, so the member still owns its input.
     let mut consumer = proxied
         .consumer("in", "g")

@@ -312,13 +312,7 @@ async fn lost_responses_are_retried_exactly_once() {
     direct.create_topic(NewTopic::new(TOPIC, 1)).await.unwrap();
     let endpoint = ns::endpoints()[0].clone();
     let proxy = Proxy::start(endpoint).await;
-    let proxied = Client::builder([proxy.endpoint()])
-        .namespace(ns.name())
-        .connect_timeout(Duration::from_secs(2))
-        .request_timeout(Duration::from_millis(500))
-        .connect()
-        .await
-        .unwrap();
+    let proxied = proxy.client(ns.name()).await;
     let producer_p = proxied
         .producer(TOPIC)
         .delivery_timeout(Duration::from_secs(20))

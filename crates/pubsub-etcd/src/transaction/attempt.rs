@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
-use super::{
-    Transaction, FRAMING_BYTES, MAX_REQUEST_BYTES, MAX_TXN_OPS, MAX_UNCERTAIN, PRODUCER_TABLE_LEN,
-};
+use super::{Transaction, FRAMING_BYTES, MAX_REQUEST_BYTES, MAX_TXN_OPS, MAX_UNCERTAIN};
+use crate::append::producer_table;
 use crate::error::{Error, Result};
 use crate::group::Claim;
 use crate::producer::{partition_for_key, RecordMetadata};
@@ -329,23 +328,15 @@ impl Transaction {
         batch: &Batch,
         stored_len: usize,
     ) -> pb::PartitionHead {
-        let mut producers: Vec<pb::ProducerState> = head
-            .producers
-            .iter()
-            .filter(|p| p.producer_id != self.producer_id)
-            .cloned()
-            .collect();
-        producers.push(pb::ProducerState {
+        let latest = pb::ProducerState {
             producer_id: self.producer_id,
             seq: self.seq,
             base_offset: base,
             offset_count: batch.count as u32,
-        });
-        let excess = producers.len().saturating_sub(PRODUCER_TABLE_LEN);
-        producers.drain(..excess);
+        };
         pb::PartitionHead {
             next_offset: base + batch.count,
-            producers,
+            producers: producer_table(&head.producers, latest),
             total_bytes: head.total_bytes + batch.records.len(),
             total_stored_bytes: head.total_stored_bytes + stored_len as u64,
         }

@@ -40,8 +40,6 @@ const MAX_REQUEST_BYTES: usize = 1536 * 1024;
 const FRAMING_BYTES: usize = 64;
 /// Attempts with an unknown outcome one commit looks after at most.
 const MAX_UNCERTAIN: usize = 8;
-/// Entries kept in a head's idempotence table (as producers keep).
-const PRODUCER_TABLE_LEN: usize = 32;
 /// How long lost races on output heads are retried.
 const CONTENDED_AFTER: Duration = Duration::from_secs(60);
 /// How long unknown outcomes are retried.

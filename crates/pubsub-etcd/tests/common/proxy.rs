@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -87,6 +88,18 @@ impl Proxy {
 
     pub fn endpoint(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// A client of `namespace` through the proxy, with short timeouts so a
+    /// swallowed answer ends in an unknown outcome within half a second.
+    pub async fn client(&self, namespace: &str) -> pubsub_etcd::Client {
+        pubsub_etcd::Client::builder([self.endpoint()])
+            .namespace(namespace)
+            .connect_timeout(Duration::from_secs(2))
+            .request_timeout(Duration::from_millis(500))
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// From now on, discard etcd's answers.

@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::bounded;
 use common::group::{member, send_all, within};
 use common::proxy::Proxy;
-use pubsub_etcd::{partition_for_key, AutoCommit, Client, Error, Message, NewTopic, Record};
+use pubsub_etcd::{
+    partition_for_key, AutoCommit, Client, Consumer, Error, Message, NewTopic, Record, Transaction,
+};
 
 const GUARD: Duration = Duration::from_secs(10);
 
@@ -35,6 +37,15 @@ async fn in_and_out<const N: usize>(client: &Client, inputs: [Record; N]) {
     client.create_topic(NewTopic::new("out", 1)).await.unwrap();
     let producer = client.producer("in").build().await.unwrap();
     send_all(&producer, inputs).await;
+}
+
+/// Receives the next input and adds `output` for it to `tx`, with the
+/// input to commit.
+async fn pass_on(consumer: &mut Consumer, tx: &mut Transaction, output: &str) -> Message {
+    let input = within(GUARD, consumer.recv()).await;
+    tx.send("out", Record::new(output.to_string()));
+    tx.commit_input(&input);
+    input
 }
 
 /// Keys under the namespace's data prefix: batches and heads.
@@ -229,16 +240,12 @@ async fn a_moved_output_head_is_retried_on_the_fresh_head() {
     in_and_out(&client, [Record::new("a"), Record::new("b")]).await;
     let mut consumer = member(&client, "in", "g").await;
     let mut tx = consumer.transaction();
-    let first = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("A"));
-    tx.commit_input(&first);
+    pass_on(&mut consumer, &mut tx, "A").await;
     tx.commit().await.unwrap();
     // Another producer appends: the head the transaction knows is stale.
     let other = client.producer("out").build().await.unwrap();
     send_all(&other, [Record::new("other")]).await;
-    let second = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("B"));
-    tx.commit_input(&second);
+    pass_on(&mut consumer, &mut tx, "B").await;
     let placed = bounded("commit", tx.commit()).await.unwrap();
     assert_eq!(placed[0].offset, 2);
     let values: Vec<_> = read_all(&client, "out")
@@ -294,14 +301,10 @@ async fn a_deleted_output_topic_is_a_clear_error() {
     in_and_out(&client, [Record::new("a"), Record::new("b")]).await;
     let mut consumer = member(&client, "in", "g").await;
     let mut tx = consumer.transaction();
-    let first = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("A"));
-    tx.commit_input(&first);
+    pass_on(&mut consumer, &mut tx, "A").await;
     tx.commit().await.unwrap();
     client.delete_topic("out").await.unwrap();
-    let second = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("B"));
-    tx.commit_input(&second);
+    let second = pass_on(&mut consumer, &mut tx, "B").await;
     let err = bounded("commit", tx.commit()).await.unwrap_err();
     assert!(
         matches!(err, Error::TopicDeleted(ref t) if t == "out"),
@@ -333,13 +336,9 @@ async fn a_commit_whose_answer_was_lost_lands_once() {
         .await
         .unwrap();
     let mut tx = consumer.transaction();
-    let first = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("A"));
-    tx.commit_input(&first);
+    pass_on(&mut consumer, &mut tx, "A").await;
     tx.commit().await.unwrap();
-    let second = within(GUARD, consumer.recv()).await;
-    tx.send("out", Record::new("B"));
-    tx.commit_input(&second);
+    pass_on(&mut consumer, &mut tx, "B").await;
     // etcd applies the transaction; its answer, and every later one, is lost.
     proxy.swallow_responses();
     let err = bounded("commit", tx.commit()).await.unwrap_err();

@@ -122,6 +122,9 @@ pub enum Command {
     /// Work queues: consume with per-message acks, describe, reset, delete
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// An exactly-once pipeline stage: feed IN's messages to a command,
+    /// publish its output lines to OUT
+    Pipe(PipeArgs),
     /// Delete individual messages
     #[command(subcommand)]
     Message(MessageCommand),
@@ -495,6 +498,48 @@ pub enum ConsumeFormat {
     Json,
 }
 
+/// `pipe`: see `commands/pipe.rs` for the contract with CMD.
+#[derive(Debug, Args)]
+pub struct PipeArgs {
+    /// Topic to read, as a member of --group
+    pub input: String,
+
+    /// Topic to publish CMD's output lines to (each with its input's key)
+    pub output: String,
+
+    /// Consumer group of the stage's members
+    #[arg(long, value_name = "G")]
+    pub group: String,
+
+    /// Shell command started once: it reads one message value per line on
+    /// stdin and writes exactly one output line per input line, in order,
+    /// flushing each (e.g. `sed -u`, `python3 -u`)
+    #[arg(long, value_name = "CMD")]
+    pub exec: String,
+
+    /// Inputs per transaction at most: their outputs and offsets are
+    /// committed together
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub batch: usize,
+
+    /// How long a batch waits for more inputs after its first
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "50ms")]
+    pub linger: Duration,
+
+    /// Lease time of the member: a stopped member's partitions move on
+    /// after this long
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub session_ttl: Duration,
+
+    /// Stable member id [default: host-pid-random]
+    #[arg(long, value_name = "ID")]
+    pub member_id: Option<String>,
+
+    /// Stop after committing this many inputs
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+}
+
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("start").multiple(false)))]
 pub struct ConsumeArgs {
@@ -725,6 +770,10 @@ pub enum BenchCommand {
     /// One phase of `bench partitions`, run by it in a child process
     #[command(hide = true)]
     PartitionsWorker(PartitionsWorkerArgs),
+    /// A pipeline stage copying a backlog exactly once (a transaction per
+    /// batch) against plain consume-then-produce of the same backlog, and
+    /// their ratio
+    Pipeline(BenchPipelineArgs),
 }
 
 /// Options every benchmark takes.
@@ -752,8 +801,33 @@ impl BenchCommand {
             BenchCommand::Partitions(args) => &args.options,
             BenchCommand::Queue(args) => &args.options,
             BenchCommand::PartitionsWorker(args) => &args.options,
+            BenchCommand::Pipeline(args) => &args.options,
         }
     }
+}
+
+/// `bench pipeline`: its plain stage is its baseline, so `--compare-raw`
+/// adds nothing to it.
+#[derive(Debug, Args)]
+pub struct BenchPipelineArgs {
+    /// Messages in the backlog each stage copies
+    #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Value size of each message, e.g. 100 or 1KiB
+    #[arg(long, value_name = "SIZE", default_value = "100", value_parser = parse_message_bytes)]
+    pub size: u32,
+
+    /// Partitions of the input and of each output topic
+    #[arg(long, value_name = "P", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub partitions: u32,
+
+    /// Inputs per transaction (and per plain send-then-commit) at most
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    pub batch: usize,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
 }
 
 #[derive(Debug, Args)]

@@ -471,8 +471,39 @@ fn produce_and_consume_compressed_payloads() {
 }
 
 #[test]
+fn pipeline_reports_both_stages_and_their_ratio_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "pipeline",
+            "--messages",
+            "900",
+            "--size",
+            "40",
+            "--partitions",
+            "3",
+            "--batch",
+            "200",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "pipeline");
+    assert_eq!(summary["settings"]["batch"], 200);
+    for stage in ["exactly_once", "plain"] {
+        let stage = &summary[stage];
+        assert_eq!(stage["messages"], 900, "{stage}");
+        // At least 5 batches of at most 200.
+        assert!(stage["batches"].as_u64().unwrap() >= 5, "{stage}");
+        assert!(assert_number(&stage["msgs_per_sec"], "msgs/s") > 0.0);
+    }
+    let expected = assert_number(&summary["exactly_once"]["msgs_per_sec"], "exactly-once")
+        / assert_number(&summary["plain"]["msgs_per_sec"], "plain");
+    assert!((assert_number(&summary["ratio"], "ratio") - expected).abs() < 1e-9);
+}
+
+#[test]
 fn every_bench_option_documents_its_default() {
-    for bench in ["produce", "consume", "latency"] {
+    for bench in ["produce", "consume", "latency", "pipeline"] {
         let output = Command::new(BIN)
             .args(["bench", bench, "--help"])
             .output()

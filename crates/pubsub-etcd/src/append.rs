@@ -273,21 +273,15 @@ impl PartitionAppender {
     ) -> (Txn, Head) {
         let count = u64::from(batch.offset_count);
         let batch_value = records.value(batch);
-        let mut producers: Vec<pb::ProducerState> = head
-            .producers
-            .iter()
-            .filter(|p| p.producer_id != self.producer_id)
-            .cloned()
-            .collect();
-        producers.push(pb::ProducerState {
-            producer_id: self.producer_id,
-            seq,
-            base_offset: batch.base_offset,
-            offset_count: count as u32,
-        });
-        if producers.len() > PRODUCER_TABLE_LEN {
-            producers.drain(..producers.len() - PRODUCER_TABLE_LEN);
-        }
+        let producers = producer_table(
+            &head.producers,
+            pb::ProducerState {
+                producer_id: self.producer_id,
+                seq,
+                base_offset: batch.base_offset,
+                offset_count: count as u32,
+            },
+        );
         let new_head = Head {
             next_offset: batch.base_offset + count,
             mod_revision: 0,
@@ -466,6 +460,23 @@ impl PartitionAppender {
         }
         Ok(Landed::No)
     }
+}
+
+/// A head's idempotence table after `latest`: its producer's earlier entry
+/// replaced, the oldest entries dropped beyond the table's length.
+pub(crate) fn producer_table(
+    table: &[pb::ProducerState],
+    latest: pb::ProducerState,
+) -> Vec<pb::ProducerState> {
+    let mut producers: Vec<pb::ProducerState> = table
+        .iter()
+        .filter(|p| p.producer_id != latest.producer_id)
+        .cloned()
+        .collect();
+    producers.push(latest);
+    let excess = producers.len().saturating_sub(PRODUCER_TABLE_LEN);
+    producers.drain(..excess);
+    producers
 }
 
 /// Whether the batch being appended is already stored, and where.

@@ -261,6 +261,11 @@ impl Consumer {
         }
     }
 
+    /// The auto-commit policy this consumer was built with.
+    pub(crate) fn auto_commit_policy(&self) -> AutoCommit {
+        self.auto_commit
+    }
+
     /// A handle that commits for this member from another task.
     pub(crate) fn committer(&self) -> Committer {
         self.committer.clone()

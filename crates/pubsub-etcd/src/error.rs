@@ -141,6 +141,26 @@ pub enum Error {
         committed: u64,
     },
 
+    /// A transaction commits an input message below the group's committed
+    /// offset: it was handled already, and committed offsets never move
+    /// backwards. Nothing of the transaction was written.
+    #[error("input offset {offset} of partition {partition} of topic {topic:?} is below the committed offset {committed}: already handled; transaction refused")]
+    InputCommitted {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        committed: u64,
+    },
+
+    /// A transaction would exceed one of etcd's limits per transaction;
+    /// nothing was sent.
+    #[error("transaction needs {needed} {limit}, above the limit of {max}; nothing was written")]
+    TransactionTooLarge {
+        limit: &'static str,
+        needed: usize,
+        max: usize,
+    },
+
     /// etcd ended a watch stream without an error.
     #[error("etcd ended the watch stream")]
     WatchEnded,

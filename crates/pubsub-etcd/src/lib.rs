@@ -13,6 +13,9 @@
 //! - Delivery to a consumer group is at-least-once from the committed
 //!   offsets; a member that lost a partition can neither commit for it nor
 //!   receive more of it, and a committed offset never moves backwards.
+//! - A [`Transaction`] of a group member writes its output records and its
+//!   input offsets in one etcd transaction: consume, transform and produce
+//!   exactly once (effects outside the output topics are not).
 //! - etcd history compaction never loses a live message.
 //! - A namespace's keys are never read or touched by another namespace.
 //!
@@ -166,6 +169,7 @@ mod rewrite;
 mod subscription;
 pub mod telemetry;
 mod topic;
+mod transaction;
 
 pub use assigned::AssignedReader;
 pub use builder::{
@@ -192,3 +196,4 @@ pub use record::{Message, Record, MAX_RECORDS_PER_BATCH, MAX_TTL};
 pub use retention::RetentionReport;
 pub use subscription::{PartitionedConsumer, Subscription};
 pub use topic::{CleanupPolicy, NewTopic, TopicConfig, TopicInfo, MAX_NAME_LEN, MAX_PARTITIONS};
+pub use transaction::Transaction;

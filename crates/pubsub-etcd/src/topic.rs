@@ -437,7 +437,7 @@ impl Client {
 /// Reads a topic key's value with the checks `create_topic` makes, so that
 /// metadata written by hand or restored from elsewhere cannot make a reader
 /// divide by zero, allocate per partition without bound, or delete data.
-fn parse_topic(name: &str, kv: &etcd_client::KeyValue) -> Result<TopicInfo> {
+pub(crate) fn parse_topic(name: &str, kv: &etcd_client::KeyValue) -> Result<TopicInfo> {
     let corrupt = |reason: String| Error::Corrupt {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
         reason: format!("bad topic metadata: {reason}"),

@@ -8,6 +8,7 @@ mod consume;
 mod context;
 mod group;
 mod message;
+mod pipe;
 mod produce;
 mod queue;
 mod status;
@@ -60,6 +61,7 @@ pub async fn run(
         Command::Consume(args) => consume::run(&client, args, cli.log.quiet > 0).await,
         Command::Group(command) => group::run(&client, command).await,
         Command::Queue(command) => queue::run(&client, command).await,
+        Command::Pipe(args) => pipe::run(&client, args).await,
         Command::Message(command) => message::run(&client, command).await,
         Command::Admin(command) => admin::run(&client, command).await,
         Command::Status(args) => status::run(&client, args).await,

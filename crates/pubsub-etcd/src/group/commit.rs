@@ -171,6 +171,79 @@ impl Committer {
         Ok(())
     }
 
+    /// The member's own connection, which its commits use.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The topic the member reads.
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The claims a transaction's input `offsets` are committed under, or
+    /// why not: as for [`Committer::commit_offsets`], and
+    /// [`Error::InputCommitted`] below what the group committed already.
+    pub(crate) fn input_claims(
+        &self,
+        offsets: &BTreeMap<u32, u64>,
+    ) -> Result<Vec<(u32, u64, Claim)>> {
+        let claims = self.state.commit_claims(&self.topic, offsets)?;
+        for (partition, offset, _) in &claims {
+            if let Some(committed) = self.state.committed_offset(*partition) {
+                if *offset < committed {
+                    return Err(Error::InputCommitted {
+                        topic: self.topic.to_string(),
+                        partition: *partition,
+                        offset: *offset,
+                        committed,
+                    });
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The compares fencing a write to `partition` to `claim`.
+    pub(crate) fn fence(&self, partition: u32, claim: &Claim) -> [Compare; 2] {
+        let owner = self.client.keys.owner(&self.topic, &self.group, partition);
+        [
+            Compare::value(owner.clone(), CompareOp::Equal, &*self.member_id),
+            Compare::create_revision(owner, CompareOp::Equal, claim.owner_revision()),
+        ]
+    }
+
+    /// The put of committed offset `offset` on `partition`.
+    pub(crate) fn offset_put(&self, partition: u32, offset: u64) -> TxnOp {
+        TxnOp::put(
+            self.client.keys.offset(&self.topic, &self.group, partition),
+            format_offset(offset),
+            None,
+        )
+    }
+
+    /// The read of `partition`'s owner key, for [`Committer::holds`].
+    pub(crate) fn owner_get(&self, partition: u32) -> TxnOp {
+        TxnOp::get(
+            self.client.keys.owner(&self.topic, &self.group, partition),
+            None,
+        )
+    }
+
+    /// Whether an owner key as read still holds `claim`.
+    pub(crate) fn holds(&self, owner: Option<&etcd_client::KeyValue>, claim: &Claim) -> bool {
+        owner.is_some_and(|kv| {
+            kv.value() == self.member_id.as_bytes()
+                && kv.create_revision() == claim.owner_revision()
+        })
+    }
+
+    /// These (partition, offset) commits landed by other means than
+    /// [`Committer::commit_offsets`] (a transaction).
+    pub(crate) fn recorded(&self, commits: impl IntoIterator<Item = (u32, u64)>) {
+        self.state.committed(commits);
+    }
+
     /// Which partition of a refused commit chunk is no longer this member's
     /// (the first of the chunk if the owners cannot be read).
     async fn lost_partition(&self, chunk: &[(u32, u64, Claim)]) -> u32 {

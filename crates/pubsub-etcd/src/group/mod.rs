@@ -29,4 +29,4 @@ pub(crate) use member::{Control, Member, MemberConfig};
 pub(crate) use start::check_partition;
 pub use start::StartOffset;
 pub use state::Event;
-pub(crate) use state::{Ack, MemberState, Notice};
+pub(crate) use state::{Ack, Claim, MemberState, Notice};

@@ -376,6 +376,12 @@ impl MemberState {
         Ok(claims)
     }
 
+    /// The group's committed offset on `partition` as this claim knows it
+    /// (read with the claim, or written by this member since).
+    pub(crate) fn committed_offset(&self, partition: u32) -> Option<u64> {
+        self.lock().committed.get(&partition).copied()
+    }
+
     /// These (partition, offset) commits are stored.
     pub(crate) fn committed(&self, commits: impl IntoIterator<Item = (u32, u64)>) {
         let mut state = self.lock();

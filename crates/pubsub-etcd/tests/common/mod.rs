@@ -5,6 +5,7 @@
 pub mod etcd_proc;
 pub mod group;
 pub mod ns;
+pub mod proxy;
 
 use std::collections::HashSet;
 use std::future::Future;

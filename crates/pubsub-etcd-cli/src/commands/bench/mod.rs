@@ -12,6 +12,7 @@ mod etcd_metrics;
 mod latency;
 mod partitions;
 mod payload;
+mod pipeline;
 mod produce;
 mod queue;
 
@@ -124,6 +125,10 @@ async fn dispatch(
                 namespace,
                 format,
             )
+        }
+        BenchCommand::Pipeline(args) => {
+            let format = args.options.format;
+            render(pipeline::run(client, &args).await?, namespace, format)
         }
         BenchCommand::PartitionsWorker(_) => unreachable!("run without a bench namespace"),
     }

@@ -11,9 +11,9 @@ use super::{Transaction, FRAMING_BYTES, MAX_REQUEST_BYTES, MAX_TXN_OPS, MAX_UNCE
 use crate::append::producer_table;
 use crate::error::{Error, Result};
 use crate::group::Claim;
+use crate::partition::{self, Partition};
 use crate::producer::{partition_for_key, RecordMetadata};
 use crate::record::{self, pb, BatchRecords, MAX_RECORDS_PER_BATCH};
-use crate::partition::{self, Partition};
 use crate::topic::{parse_topic, topic_arc, validate_topic_name};
 
 /// An output partition's head as last read or written.

@@ -369,6 +369,12 @@ async fn frozen_member_loses_partitions_and_its_commits_are_refused() {
     )
     .await;
     poll(&mut local, &mut seen, Duration::from_millis(500)).await;
+    // The takeover can come before a whole TTL has passed (the lease was
+    // last renewed before the freeze), and the child only re-commits after
+    // a pause longer than the TTL.
+    while frozen.elapsed() < TTL + Duration::from_millis(500) {
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+    }
     child.drain();
     let before_resume = child.seen.len();
     child.signal("-CONT");
@@ -495,6 +501,12 @@ async fn a_frozen_member_of_many_partitions_commits_none_of_them() {
         (0..PARTITIONS).map(|p| (p, 2)).collect(),
         "the local member committed everything"
     );
+    // The takeover can come before a whole TTL has passed (the lease was
+    // last renewed before the freeze), and the child only re-commits after
+    // a pause longer than the TTL.
+    while frozen.elapsed() < TTL + Duration::from_millis(500) {
+        poll(&mut local, &mut seen, Duration::from_millis(50)).await;
+    }
     child.drain();
     let before_resume = child.seen.len();
     child.signal("-CONT");

@@ -13,6 +13,7 @@
 //! _pubsub-etcd!/compaction                          cluster-wide: automatic history compaction
 //! <ns>/queues/<topic>/<queue>/<partition>           queue state of one partition (JSON)
 //! <ns>/queues/<topic>/<queue>/s/<worker>            settle operations of one worker (JSON)
+//! <ns>/queues/<topic>/<queue>/w/<worker>            a running worker (leased)
 //! ```
 //!
 //! `<ns>` is a single name, optionally after a leading `/` ([`Keys::new`]),
@@ -192,6 +193,12 @@ impl Keys {
         format!("{}{worker}", self.queue_settled_prefix(topic, queue))
     }
 
+    /// Where a running worker of a queue announces itself, on an etcd lease
+    /// of its own, so lease rounds know how many workers share the work.
+    pub(crate) fn queue_worker(&self, topic: &str, queue: &str, worker: &str) -> String {
+        format!("{}w/{worker}", self.queue_prefix(topic, queue))
+    }
+
     /// Every worker's settled key of one queue.
     pub(crate) fn queue_settled_prefix(&self, topic: &str, queue: &str) -> String {
         format!("{}s/", self.queue_prefix(topic, queue))
@@ -206,10 +213,16 @@ impl Keys {
         key: &'k [u8],
     ) -> Option<QueueKey<'k>> {
         let rest = key.strip_prefix(self.queue_prefix(topic, queue).as_bytes())?;
-        if let Some(worker) = rest.strip_prefix(b"s/") {
-            let worker = std::str::from_utf8(worker).ok()?;
-            return (!worker.is_empty() && !worker.contains('/'))
-                .then_some(QueueKey::Settled(worker));
+        let worker = |tail: &'k [u8]| {
+            std::str::from_utf8(tail)
+                .ok()
+                .filter(|w| !w.is_empty() && !w.contains('/'))
+        };
+        if let Some(tail) = rest.strip_prefix(b"s/") {
+            return worker(tail).map(QueueKey::Settled);
+        }
+        if let Some(tail) = rest.strip_prefix(b"w/") {
+            return worker(tail).map(QueueKey::Live);
         }
         if rest.len() != PARTITION_WIDTH || !rest.iter().all(u8::is_ascii_digit) {
             return None;
@@ -229,13 +242,15 @@ impl Keys {
     }
 }
 
-/// The two kinds of key under a queue's prefix.
+/// The kinds of key under a queue's prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QueueKey<'k> {
     /// The state of one partition.
     Partition(u32),
     /// One worker's settle operations.
     Settled(&'k str),
+    /// A running worker.
+    Live(&'k str),
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -272,18 +287,24 @@ mod tests {
             keys.queue_key("t", queue, key.as_bytes()).map(|k| match k {
                 QueueKey::Partition(p) => p.to_string(),
                 QueueKey::Settled(w) => format!("s {w}"),
+                QueueKey::Live(w) => format!("w {w}"),
             })
         };
         assert_eq!(parse("q", &key).as_deref(), Some("42"));
         assert_eq!(keys.queue_of("t", key.as_bytes()), Some("q"));
         let settled = keys.queue_settled("t", "q", "host-1-a");
         assert_eq!(parse("q", &settled).as_deref(), Some("s host-1-a"));
+        let live = keys.queue_worker("t", "q", "host-1-a");
+        assert_eq!(parse("q", &live).as_deref(), Some("w host-1-a"));
         for bad in [
             "ns/queues/t/q/42",
             "ns/queues/t/q/0004x",
             "ns/queues/t/q/000420",
             "ns/queues/t/q/s/",
             "ns/queues/t/q/s/a/b",
+            "ns/queues/t/q/w/",
+            "ns/queues/t/q/w/a/b",
+            "ns/queues/t/q/x/a",
         ] {
             assert_eq!(parse("q", bad), None, "{bad}");
         }

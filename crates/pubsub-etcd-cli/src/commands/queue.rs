@@ -47,6 +47,7 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
                 Format::Json => output::print_json(&StatsJson {
                     topic: &topic,
                     queue: &name,
+                    workers: stats.workers,
                     pending: stats.pending,
                     in_flight: stats.in_flight,
                     redelivered: stats.redelivered,
@@ -57,6 +58,7 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
                 }),
                 Format::Table => {
                     let mut table = Table::new([
+                        "WORKERS",
                         "PENDING",
                         "IN FLIGHT",
                         "REDELIVERED",
@@ -66,6 +68,7 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
                         "OLDEST UNSETTLED",
                     ]);
                     table.row([
+                        stats.workers.to_string(),
                         stats.pending.to_string(),
                         stats.in_flight.to_string(),
                         stats.redelivered.to_string(),
@@ -201,6 +204,7 @@ async fn run_exec(command: &str, job: &Job) -> anyhow::Result<bool> {
 struct StatsJson<'a> {
     topic: &'a str,
     queue: &'a str,
+    workers: u64,
     pending: u64,
     in_flight: u64,
     redelivered: u64,

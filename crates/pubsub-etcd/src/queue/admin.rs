@@ -16,15 +16,19 @@ use crate::record::now_millis;
 use crate::topic::{topic_arc, validate_group_name};
 
 impl Client {
-    /// Pending, in-flight, redelivered and dead-lettered counts of a queue,
-    /// from one read of its state and the partition heads.
+    /// Running workers and pending, in-flight, redelivered and
+    /// dead-lettered counts of a queue, from one read of its state and the
+    /// partition heads.
     pub async fn queue_stats(&self, topic: &str, name: &str) -> Result<QueueStats> {
         validate_group_name(name)?;
         let info = self.topic(topic).await?;
         let snapshot = read_snapshot(self, &info, name).await?;
         let now = now_millis();
         let topic = topic_arc(topic);
-        let mut stats = QueueStats::default();
+        let mut stats = QueueStats {
+            workers: snapshot.live as u64,
+            ..QueueStats::default()
+        };
         for (partition, head) in snapshot.heads.iter().enumerate() {
             let mut state = snapshot.effective(partition as u32);
             state.expire(now);

@@ -4,6 +4,7 @@
 //! DESIGN.md ("Queue mode"); the state transitions are in [`state`].
 
 mod admin;
+mod presence;
 mod settle;
 mod snapshot;
 mod state;
@@ -43,6 +44,9 @@ pub struct QueueConsumerBuilder {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct QueueStats {
+    /// Workers running now. One that died without closing counts until its
+    /// presence lease expires (10 s).
+    pub workers: u64,
     /// Offsets that wait for (re)delivery, including never delivered ones.
     pub pending: u64,
     /// Offsets leased to a worker now.
@@ -224,20 +228,44 @@ pub struct Job {
     ack_wait: Duration,
     ops: mpsc::Sender<Cmd>,
     load: Arc<Load>,
+    /// Settled, waiting for etcd to confirm it.
+    settling: bool,
 }
 
-/// Jobs a worker handed out and has not seen dropped yet, and how many it
-/// has seen dropped in all (settled, or given up when their lease ended).
+/// How busy a worker is. A job counts as finished once the application
+/// settles it, not once etcd confirms that: the confirmation waits for the
+/// next flush, and counting it would make a worker look slower (and lease
+/// less) the longer flushes take.
 #[derive(Debug, Default)]
 struct Load {
+    /// Jobs handed out and not settled (nor dropped) yet.
     outstanding: AtomicU64,
+    /// Jobs settled whose settling etcd has not confirmed yet.
+    settling: AtomicU64,
+    /// Jobs settled or dropped, in all.
     finished: AtomicU64,
+}
+
+impl Load {
+    fn finish_one(&self) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has jobs in hand or settles some: such a worker
+    /// leaves a contended partition to the others for a moment.
+    fn busy(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) + self.settling.load(Ordering::Relaxed) > 0
+    }
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
-        self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.load.finished.fetch_add(1, Ordering::Relaxed);
+        if self.settling {
+            self.load.settling.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.load.finish_one();
+        }
     }
 }
 
@@ -263,14 +291,23 @@ impl Job {
         rx.await.map_err(|_| Error::ConsumerClosed)?
     }
 
+    async fn settle(mut self, op: Op) -> Result<()> {
+        self.load.finish_one();
+        self.load.settling.fetch_add(1, Ordering::Relaxed);
+        self.settling = true;
+        self.send(op).await
+    }
+
     /// Settles the message; returns once that is stored in etcd.
     pub async fn ack(self) -> Result<()> {
-        self.send(Op::Ack(self.message.offset)).await
+        let op = Op::Ack(self.message.offset);
+        self.settle(op).await
     }
 
     /// Settles the message without processing it.
     pub async fn term(self) -> Result<()> {
-        self.send(Op::Term(self.message.offset)).await
+        let op = Op::Term(self.message.offset);
+        self.settle(op).await
     }
 
     /// Makes the message deliverable again after `delay`.
@@ -288,7 +325,7 @@ impl Job {
             not_before_ms: now_millis().saturating_add(delay.as_millis() as i64),
             reason,
         };
-        self.send(op).await
+        self.settle(op).await
     }
 
     /// Extends this job's lease (and its batch's) by `ack_wait` from now.

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
@@ -13,8 +12,7 @@ use super::state::{Settled, State};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::QueueKey;
-use crate::partition::Partition;
-use crate::record::{self, pb};
+use crate::partition::{Head, Partition};
 use crate::topic::TopicInfo;
 
 /// Largest queue state written, below etcd's 1.5 MiB request limit.
@@ -66,6 +64,8 @@ pub(super) struct Snapshot {
     pub(super) heads: Vec<u64>,
     pub(super) slots: Vec<Slot>,
     pub(super) workers: Vec<WorkerOps>,
+    /// Workers running now (their presence keys).
+    pub(super) live: usize,
 }
 
 impl Snapshot {
@@ -160,6 +160,7 @@ pub(super) async fn read_snapshot(
     let mut heads = Vec::with_capacity(partitions.len());
     let mut stored: Vec<Option<etcd_client::KeyValue>> = vec![None; partitions.len()];
     let mut workers = Vec::new();
+    let mut live = 0;
     let mut revision = 0;
     for (i, chunk) in partitions.chunks(HEADS_PER_TXN).enumerate() {
         let mut ops = Vec::with_capacity(chunk.len() + 1);
@@ -199,6 +200,7 @@ pub(super) async fn read_snapshot(
                                 });
                             }
                         }
+                        Some(QueueKey::Live(_)) => live += 1,
                         None => {
                             return Err(corrupt(kv.key(), "not a queue key".into()));
                         }
@@ -208,14 +210,7 @@ pub(super) async fn read_snapshot(
         }
         for op in responses {
             let next = match op {
-                TxnOpResponse::Get(get) => match get.kvs().first() {
-                    Some(kv) => {
-                        let head: pb::PartitionHead =
-                            record::decode(kv.key(), Bytes::copy_from_slice(kv.value()))?;
-                        head.next_offset
-                    }
-                    None => 0,
-                },
+                TxnOpResponse::Get(get) => Head::decode(get.kvs().first())?.next_offset,
                 _ => 0,
             };
             heads.push(next);
@@ -231,6 +226,7 @@ pub(super) async fn read_snapshot(
         heads,
         slots,
         workers,
+        live,
     })
 }
 
@@ -265,7 +261,7 @@ pub(crate) async fn retention_floor(
             Some(QueueKey::Partition(p)) if p == partition => {
                 *state = parse_state(kv.key(), kv.value(), incarnation, None)?;
             }
-            Some(QueueKey::Partition(_)) => {}
+            Some(QueueKey::Partition(_) | QueueKey::Live(_)) => {}
             Some(QueueKey::Settled(worker)) => {
                 let settlement: Settlement = serde_json::from_slice(kv.value())
                     .map_err(|e| corrupt(kv.key(), e.to_string()))?;

@@ -207,7 +207,10 @@ impl State {
     }
 
     /// Takes a lease for `worker`: due pending offsets first, else fresh ones
-    /// below `head`. Refuses (None) when nothing is due or the state is full.
+    /// below `head`, at most a share of them: what is left divided by the
+    /// workers running (`live`) or holding leases, whichever are more, so
+    /// that every worker finds some. Refuses (None) when nothing is due or
+    /// the state is full.
     /// Offsets taken again count as redelivered unless they are past
     /// `max_deliveries` (those go to the dead-letter topic, not to a worker).
     #[allow(clippy::too_many_arguments)]
@@ -216,6 +219,7 @@ impl State {
         worker: &str,
         id: u64,
         head: u64,
+        live: usize,
         max: u64,
         max_deliveries: u32,
         now_ms: i64,
@@ -247,10 +251,12 @@ impl State {
             if head <= self.next {
                 return None;
             }
-            let mut holders: Vec<&str> = self.leases.iter().map(|l| l.worker.as_str()).collect();
-            holders.sort_unstable();
-            holders.dedup();
-            let share = (head - self.next).div_ceil(holders.len() as u64 + 1);
+            let fresh = head - self.next - self.reserved(worker, head, live);
+            if fresh == 0 {
+                return None;
+            }
+            let sharers = (self.holders() + 1).max(live) as u64;
+            let share = fresh.div_ceil(sharers);
             let to = self.next + share.clamp(1, max);
             let taken = Taken {
                 from: self.next,
@@ -269,6 +275,27 @@ impl State {
             ranges: vec![(taken.from, taken.to)],
         });
         Some(taken)
+    }
+
+    /// How many workers hold a lease.
+    fn holders(&self) -> usize {
+        let mut holders: Vec<&str> = self.leases.iter().map(|l| l.worker.as_str()).collect();
+        holders.sort_unstable();
+        holders.dedup();
+        holders.len()
+    }
+
+    /// How many of the fresh offsets below `head` `worker` must leave to
+    /// the running workers that hold no lease: one each, if `worker` holds
+    /// one itself. A race of compare-and-swaps favours no one, so without
+    /// this a worker that keeps losing could watch the others take the
+    /// whole backlog lease after lease.
+    pub(crate) fn reserved(&self, worker: &str, head: u64, live: usize) -> u64 {
+        if !self.leases.iter().any(|l| l.worker == worker) {
+            return 0;
+        }
+        let without = live.saturating_sub(self.holders()) as u64;
+        without.min(head.saturating_sub(self.next))
     }
 
     /// Removes `offset` from whatever lease or pending span holds it; true
@@ -601,7 +628,7 @@ mod tests {
     #[test]
     fn acks_settle_and_the_watermark_follows() {
         let mut s = State::fresh(1, 0);
-        let t = s.take("w", 1, 10, 4, 5, 0, 100).unwrap();
+        let t = s.take("w", 1, 10, 0, 4, 5, 0, 100).unwrap();
         assert_eq!((t.from, t.to, t.deliveries), (0, 4, 1));
         s.apply("w", &Op::Ack(1));
         assert_eq!(s.low_watermark(), 0);
@@ -624,7 +651,7 @@ mod tests {
     #[test]
     fn expiry_and_nack_redeliver_with_counts() {
         let mut s = State::fresh(1, 0);
-        s.take("a", 1, 3, 3, 5, 0, 100).unwrap();
+        s.take("a", 1, 3, 0, 3, 5, 0, 100).unwrap();
         s.apply(
             "a",
             &Op::Nack {
@@ -645,16 +672,16 @@ mod tests {
         );
         s.expire(100);
         assert_eq!((s.expired, s.redelivered), (2, 0));
-        let t = s.take("b", 1, 3, 10, 5, 100, 200).unwrap();
+        let t = s.take("b", 1, 3, 0, 10, 5, 100, 200).unwrap();
         assert_eq!((t.from, t.to, t.deliveries), (0, 1, 2));
-        let t = s.take("b", 2, 3, 10, 5, 100, 200).unwrap();
+        let t = s.take("b", 2, 3, 0, 10, 5, 100, 200).unwrap();
         assert_eq!((t.from, t.to), (2, 3));
         assert_eq!(
-            s.take("b", 3, 3, 10, 5, 100, 200),
+            s.take("b", 3, 3, 0, 10, 5, 100, 200),
             None,
             "the nack delay holds"
         );
-        let t = s.take("b", 3, 3, 10, 5, 500, 600).unwrap();
+        let t = s.take("b", 3, 3, 0, 10, 5, 500, 600).unwrap();
         assert_eq!((t.from, t.deliveries, t.reason.len()), (1, 2, MAX_REASON));
         assert_eq!(
             (s.expired, s.redelivered),
@@ -668,7 +695,7 @@ mod tests {
         let mut s = State::fresh(1, 0);
         let mut got = Vec::new();
         for w in 0..50 {
-            let t = s.take(&format!("w{w}"), 1, 2000, 256, 5, 0, 10);
+            let t = s.take(&format!("w{w}"), 1, 2000, 0, 256, 5, 0, 10);
             got.push(t.map_or(0, |t| t.to - t.from));
         }
         assert!(got.iter().all(|&n| n >= 1), "{got:?}");
@@ -676,9 +703,30 @@ mod tests {
     }
 
     #[test]
+    fn the_first_of_many_running_workers_leaves_the_rest_to_the_others() {
+        let mut s = State::fresh(1, 0);
+        let t = s.take("w0", 1, 2000, 50, 256, 5, 0, 10).unwrap();
+        assert_eq!((t.from, t.to), (0, 40), "a fiftieth of the backlog");
+        let alone = State::fresh(1, 0).take("w0", 1, 2000, 1, 256, 5, 0, 10);
+        assert_eq!(alone.map(|t| t.to), Some(256), "alone: up to its maximum");
+        // w0 holds a lease; two of the three running workers hold none.
+        let mut s = State::fresh(1, 0);
+        s.take("w0", 1, 3, 3, 256, 5, 0, 10).unwrap();
+        assert_eq!(s.next, 1);
+        assert_eq!(s.reserved("w0", 3, 3), 2);
+        assert_eq!(
+            s.take("w0", 2, 3, 3, 256, 5, 0, 10),
+            None,
+            "left to the others"
+        );
+        assert_eq!(s.reserved("w1", 3, 3), 0);
+        assert!(s.take("w1", 1, 3, 3, 256, 5, 0, 10).is_some());
+    }
+
+    #[test]
     fn settled_ops_coalesce_apply_and_prune() {
         let mut s = State::fresh(1, 0);
-        s.take("a", 1, 100, 10, 5, 0, 100).unwrap();
+        s.take("a", 1, 100, 0, 10, 5, 0, 100).unwrap();
         let mut settled = Settled::default();
         for o in [3, 1, 2, 0, 7, 5, 6] {
             settled.push(Op::Ack(o));
@@ -705,7 +753,7 @@ mod tests {
     #[test]
     fn in_progress_extends_only_the_owners_lease() {
         let mut s = State::fresh(1, 0);
-        s.take("a", 7, 5, 5, 5, 0, 100).unwrap();
+        s.take("a", 7, 5, 0, 5, 5, 0, 100).unwrap();
         s.apply(
             "b",
             &Op::Extend {

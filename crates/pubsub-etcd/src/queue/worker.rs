@@ -13,8 +13,9 @@ use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions, Watch
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
+use super::presence::Presence;
 use super::settle::Settler;
-use super::snapshot::{backoff, cas, read_snapshot, Cas, Slot, Snapshot, CAS_PATIENCE};
+use super::snapshot::{cas, read_snapshot, Cas, Slot, Snapshot, CAS_PATIENCE};
 use super::state::{Op, Settled, MAX_RANGES};
 use super::{Cmd, Job, Load, QueueConsumerBuilder};
 use crate::client::Client;
@@ -39,9 +40,13 @@ const RATE_WINDOW: Duration = Duration::from_millis(200);
 const STALE_SETTLED: Duration = Duration::from_secs(60);
 /// Pause after a failed lease round or a broken watch before trying again.
 pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(200);
-/// About how long a worker holding jobs that lost a lease race waits
-/// before it tries again (jittered by ±50 %).
-const YIELD_PAUSE: Duration = Duration::from_millis(5);
+/// About how long a worker that is not hungry waits after it lost a lease
+/// race before it tries that partition again (jittered by ±50 %): long
+/// enough for the hungry ones, which retry at once, to win.
+const YIELD_PAUSE: Duration = Duration::from_millis(30);
+/// A worker that took no lease for this long is hungry: it retries a lost
+/// lease race at once, and the others step aside for it.
+const HUNGRY_AFTER: Duration = Duration::from_secs(1);
 /// How often a worker re-reads its topic's partition count.
 const TOPIC_REFRESH: Duration = Duration::from_secs(5);
 /// How soon a worker whose job buffer has no room for a lease looks again.
@@ -53,8 +58,9 @@ type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// What one lease round found.
 enum Round {
     Leased,
-    /// Work was there, but this worker, holding jobs, lost the CAS for it
-    /// to another: it tries again after a short pause.
+    /// Work was there, but this worker, not hungry, lost the CAS for it
+    /// to another or left it to the workers without a lease: it tries
+    /// again after a short pause.
     Yielded,
     /// No partition had work at `revision`; the earliest lease deadline or
     /// nack delay (ms) is when some may come without any write.
@@ -163,6 +169,8 @@ pub(super) struct Worker {
     sampled: (Instant, u64),
     /// The lease size `lease_size` last allowed.
     last_lease: u64,
+    /// When this worker last took a lease.
+    last_took: Option<Instant>,
 }
 
 impl Worker {
@@ -218,6 +226,7 @@ impl Worker {
             rate: 0.0,
             sampled: (Instant::now(), 0),
             last_lease: MIN_LEASE,
+            last_took: None,
             next_partition: rand::random::<u32>(),
             skip: HashMap::new(),
         }
@@ -226,6 +235,8 @@ impl Worker {
     /// Runs the lease rounds in a task of their own and the settling in
     /// this one until `stop`, then stores and merges what is left.
     pub(super) async fn run(self, mut ops: mpsc::Receiver<Cmd>, mut stop: oneshot::Receiver<()>) {
+        let client = self.client.clone();
+        let presence = Presence::start(client.clone(), &self.info.name, &self.name, &self.worker);
         let settler = self.settler.clone();
         let nacked = self.nacked.clone();
         let interval = self.config.flush_interval;
@@ -234,6 +245,7 @@ impl Worker {
         settler.run(&mut ops, &mut stop, interval, &nacked).await;
         let _ = stop_leasing.send(());
         let _ = leasing.await;
+        presence.stop(&client).await;
         settler.finish(&mut ops).await;
     }
 
@@ -386,6 +398,12 @@ impl Worker {
         }
     }
 
+    /// Whether this worker has had no lease for [`HUNGRY_AFTER`] (or never)
+    /// and holds no job.
+    fn hungry(&self) -> bool {
+        !self.load.busy() && self.last_took.is_none_or(|t| t.elapsed() >= HUNGRY_AFTER)
+    }
+
     /// Leases one range of some partition and hands out its jobs, from one
     /// read of every partition's state and head and every worker's settled
     /// operations.
@@ -408,7 +426,7 @@ impl Worker {
             let head = snapshot.heads[partition as usize];
             let settled = snapshot.settled(partition);
             match self
-                .lease_partition(partition, head, slot, &settled, size)
+                .lease_partition(partition, head, snapshot.live, slot, &settled, size)
                 .await?
             {
                 Leased::Took => return Ok(Round::Leased),
@@ -435,6 +453,7 @@ impl Worker {
         &mut self,
         partition: u32,
         head: u64,
+        live: usize,
         mut slot: Slot,
         settled: &[(String, Settled)],
         size: u64,
@@ -445,7 +464,6 @@ impl Worker {
             .queue_partition(&self.info.name, &self.name, partition);
         let ack_wait = self.config.ack_wait.as_millis() as i64;
         let started = Instant::now();
-        let mut lost = 0;
         let (taken, id) = loop {
             let mut state = slot.state.clone();
             let mut merged = false;
@@ -466,11 +484,17 @@ impl Worker {
                 &self.worker,
                 id,
                 head,
+                live,
                 size,
                 self.config.max_deliveries,
                 now,
                 now + ack_wait,
             ) else {
+                // Fresh offsets kept for workers without a lease: this one
+                // comes back soon, in case none of them takes them.
+                if state.reserved(&self.worker, head, live) > 0 {
+                    return Ok(Leased::Yielded);
+                }
                 let due_ms = state.next_due_ms();
                 // A state too fragmented to lease from shrinks only by
                 // merging what workers settled: write that merge even
@@ -488,12 +512,14 @@ impl Worker {
             match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
                 Cas::Written => {
                     self.settler.prune(partition, &state);
+                    self.last_took = Some(Instant::now());
                     break (taken, id);
                 }
-                // A worker with jobs in hand leaves the partition to the
-                // others for a moment, so that workers without any get
-                // work too: otherwise the fastest ones win every race.
-                Cas::Lost(_) if self.load.outstanding.load(Ordering::Relaxed) > 0 => {
+                // A race of compare-and-swaps favours whoever is fastest,
+                // the same workers each time: a worker that had work
+                // recently leaves the partition to the others for a
+                // moment, so that workers without any get work too.
+                Cas::Lost(_) if !self.hungry() => {
                     return Ok(Leased::Yielded);
                 }
                 Cas::Lost(current) => slot = current,
@@ -505,8 +531,6 @@ impl Worker {
                     waited: started.elapsed(),
                 });
             }
-            lost += 1;
-            backoff(lost).await;
         };
         let deadline = Instant::now() + self.config.ack_wait;
         // A fetch may stop short of the range (it bounds its bytes): read
@@ -564,6 +588,7 @@ impl Worker {
                 ack_wait: self.config.ack_wait,
                 ops: self.ops.clone(),
                 load: self.load.clone(),
+                settling: false,
             };
             // Full (lease_size leaves room, so only if the caller closed
             // meanwhile): hand this one and the rest back.

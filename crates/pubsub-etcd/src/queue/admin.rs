@@ -19,6 +19,13 @@ impl Client {
     /// Running workers and pending, in-flight, redelivered and
     /// dead-lettered counts of a queue, from one read of its state and the
     /// partition heads.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGroupName`], [`Error::TopicNotFound`], [`Error::Corrupt`]
+    /// naming a queue key whose value is not a valid state, and etcd errors.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only reads.
     pub async fn queue_stats(&self, topic: &str, name: &str) -> Result<QueueStats> {
         validate_group_name(name)?;
         let info = self.topic(topic).await?;
@@ -52,6 +59,12 @@ impl Client {
     }
 
     /// The queues that have state on `topic`, in name order.
+    ///
+    /// # Errors
+    /// etcd errors.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only reads.
     pub async fn list_queues(&self, topic: &str) -> Result<Vec<String>> {
         let prefix = self.keys.topic_queues_prefix(topic);
         let response = self
@@ -72,6 +85,12 @@ impl Client {
 
     /// Deletes a queue's state: a worker joining later starts from the
     /// earliest stored message.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGroupName`] and etcd errors.
+    ///
+    /// # Cancel safety
+    /// One etcd delete: a dropped call has deleted everything or nothing.
     pub async fn delete_queue(&self, topic: &str, name: &str) -> Result<()> {
         validate_group_name(name)?;
         let prefix = self.keys.queue_prefix(topic, name);
@@ -89,6 +108,14 @@ impl Client {
     /// Moves a queue to `to`, dropping its leases, pending redeliveries and
     /// counters. Workers still running keep the jobs they hold; their acks
     /// and nacks then change nothing, so stop them first.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGroupName`], [`Error::TopicNotFound`] and etcd errors; a
+    /// failure part-way leaves some partitions reset and others not:
+    /// run it again.
+    ///
+    /// # Cancel safety
+    /// As on error: a dropped call may have reset some partitions only.
     pub async fn reset_queue(&self, topic: &str, name: &str, to: QueueReset) -> Result<()> {
         validate_group_name(name)?;
         let info = self.topic(topic).await?;

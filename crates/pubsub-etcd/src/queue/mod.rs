@@ -6,6 +6,7 @@
 mod admin;
 mod presence;
 mod settle;
+mod sizing;
 mod snapshot;
 mod state;
 mod worker;
@@ -123,6 +124,14 @@ impl QueueConsumerBuilder {
     }
 
     /// Joins the queue and starts leasing work.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGroupName`] for a bad queue name, [`Error::InvalidConfig`]
+    /// for settings out of range, [`Error::TopicNotFound`] for a missing
+    /// topic (or dead-letter topic), and etcd errors reading them.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: the worker starts only as it returns.
     pub async fn join(self) -> Result<QueueConsumer> {
         validate_group_name(&self.name)?;
         if self.max_batch == 0 || self.max_batch > 10_000 {
@@ -174,6 +183,14 @@ impl QueueConsumer {
     /// a failed dead-letter append...; the worker keeps trying, the caller
     /// decides whether to close). Transient etcd errors are retried, not
     /// returned. None once closed.
+    ///
+    /// # Errors
+    /// As said above: errors that stop the worker from leasing, such as
+    /// [`Error::Corrupt`] naming the key, [`Error::TopicDeleted`] or a failed
+    /// dead-letter append.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a dropped call loses no job.
     pub async fn recv(&mut self) -> Option<Result<Job>> {
         while let Some(item) = self.jobs.recv().await {
             match item {
@@ -192,6 +209,11 @@ impl QueueConsumer {
     /// Stops leasing, releases the jobs leased but not received yet, flushes
     /// settled jobs and waits until that is in etcd. Jobs received and still
     /// unsettled are redelivered after their lease expires.
+    ///
+    /// # Cancel safety
+    /// A dropped call has already told the worker to stop; it flushes and
+    /// ends in the background, and what it could not store is redelivered
+    /// after `ack_wait`.
     pub async fn close(mut self) {
         // Jobs leased but never handed out are released at once instead
         // of waiting out ack_wait.
@@ -299,23 +321,55 @@ impl Job {
     }
 
     /// Settles the message; returns once that is stored in etcd.
+    ///
+    /// # Errors
+    /// [`Error::ConsumerClosed`] if the worker has stopped, and the error of
+    /// the flush that should have stored it (an etcd error such as
+    /// [`Error::Unavailable`] or [`Error::Timeout`], or
+    /// [`Error::QueueStateTooLarge`]). The message may then be delivered
+    /// again.
+    ///
+    /// # Cancel safety
+    /// A dropped call leaves the ack either handed to the worker (it is
+    /// stored with the next flush) or not made (the message comes back after
+    /// its lease expires); either way nothing is lost.
     pub async fn ack(self) -> Result<()> {
         let op = Op::Ack(self.message.offset);
         self.settle(op).await
     }
 
     /// Settles the message without processing it.
+    ///
+    /// # Errors
+    /// As for [`Job::ack`].
+    ///
+    /// # Cancel safety
+    /// As for [`Job::ack`].
     pub async fn term(self) -> Result<()> {
         let op = Op::Term(self.message.offset);
         self.settle(op).await
     }
 
     /// Makes the message deliverable again after `delay`.
+    ///
+    /// # Errors
+    /// As for [`Job::ack`].
+    ///
+    /// # Cancel safety
+    /// As for [`Job::ack`]: an unstored nack means the message comes back
+    /// once its lease expires instead of after `delay`.
     pub async fn nack(self, delay: Duration) -> Result<()> {
         self.nack_with_reason(delay, "").await
     }
 
-    /// [`Job::nack`] with a reason the dead-letter topic's header carries.
+    /// [`Job::nack`] with a reason the dead-letter topic's header carries
+    /// (cut to 256 bytes).
+    ///
+    /// # Errors
+    /// As for [`Job::ack`].
+    ///
+    /// # Cancel safety
+    /// As for [`Job::nack`].
     pub async fn nack_with_reason(self, delay: Duration, reason: &str) -> Result<()> {
         let mut reason = reason.to_string();
         state::truncate(&mut reason, MAX_REASON);
@@ -329,6 +383,13 @@ impl Job {
     }
 
     /// Extends this job's lease (and its batch's) by `ack_wait` from now.
+    ///
+    /// # Errors
+    /// As for [`Job::ack`]; the lease then keeps its old deadline.
+    ///
+    /// # Cancel safety
+    /// A dropped call may still extend the lease in etcd, but the job keeps
+    /// its old deadline; calling it again is harmless.
     pub async fn in_progress(&mut self) -> Result<()> {
         let op = Op::Extend {
             lease: self.lease,

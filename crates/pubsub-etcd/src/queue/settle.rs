@@ -2,20 +2,26 @@
 //! one write of the worker's settled key per flush, and what the partition
 //! states already reflect pruned from it. It runs in a task of its own, so
 //! an ack is stored within `flush_interval` even while the worker's lease
-//! round waits on a contended partition state.
+//! round waits on a contended partition state. Also the deletion of the
+//! settled keys that workers which are gone left behind.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use super::snapshot::{
-    backoff, cas, read_snapshot, Cas, Settlement, CAS_PATIENCE, MAX_STATE_BYTES,
+    backoff, cas, read_snapshot, Cas, Settlement, Snapshot, CAS_PATIENCE, MAX_STATE_BYTES,
 };
 use super::state::{Op, Settled, State};
 use super::worker::{ERROR_PAUSE, FLUSH_OPS};
+/// How long a settled key every state reflects stays unchanged before
+/// another worker deletes it as left behind by a worker that is gone.
+const STALE_SETTLED: Duration = Duration::from_secs(60);
+
 use super::Cmd;
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -56,6 +62,44 @@ impl Settler {
             name,
             worker,
             shared: Arc::default(),
+        }
+    }
+
+    /// Deletes the settled keys of workers that are gone: unchanged for
+    /// [`STALE_SETTLED`] and reflected in every partition state. Compared
+    /// on their revision, so a worker that writes again keeps its key.
+    pub(super) async fn clean_stale(&self, snapshot: &Snapshot) {
+        let now = now_millis();
+        for w in &snapshot.workers {
+            if w.worker == self.worker
+                || now.saturating_sub(w.settlement.written_ms) < STALE_SETTLED.as_millis() as i64
+            {
+                continue;
+            }
+            let reflected = w.settlement.partitions.iter().all(|(&p, settled)| {
+                snapshot.slots.get(p as usize).is_none_or(|slot| {
+                    let mut settled = settled.clone();
+                    settled.prune(&w.worker, &slot.state);
+                    settled.is_empty()
+                })
+            });
+            if !reflected {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    w.key.as_str(),
+                    CompareOp::Equal,
+                    w.revision,
+                )])
+                .and_then([TxnOp::delete(w.key.as_str(), None)]);
+            if let Err(error) = self
+                .client
+                .timed("delete stale settled jobs", self.client.kv.clone().txn(txn))
+                .await
+            {
+                tracing::debug!(%error, key = %w.key, "deleting a stale settled key failed");
+            }
         }
     }
 

@@ -2,6 +2,10 @@
 //! offsets are leased to whom, which wait for redelivery, and the pure
 //! transitions the lease and settle protocols apply to it before their
 //! compare-and-swap.
+//!
+//! Over 500 lines with its tests: the transitions share the state's
+//! invariant (every offset below `next` in at most one range) and its
+//! checks of values read from etcd, so they stay in one place.
 
 use serde::{Deserialize, Serialize};
 

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{EventType, WatchOptions, WatchStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use super::presence::Presence;
 use super::settle::Settler;
-use super::snapshot::{cas, read_snapshot, Cas, Slot, Snapshot, CAS_PATIENCE};
+use super::sizing::LeaseSizer;
+use super::snapshot::{cas, read_snapshot, Cas, Slot, CAS_PATIENCE};
 use super::state::{Op, Settled, MAX_RANGES};
 use super::{Cmd, Job, Load, QueueConsumerBuilder};
 use crate::client::Client;
@@ -29,15 +30,6 @@ use crate::Producer;
 
 /// Settle operations buffered before a flush regardless of the interval.
 pub(super) const FLUSH_OPS: usize = 1024;
-/// Smallest lease a worker takes before it has measured its rate.
-const MIN_LEASE: u64 = 8;
-/// How much work (at a worker's measured rate) one lease takes at most.
-const LEASE_WORK: Duration = Duration::from_millis(100);
-/// How often a worker samples how fast it finishes jobs.
-const RATE_WINDOW: Duration = Duration::from_millis(200);
-/// How long a settled key every state reflects stays unchanged before
-/// another worker deletes it as left behind by a worker that is gone.
-const STALE_SETTLED: Duration = Duration::from_secs(60);
 /// Pause after a failed lease round or a broken watch before trying again.
 pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(200);
 /// About how long a worker that is not hungry waits after it lost a lease
@@ -163,12 +155,7 @@ pub(super) struct Worker {
     /// Per partition, an offset below which no message is stored any more.
     skip: HashMap<u32, u64>,
     load: Arc<Load>,
-    /// Jobs this worker finishes per second while it has some, smoothed.
-    rate: f64,
-    /// When `rate` was last sampled, and `load.finished` then.
-    sampled: (Instant, u64),
-    /// The lease size `lease_size` last allowed.
-    last_lease: u64,
+    sizer: LeaseSizer,
     /// When this worker last took a lease.
     last_took: Option<Instant>,
 }
@@ -223,9 +210,7 @@ impl Worker {
             refreshed: Instant::now(),
             next_lease: 0,
             load: Arc::default(),
-            rate: 0.0,
-            sampled: (Instant::now(), 0),
-            last_lease: MIN_LEASE,
+            sizer: LeaseSizer::new(),
             last_took: None,
             next_partition: rand::random::<u32>(),
             skip: HashMap::new(),
@@ -281,7 +266,9 @@ impl Worker {
     /// next round: at once after a lease; a change in etcd or the next due
     /// time when idle, so idle workers cost a watch, not polling reads.
     async fn round(&mut self) -> Wake {
-        let size = self.lease_size();
+        let size = self
+            .sizer
+            .next(&self.load, self.config.ack_wait, self.config.max_batch);
         if size == 0 || self.jobs.capacity() < size as usize {
             return Box::pin(tokio::time::sleep(FULL_PAUSE));
         }
@@ -327,77 +314,6 @@ impl Worker {
         }
     }
 
-    /// How many offsets to lease now: what this worker finishes in
-    /// [`LEASE_WORK`] (or a quarter of `ack_wait`, if shorter) at its
-    /// measured rate (at least [`MIN_LEASE`], at most `max_batch`), less the
-    /// jobs it holds. A worker never leases more than it can finish before
-    /// the leases expire, a new worker starts small, and a busy worker comes
-    /// back for more often, so many workers on one partition all get work.
-    fn lease_size(&mut self) -> u64 {
-        let finished = self.load.finished.load(Ordering::Relaxed);
-        let outstanding = self.load.outstanding.load(Ordering::Relaxed);
-        let (at, before) = self.sampled;
-        let elapsed = at.elapsed();
-        if elapsed >= RATE_WINDOW {
-            if outstanding > 0 || finished > before {
-                let sample = (finished - before) as f64 / elapsed.as_secs_f64();
-                self.rate = if self.rate == 0.0 {
-                    sample
-                } else {
-                    (self.rate + sample) / 2.0
-                };
-            }
-            self.sampled = (Instant::now(), finished);
-        }
-        // At most twice the last lease: the rate was measured before this
-        // lease adds to the load.
-        let work = LEASE_WORK.min(self.config.ack_wait / 4);
-        let target = (self.rate * work.as_secs_f64()) as u64;
-        let size = target
-            .min(self.last_lease.saturating_mul(2))
-            .clamp(MIN_LEASE.min(self.config.max_batch), self.config.max_batch);
-        self.last_lease = size;
-        size.saturating_sub(outstanding)
-    }
-
-    /// Deletes the settled keys of workers that are gone: unchanged for
-    /// [`STALE_SETTLED`] and reflected in every partition state. Compared
-    /// on their revision, so a worker that writes again keeps its key.
-    async fn clean_stale(&self, snapshot: &Snapshot) {
-        let now = now_millis();
-        for w in &snapshot.workers {
-            if w.worker == self.worker
-                || now.saturating_sub(w.settlement.written_ms) < STALE_SETTLED.as_millis() as i64
-            {
-                continue;
-            }
-            let reflected = w.settlement.partitions.iter().all(|(&p, settled)| {
-                snapshot.slots.get(p as usize).is_none_or(|slot| {
-                    let mut settled = settled.clone();
-                    settled.prune(&w.worker, &slot.state);
-                    settled.is_empty()
-                })
-            });
-            if !reflected {
-                continue;
-            }
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    w.key.as_str(),
-                    CompareOp::Equal,
-                    w.revision,
-                )])
-                .and_then([TxnOp::delete(w.key.as_str(), None)]);
-            if let Err(error) = self
-                .client
-                .timed("delete stale settled jobs", self.client.kv.clone().txn(txn))
-                .await
-            {
-                tracing::debug!(%error, key = %w.key, "deleting a stale settled key failed");
-            }
-        }
-    }
-
     /// Whether this worker has had no lease for [`HUNGRY_AFTER`] (or never)
     /// and holds no job.
     fn hungry(&self) -> bool {
@@ -416,7 +332,7 @@ impl Worker {
         for (p, slot) in snapshot.slots.iter().enumerate() {
             self.settler.prune(p as u32, &slot.state);
         }
-        self.clean_stale(&snapshot).await;
+        self.settler.clean_stale(&snapshot).await;
         self.next_partition = self.next_partition.wrapping_add(1);
         let mut due: Option<i64> = None;
         let mut yielded = false;

@@ -774,6 +774,9 @@ pub enum BenchCommand {
     /// batch) against plain consume-then-produce of the same backlog, and
     /// their ratio
     Pipeline(BenchPipelineArgs),
+    /// How long the console's overview (`status`'s report) takes to build
+    /// for many topics, partitions and groups
+    Console(BenchConsoleArgs),
 }
 
 /// Options every benchmark takes.
@@ -802,8 +805,37 @@ impl BenchCommand {
             BenchCommand::Queue(args) => &args.options,
             BenchCommand::PartitionsWorker(args) => &args.options,
             BenchCommand::Pipeline(args) => &args.options,
+            BenchCommand::Console(args) => &args.options,
         }
     }
+}
+
+/// `bench console`: it measures one read path, so `--compare-raw` adds
+/// nothing to it.
+#[derive(Debug, Args)]
+pub struct BenchConsoleArgs {
+    /// Topics to seed
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub topics: u32,
+
+    /// Partitions of each topic
+    #[arg(long, value_name = "P", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
+
+    /// Groups, each with committed offsets on one topic
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub groups: u32,
+
+    /// Messages in each partition
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub messages: u32,
+
+    /// Times the overview is built
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
+
+    #[command(flatten)]
+    pub options: BenchOptions,
 }
 
 /// `bench pipeline`: its plain stage is its baseline, so `--compare-raw`
@@ -932,7 +964,7 @@ pub struct BenchQueueArgs {
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub group_members: u32,
 
-    /// Most offsets one queue lease takes [default: the library's, 256]
+    /// Most offsets one queue lease takes [default: the library's, 1024]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: Option<u64>,
 

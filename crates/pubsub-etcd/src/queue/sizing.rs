@@ -11,7 +11,7 @@ use super::Load;
 /// Smallest lease a worker takes before it has measured its rate.
 const MIN_LEASE: u64 = 8;
 /// How much work (at a worker's measured rate) one lease takes at most.
-const LEASE_WORK: Duration = Duration::from_millis(100);
+const LEASE_WORK: Duration = Duration::from_millis(1000);
 /// How often a worker samples how fast it finishes jobs.
 const RATE_WINDOW: Duration = Duration::from_millis(200);
 

@@ -212,8 +212,8 @@ impl State {
 
     /// Takes a lease for `worker`: due pending offsets first, else fresh ones
     /// below `head`, at most a share of them: what is left divided by the
-    /// workers running (`live`) or holding leases, whichever are more, so
-    /// that every worker finds some. Refuses (None) when nothing is due or
+    /// workers expected on this partition (`sharers`) or holding leases on
+    /// it, whichever are more, so that every worker finds some. Refuses (None) when nothing is due or
     /// the state is full.
     /// Offsets taken again count as redelivered unless they are past
     /// `max_deliveries` (those go to the dead-letter topic, not to a worker).
@@ -223,7 +223,7 @@ impl State {
         worker: &str,
         id: u64,
         head: u64,
-        live: usize,
+        sharers: usize,
         max: u64,
         max_deliveries: u32,
         now_ms: i64,
@@ -255,12 +255,11 @@ impl State {
             if head <= self.next {
                 return None;
             }
-            let fresh = head - self.next - self.reserved(worker, head, live);
+            let fresh = head - self.next - self.reserved(worker, head, sharers);
             if fresh == 0 {
                 return None;
             }
-            let sharers = (self.holders() + 1).max(live) as u64;
-            let share = fresh.div_ceil(sharers);
+            let share = fresh.div_ceil((self.holders() + 1).max(sharers) as u64);
             let to = self.next + share.clamp(1, max);
             let taken = Taken {
                 from: self.next,
@@ -290,15 +289,15 @@ impl State {
     }
 
     /// How many of the fresh offsets below `head` `worker` must leave to
-    /// the running workers that hold no lease: one each, if `worker` holds
-    /// one itself. A race of compare-and-swaps favours no one, so without
+    /// the workers expected on this partition (`sharers`) that hold no
+    /// lease on it: one each, if `worker` holds one itself. A race of compare-and-swaps favours no one, so without
     /// this a worker that keeps losing could watch the others take the
     /// whole backlog lease after lease.
-    pub(crate) fn reserved(&self, worker: &str, head: u64, live: usize) -> u64 {
+    pub(crate) fn reserved(&self, worker: &str, head: u64, sharers: usize) -> u64 {
         if !self.leases.iter().any(|l| l.worker == worker) {
             return 0;
         }
-        let without = live.saturating_sub(self.holders()) as u64;
+        let without = sharers.saturating_sub(self.holders()) as u64;
         without.min(head.saturating_sub(self.next))
     }
 

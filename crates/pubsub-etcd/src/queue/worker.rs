@@ -334,6 +334,17 @@ impl Worker {
         }
         self.settler.clean_stale(&snapshot).await;
         self.next_partition = self.next_partition.wrapping_add(1);
+        // The running workers spread over the partitions with fresh work:
+        // each such partition expects its part of them, so that many
+        // partitions are drained in large leases and one partition is
+        // still shared by all.
+        let with_work = snapshot
+            .slots
+            .iter()
+            .zip(&snapshot.heads)
+            .filter(|(slot, &head)| head > slot.state.next)
+            .count();
+        let sharers = snapshot.live.div_ceil(with_work.max(1));
         let mut due: Option<i64> = None;
         let mut yielded = false;
         for i in 0..partitions {
@@ -342,7 +353,7 @@ impl Worker {
             let head = snapshot.heads[partition as usize];
             let settled = snapshot.settled(partition);
             match self
-                .lease_partition(partition, head, snapshot.live, slot, &settled, size)
+                .lease_partition(partition, head, sharers, slot, &settled, size)
                 .await?
             {
                 Leased::Took => return Ok(Round::Leased),
@@ -369,7 +380,7 @@ impl Worker {
         &mut self,
         partition: u32,
         head: u64,
-        live: usize,
+        sharers: usize,
         mut slot: Slot,
         settled: &[(String, Settled)],
         size: u64,
@@ -400,7 +411,7 @@ impl Worker {
                 &self.worker,
                 id,
                 head,
-                live,
+                sharers,
                 size,
                 self.config.max_deliveries,
                 now,
@@ -408,7 +419,7 @@ impl Worker {
             ) else {
                 // Fresh offsets kept for workers without a lease: this one
                 // comes back soon, in case none of them takes them.
-                if state.reserved(&self.worker, head, live) > 0 {
+                if state.reserved(&self.worker, head, sharers) > 0 {
                     return Ok(Leased::Yielded);
                 }
                 let due_ms = state.next_due_ms();

@@ -7,6 +7,7 @@
 //! benchmark writes far more than the commands a person runs, and must not
 //! leave it behind in someone's namespace.
 
+mod console;
 mod consume;
 mod etcd_metrics;
 mod latency;
@@ -129,6 +130,10 @@ async fn dispatch(
         BenchCommand::Pipeline(args) => {
             let format = args.options.format;
             render(pipeline::run(client, &args).await?, namespace, format)
+        }
+        BenchCommand::Console(args) => {
+            let format = args.options.format;
+            render(console::run(client, &args).await?, namespace, format)
         }
         BenchCommand::PartitionsWorker(_) => unreachable!("run without a bench namespace"),
     }

@@ -538,6 +538,11 @@ pub struct PipeArgs {
     /// Stop after committing this many inputs
     #[arg(long, value_name = "N")]
     pub max: Option<u64>,
+
+    /// The longest CMD may take to answer a batch: past it the stage stops
+    /// with an error, commits nothing of the batch, and CMD is killed
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub exec_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

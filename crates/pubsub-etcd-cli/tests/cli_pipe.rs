@@ -78,15 +78,20 @@ impl Namespace {
     /// Group g's committed offset per partition of `in`, or the error
     /// that it has none at all.
     fn committed(&self) -> Result<Vec<serde_json::Value>, String> {
+        Ok(self
+            .described()?
+            .into_iter()
+            .map(|p| p["committed"].clone())
+            .collect())
+    }
+
+    /// `group describe g` as JSON, one object per partition.
+    fn described(&self) -> Result<Vec<serde_json::Value>, String> {
         let output = self.run(&["group", "describe", "g", "--format", "json"], b"");
         if !output.status.success() {
             return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
-        let partitions: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
-        Ok(partitions
-            .into_iter()
-            .map(|p| p["committed"].clone())
-            .collect())
+        Ok(serde_json::from_slice(&output.stdout).unwrap())
     }
 }
 
@@ -202,4 +207,94 @@ fn a_value_holding_a_newline_is_refused_by_name() {
         "{stderr}"
     );
     assert!(ns.consumed("out").is_empty());
+}
+
+#[test]
+fn a_command_that_hangs_is_stopped_by_the_exec_timeout() {
+    let ns = Namespace::new();
+    ns.with_input(b"k0:v0\nk1:v1\n", "\\n");
+    let started = Instant::now();
+    let output = ns.run(
+        &[
+            "pipe",
+            "in",
+            "out",
+            "--group",
+            "g",
+            "--exec",
+            "sleep 30",
+            "--linger",
+            "200ms",
+            "--exec-timeout",
+            "1s",
+        ],
+        b"",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("CMD gave 0 of ") && stderr.contains("within --exec-timeout 1s"),
+        "{stderr}"
+    );
+    // The timeout, CMD's 2 s to end on a closed input, and leaving the group;
+    // not CMD's 30 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(ns.consumed("out").is_empty(), "nothing published");
+    let committed = ns.committed();
+    assert!(
+        committed.as_ref().map_or_else(
+            |e| e.contains("does not exist"),
+            |c| c.iter().all(|c| c.is_null())
+        ),
+        "nothing committed: {committed:?}"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_stage_which_leaves_its_group() {
+    let ns = Namespace::new();
+    let input: String = (0..6).map(|i| format!("k{i}:v{i}\n")).collect();
+    ns.with_input(input.as_bytes(), "\\n");
+    let mut child = ns
+        .command(&["pipe", "in", "out", "--group", "g", "--exec", "cat"])
+        .spawn()
+        .expect("the binary starts");
+    let started = Instant::now();
+    while ns.consumed("out").len() < 6 {
+        assert!(started.elapsed() < DEADLINE, "the stage copied nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the stage");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let described = ns.described().unwrap();
+    let committed: u64 = described
+        .iter()
+        .map(|p| p["committed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(committed, 6, "every input committed: {described:?}");
+    assert!(
+        described.iter().all(|p| p["owner"].is_null()),
+        "the member left its group: {described:?}"
+    );
 }

@@ -8,6 +8,10 @@
 //! after each line: `sed -u`, `awk` with `fflush()`, `python3 -u`). It must
 //! not keep state that matters between lines: after a crash or a lost
 //! partition, inputs are fed again, to this CMD or another member's.
+//!
+//! Ctrl-C or SIGTERM stops the stage between commits: a batch not yet
+//! committed is dropped (its inputs go again), CMD's input is closed, and
+//! the member leaves its group.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -43,7 +47,9 @@ pub async fn run(client: &Client, args: PipeArgs) -> anyhow::Result<()> {
         builder = builder.member_id(id);
     }
     let mut consumer = builder.join().await?;
-    let mut stage = Exec::start(&args.exec)?;
+    let mut stage = Exec::start(&args.exec, args.exec_timeout)?;
+    let shutdown = shutdown()?;
+    tokio::pin!(shutdown);
     let mut tx = consumer.transaction();
     let mut done = 0u64;
     let result = loop {
@@ -55,16 +61,21 @@ pub async fn run(client: &Client, args: PipeArgs) -> anyhow::Result<()> {
             .map_or(args.batch, |max| args.batch.min((max - done) as usize));
         let batch = tokio::select! {
             batch = collect(&mut consumer, room, args.linger) => batch,
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            () = &mut shutdown => break Ok(()),
         };
         let batch = match batch {
             Ok(batch) if batch.is_empty() => break Ok(()),
             Ok(batch) => batch,
             Err(e) => break Err(e),
         };
-        let lines = match stage.transform(&batch).await {
-            Ok(lines) => lines,
-            Err(e) => break Err(e),
+        // Nothing of a batch is committed before its lines are all in, so
+        // it may be dropped here.
+        let lines = tokio::select! {
+            lines = stage.transform(&batch) => match lines {
+                Ok(lines) => lines,
+                Err(e) => break Err(e),
+            },
+            () = &mut shutdown => break Ok(()),
         };
         for (message, line) in batch.iter().zip(lines) {
             let mut record = Record::new(line);
@@ -90,6 +101,18 @@ pub async fn run(client: &Client, args: PipeArgs) -> anyhow::Result<()> {
     result?;
     closed?;
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `kill` and container runtimes send).
+fn shutdown() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 /// Up to `room` messages: waits for the first, then takes what comes
@@ -152,18 +175,24 @@ async fn rewind(consumer: &mut Consumer, batch: &[Message]) -> anyhow::Result<()
 /// its output lines are read, so neither side waits on a full pipe.
 struct Exec {
     child: Child,
+    /// The longest a batch's output may take.
+    timeout: Duration,
     lines: mpsc::Sender<Vec<Bytes>>,
     stdout: BufReader<ChildStdout>,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Exec {
-    fn start(command: &str) -> anyhow::Result<Exec> {
+    fn start(command: &str, timeout: Duration) -> anyhow::Result<Exec> {
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            // A group of its own, so that stopping CMD stops what it
+            // started too: `sh -c` forks its commands, and a survivor
+            // would hold the stage's stderr open.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot run {command:?}"))?;
@@ -182,6 +211,7 @@ impl Exec {
         });
         Ok(Exec {
             child,
+            timeout,
             lines,
             stdout,
             writer,
@@ -208,14 +238,21 @@ impl Exec {
                 self.writer_error().await
             );
         }
+        let until = tokio::time::Instant::now() + self.timeout;
         let mut out = Vec::with_capacity(batch.len());
         for _ in batch {
             let mut line = Vec::new();
-            let read = self
-                .stdout
-                .read_until(b'\n', &mut line)
-                .await
-                .context("reading CMD's output")?;
+            let Ok(read) =
+                tokio::time::timeout_at(until, self.stdout.read_until(b'\n', &mut line)).await
+            else {
+                bail!(
+                    "CMD gave {} of {} output lines of a batch within --exec-timeout {}",
+                    out.len(),
+                    batch.len(),
+                    humantime::format_duration(self.timeout)
+                );
+            };
+            let read = read.context("reading CMD's output")?;
             if read == 0 || line.last() != Some(&b'\n') {
                 bail!(
                     "CMD ended its output after {} of {} lines of a batch ({})",
@@ -244,14 +281,23 @@ impl Exec {
         }
     }
 
-    /// Closes CMD's input and waits a moment for it to end, then kills it.
+    /// Closes CMD's input and waits a moment for it to end, then kills its
+    /// process group.
     async fn stop(mut self) {
         drop(self.lines);
         if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
             .await
-            .is_err()
+            .is_ok()
         {
-            let _ = self.child.kill().await;
+            return;
         }
+        // CMD is not reaped yet, so its pid still names its group.
+        if let Some(pid) = self.child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: kill(2) takes plain integers and touches no memory.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.kill().await;
     }
 }

@@ -685,9 +685,14 @@ pub enum QueueCommand {
         name: String,
         /// Run this shell command per message (the value on its stdin, and
         /// PUBSUB_TOPIC, PUBSUB_PARTITION, PUBSUB_OFFSET, PUBSUB_DELIVERY in its
-        /// environment): ack on exit 0, nack otherwise
+        /// environment): ack on exit 0, nack otherwise. The lease is extended
+        /// while it runs
         #[arg(long, value_name = "CMD")]
         exec: Option<String>,
+        /// Kill a --exec command (its whole process group) that runs longer
+        /// than this, and nack its message
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+        exec_timeout: Duration,
         /// Stop after settling N messages
         #[arg(long, value_name = "N")]
         max: Option<u64>,

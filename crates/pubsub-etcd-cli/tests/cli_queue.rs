@@ -115,3 +115,58 @@ fn exec_acks_on_success_and_nacks_on_failure() {
         "[]"
     );
 }
+
+#[test]
+fn exec_extends_the_lease_of_a_running_command_and_kills_one_past_its_timeout() {
+    let ns = namespace();
+    topic(&ns, "t", 1, "slow\nhung\n");
+    // 3 s of work under a 1 s lease: extended while it runs, never expired.
+    ns.ok(&[
+        "queue",
+        "consume",
+        "t",
+        "--name",
+        "q",
+        "--max",
+        "1",
+        "--ack-wait",
+        "1s",
+        "--exec",
+        "sleep 3",
+    ]);
+    let stats = describe(&ns, "t");
+    assert_eq!(
+        (&stats["pending"], &stats["expired"], &stats["redelivered"]),
+        (&1.into(), &0.into(), &0.into()),
+        "{stats}"
+    );
+    // A command that would run 30 s is killed after 1 s, with what it
+    // started, and its message nacked.
+    let started = std::time::Instant::now();
+    ns.ok(&[
+        "queue",
+        "consume",
+        "t",
+        "--name",
+        "q",
+        "--max",
+        "1",
+        "--exec",
+        "sleep 30; true",
+        "--exec-timeout",
+        "1s",
+        "--nack-delay",
+        "1h",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = describe(&ns, "t");
+    assert_eq!(
+        (&stats["pending"], &stats["in_flight"], &stats["expired"]),
+        (&1.into(), &0.into(), &0.into()),
+        "{stats}"
+    );
+}

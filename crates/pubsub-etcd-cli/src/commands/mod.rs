@@ -9,6 +9,7 @@ mod context;
 mod group;
 mod message;
 mod pipe;
+mod process;
 mod produce;
 mod queue;
 mod status;

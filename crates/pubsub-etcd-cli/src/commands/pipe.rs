@@ -23,6 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout};
 use tokio::sync::mpsc;
 
+use super::process;
 use crate::cli::PipeArgs;
 
 /// How long one transaction is retried after unknown outcomes before the
@@ -48,7 +49,7 @@ pub async fn run(client: &Client, args: PipeArgs) -> anyhow::Result<()> {
     }
     let mut consumer = builder.join().await?;
     let mut stage = Exec::start(&args.exec, args.exec_timeout)?;
-    let shutdown = shutdown()?;
+    let shutdown = process::shutdown()?;
     tokio::pin!(shutdown);
     let mut tx = consumer.transaction();
     let mut done = 0u64;
@@ -101,18 +102,6 @@ pub async fn run(client: &Client, args: PipeArgs) -> anyhow::Result<()> {
     result?;
     closed?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM (what `kill` and container runtimes send).
-fn shutdown() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot handle SIGTERM")?;
-    Ok(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    })
 }
 
 /// Up to `room` messages: waits for the first, then takes what comes
@@ -184,16 +173,9 @@ struct Exec {
 
 impl Exec {
     fn start(command: &str, timeout: Duration) -> anyhow::Result<Exec> {
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(command)
+        let mut child = process::shell(command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            // A group of its own, so that stopping CMD stops what it
-            // started too: `sh -c` forks its commands, and a survivor
-            // would hold the stage's stderr open.
-            .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot run {command:?}"))?;
         let mut stdin = child.stdin.take().context("CMD's stdin")?;
@@ -291,13 +273,6 @@ impl Exec {
         {
             return;
         }
-        // CMD is not reaped yet, so its pid still names its group.
-        if let Some(pid) = self.child.id().and_then(|pid| i32::try_from(pid).ok()) {
-            // SAFETY: kill(2) takes plain integers and touches no memory.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-        }
-        let _ = self.child.kill().await;
+        process::kill_group(&mut self.child).await;
     }
 }

@@ -2,12 +2,14 @@
 
 use std::io::Write as _;
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use pubsub_etcd::{Client, Job, QueueReset};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt as _;
 
+use super::process;
 use crate::cli::{Format, QueueCommand};
 use crate::output::{self, Table};
 
@@ -17,6 +19,7 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
             topic,
             name,
             exec,
+            exec_timeout,
             max,
             ack_wait,
             max_deliveries,
@@ -32,7 +35,12 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
                 builder = builder.dead_letter(dlq);
             }
             let mut queue = builder.join().await?;
-            let result = consume(&mut queue, exec.as_deref(), max, nack_delay, format.format).await;
+            let exec = exec.map(|command| Exec {
+                command,
+                timeout: exec_timeout,
+                heartbeat: (ack_wait / 3).max(Duration::from_millis(1)),
+            });
+            let result = consume(&mut queue, exec.as_ref(), max, nack_delay, format.format).await;
             queue.close().await;
             result
         }
@@ -114,31 +122,55 @@ pub async fn run(client: &Client, command: QueueCommand) -> anyhow::Result<()> {
     }
 }
 
+/// How `queue consume --exec` runs its command.
+struct Exec {
+    command: String,
+    timeout: Duration,
+    /// How often the lease of a running job is extended.
+    heartbeat: Duration,
+}
+
+/// How one run of the command ended.
+enum Outcome {
+    Succeeded,
+    Failed(String),
+    /// Ctrl-C or SIGTERM came first.
+    Stopped,
+}
+
 /// Prints (or runs `exec` on) each job and settles it, until `max` are
-/// settled or the queue ends. A failed ack stops with its error: the job
-/// comes back after ack_wait.
+/// settled, the queue ends, or Ctrl-C or SIGTERM. A failed ack stops with
+/// its error: the job comes back after ack_wait. A command cut short by a
+/// signal is killed and its job nacked at once, so another worker takes it.
 async fn consume(
     queue: &mut pubsub_etcd::QueueConsumer,
-    exec: Option<&str>,
+    exec: Option<&Exec>,
     max: Option<u64>,
-    nack_delay: std::time::Duration,
+    nack_delay: Duration,
     format: Format,
 ) -> anyhow::Result<()> {
+    let shutdown = process::shutdown()?;
+    tokio::pin!(shutdown);
     let mut settled = 0u64;
     while max.is_none_or(|max| settled < max) {
-        let Some(job) = queue.recv().await else {
+        let job = tokio::select! {
+            job = queue.recv() => job,
+            () = &mut shutdown => break,
+        };
+        let Some(job) = job else {
             break;
         };
-        let job = job?;
+        let mut job = job?;
         match exec {
-            Some(command) => {
-                if run_exec(command, &job).await? {
-                    job.ack().await?;
-                } else {
-                    job.nack_with_reason(nack_delay, &format!("{command} failed"))
+            Some(exec) => match run_exec(exec, &mut job, &mut shutdown).await? {
+                Outcome::Succeeded => job.ack().await?,
+                Outcome::Failed(reason) => job.nack_with_reason(nack_delay, &reason).await?,
+                Outcome::Stopped => {
+                    job.nack_with_reason(Duration::ZERO, "the worker was stopped")
                         .await?;
+                    break;
                 }
-            }
+            },
             None => {
                 print_job(&job, format)?;
                 job.ack().await?;
@@ -175,26 +207,61 @@ fn print_job(job: &Job, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `command` with `sh -c`, the message value on its stdin; true on
-/// exit status 0.
-async fn run_exec(command: &str, job: &Job) -> anyhow::Result<bool> {
+/// Runs the command with `sh -c`, the message value on its stdin,
+/// extending the job's lease while it runs.
+async fn run_exec(
+    exec: &Exec,
+    job: &mut Job,
+    shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> anyhow::Result<Outcome> {
     let m = &job.message;
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
+    let mut child = process::shell(&exec.command)
         .env("PUBSUB_TOPIC", &*m.topic)
         .env("PUBSUB_PARTITION", m.partition.to_string())
         .env("PUBSUB_OFFSET", m.offset.to_string())
         .env("PUBSUB_DELIVERY", job.delivery_count.to_string())
         .stdin(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot run {command:?}"))?;
+        .with_context(|| format!("cannot run {:?}", exec.command))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A command that does not read its input closes the pipe early:
         // not an error.
         let _ = stdin.write_all(&m.value).await;
     }
-    Ok(child.wait().await?.success())
+    let deadline = tokio::time::Instant::now() + exec.timeout;
+    let mut heartbeat = tokio::time::interval(exec.heartbeat);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                return Ok(if status.success() {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::Failed(format!("{} failed: {status}", exec.command))
+                });
+            }
+            _ = heartbeat.tick() => {
+                // A lost extension is not fatal: at worst the job is
+                // delivered again, as at-least-once allows.
+                if let Err(error) = job.in_progress().await {
+                    tracing::warn!(%error, "extending a running job's lease failed");
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                process::kill_group(&mut child).await;
+                return Ok(Outcome::Failed(format!(
+                    "{} ran longer than --exec-timeout {}",
+                    exec.command,
+                    humantime::format_duration(exec.timeout)
+                )));
+            }
+            () = &mut *shutdown => {
+                process::kill_group(&mut child).await;
+                return Ok(Outcome::Stopped);
+            }
+        }
+    }
 }
 
 /// `queue describe` in JSON: the library's counters, and the age of the

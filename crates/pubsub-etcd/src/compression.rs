@@ -2,6 +2,7 @@
 //! producer or topic chooses, and the bounded compress/decompress of a
 //! batch's encoded records (format version 2, see `proto/record.proto`).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -112,18 +113,64 @@ impl<'de> Deserialize<'de> for Compression {
     }
 }
 
+/// How much of a batch is compressed first to judge whether the rest is
+/// worth it: incompressible batches (random or already compressed payloads)
+/// then cost the attempt on 16 KiB, not on the whole batch.
+const SAMPLE_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// One zstd compression context per thread and its level: making one
+    /// allocates about a megabyte, which costs more than a small batch.
+    static ZSTD_COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    /// One zstd decompression context per thread, for the same reason.
+    static ZSTD_DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// Compresses encoded records; `None` when the codec is `none` or saves
-/// less than the threshold (the batch is then stored plain).
+/// less than the threshold (the batch is then stored plain). A batch larger
+/// than [`SAMPLE_BYTES`] is judged by its first [`SAMPLE_BYTES`] first.
 pub(crate) fn compress(compression: Compression, records: &[u8]) -> Option<(pb::Codec, Bytes)> {
+    if compression == Compression::None {
+        return None;
+    }
+    if records.len() > SAMPLE_BYTES {
+        compress_all(compression, &records[..SAMPLE_BYTES])?;
+    }
+    compress_all(compression, records)
+}
+
+fn compress_all(compression: Compression, records: &[u8]) -> Option<(pb::Codec, Bytes)> {
     let (codec, out) = match compression {
         Compression::None => return None,
         Compression::Lz4 => (pb::Codec::Lz4, lz4_flex::block::compress(records)),
-        Compression::Zstd { level } => {
-            (pb::Codec::Zstd, zstd::bulk::compress(records, level).ok()?)
-        }
+        Compression::Zstd { level } => (pb::Codec::Zstd, zstd_compress(level, records)?),
     };
     let worth_it = out.len() <= records.len() - records.len() / MIN_SAVING_DIVISOR;
     worth_it.then(|| (codec, Bytes::from(out)))
+}
+
+fn zstd_compress(level: i32, records: &[u8]) -> Option<Vec<u8>> {
+    ZSTD_COMPRESSOR.with_borrow_mut(|cached| {
+        if cached.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cached = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, compressor) = cached.as_mut()?;
+        compressor.compress(records).ok()
+    })
+}
+
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    ZSTD_DECOMPRESSOR.with_borrow_mut(|cached| {
+        if cached.is_none() {
+            *cached = Some(zstd::bulk::Decompressor::new()?);
+        }
+        cached
+            .as_mut()
+            .expect("set above")
+            .decompress(data, capacity)
+    })
 }
 
 /// Expands the compressed records of the batch stored at `key`, allocating
@@ -147,7 +194,7 @@ pub(crate) fn decompress(key: &[u8], codec: i32, data: &[u8], records_len: u32) 
             out.truncate(written);
             out
         }
-        Ok(pb::Codec::Zstd) => zstd::bulk::decompress(data, len)
+        Ok(pb::Codec::Zstd) => zstd_decompress(data, len)
             .map_err(|e| corrupt(format!("bad zstd data (or more than {len} bytes): {e}")))?,
         Ok(pb::Codec::None) => {
             return Err(corrupt(
@@ -200,6 +247,30 @@ mod tests {
         assert!(compress(Compression::zstd(), &random).is_none());
         assert!(compress(Compression::Lz4, &random).is_none());
         assert!(compress(Compression::None, &text).is_none());
+    }
+
+    #[test]
+    fn a_large_batch_is_judged_by_its_first_sample() {
+        // Compressible as a whole, but its first 16 KiB are random: stored
+        // plain without compressing the rest.
+        let mut batch: Vec<u8> = (0..SAMPLE_BYTES).map(|_| rand::random::<u8>()).collect();
+        batch.extend(std::iter::repeat_n(b'a', 20 * SAMPLE_BYTES));
+        for c in [Compression::Lz4, Compression::zstd()] {
+            assert!(compress(c, &batch).is_none(), "{c}");
+            assert!(compress_all(c, &batch).is_some(), "{c}");
+        }
+        // A compressible sample lets the whole batch be compressed.
+        let text = b"level=info service=api msg=hello ".repeat(2000);
+        assert!(text.len() > SAMPLE_BYTES);
+        for c in [
+            Compression::Lz4,
+            Compression::zstd(),
+            Compression::Zstd { level: 9 },
+        ] {
+            let (codec, data) = compress(c, &text).unwrap();
+            let back = decompress(b"k", codec as i32, &data, text.len() as u32).unwrap();
+            assert_eq!(back, text, "{c}");
+        }
     }
 
     #[test]

@@ -1155,7 +1155,7 @@ async fn invalid_settings_are_refused_naming_setting_and_value() {
 
     // (setting, rejected value, builder)
     type Tweak = fn(pubsub_etcd::ProducerBuilder) -> pubsub_etcd::ProducerBuilder;
-    let settings: [(&str, &str, Tweak); 5] = [
+    let settings: [(&str, &str, Tweak); 6] = [
         ("max_batch_bytes", "0", |b| b.max_batch_bytes(0)),
         ("max_batch_bytes", "2097152", |b| b.max_batch_bytes(2 << 20)),
         ("max_batch_records", "0", |b| b.max_batch_records(0)),
@@ -1163,6 +1163,7 @@ async fn invalid_settings_are_refused_naming_setting_and_value() {
             b.max_batch_records(10_001)
         }),
         ("buffer_bytes", "1000", |b| b.buffer_bytes(1000)),
+        ("max_appends_in_flight", "0", |b| b.max_appends_in_flight(0)),
     ];
     for (setting, value, tweak) in settings {
         match tweak(client.producer("real")).build().await {
@@ -1332,4 +1333,41 @@ async fn concurrent_alters_of_different_settings_all_land() {
     assert_eq!(config.retention_messages, Some(500));
     assert_eq!(config.retention_bytes, Some(1 << 20));
     assert_eq!(config.cleanup_policy, pubsub_etcd::CleanupPolicy::Compact);
+}
+
+/// One append in flight at a time over 64 partitions: every partition's
+/// worker gets its turn, nothing is lost, and each partition keeps the
+/// order of its sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_append_in_flight_serves_every_partition_in_order() {
+    let (client, _ns) = ns::client().await;
+    client
+        .create_topic(NewTopic::new("wide", 64))
+        .await
+        .unwrap();
+    let producer = client
+        .producer("wide")
+        .max_appends_in_flight(1)
+        .build()
+        .await
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..6400u32 {
+        let record = Record::new(format!("{i}")).partition(i % 64);
+        deliveries.push(producer.enqueue(record).await.unwrap());
+    }
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    producer.close().await.unwrap();
+    for p in 0..64u32 {
+        let page = client.fetch("wide", p, 0, 200).await.unwrap();
+        let values: Vec<u32> = page
+            .messages
+            .iter()
+            .map(|m| std::str::from_utf8(&m.value).unwrap().parse().unwrap())
+            .collect();
+        let expected: Vec<u32> = (0..100).map(|k| k * 64 + p).collect();
+        assert_eq!(values, expected, "partition {p}");
+    }
 }

@@ -30,6 +30,7 @@ pub struct ProducerBuilder {
     pub(super) partitioner: Partitioner,
     pub(super) compression: Option<Compression>,
     pub(super) worker_idle_timeout: Duration,
+    pub(super) max_appends_in_flight: usize,
 }
 
 impl ProducerBuilder {
@@ -40,13 +41,14 @@ impl ProducerBuilder {
             linger: Duration::ZERO,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_batch_records: MAX_RECORDS_PER_BATCH as usize,
-            buffer_bytes: 64 * 1024 * 1024,
+            buffer_bytes: 32 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(60),
             unavailable_timeout: Duration::from_secs(10),
             metadata_max_age: Duration::from_secs(30),
             partitioner: Partitioner::KeyHash,
             compression: None,
             worker_idle_timeout: Duration::from_secs(5),
+            max_appends_in_flight: 64,
         }
     }
 
@@ -72,7 +74,7 @@ impl ProducerBuilder {
     }
 
     /// Bytes of records that may wait to be sent; senders wait for room
-    /// beyond it. Default: 64 MiB.
+    /// beyond it. Default: 32 MiB (Kafka's `buffer.memory`).
     pub fn buffer_bytes(mut self, bytes: usize) -> Self {
         self.buffer_bytes = bytes;
         self
@@ -132,6 +134,16 @@ impl ProducerBuilder {
         self
     }
 
+    /// Most append transactions of this producer in flight at once, over
+    /// all its partitions; a partition's worker waits for a turn and then
+    /// sends all that queued meanwhile. Bounds the load one producer puts
+    /// on etcd when it writes thousands of partitions at once, where one
+    /// transaction per partition at a time overloaded it. Default: 64.
+    pub fn max_appends_in_flight(mut self, appends: usize) -> Self {
+        self.max_appends_in_flight = appends;
+        self
+    }
+
     /// Reads the topic and makes the producer.
     ///
     /// # Errors
@@ -154,6 +166,13 @@ impl ProducerBuilder {
                 self.max_batch_records
             )));
         }
+        if self.max_appends_in_flight == 0 || self.max_appends_in_flight > Semaphore::MAX_PERMITS {
+            return Err(Error::InvalidConfig(format!(
+                "max_appends_in_flight is {}; it must be between 1 and {}",
+                self.max_appends_in_flight,
+                Semaphore::MAX_PERMITS
+            )));
+        }
         if self.buffer_bytes < self.max_batch_bytes || self.buffer_bytes > u32::MAX as usize {
             return Err(Error::InvalidConfig(format!(
                 "buffer_bytes is {}; it must be at least max_batch_bytes ({}) and below 4 GiB",
@@ -174,6 +193,7 @@ impl ProducerBuilder {
             shared: Arc::new(Shared {
                 client: self.client.clone(),
                 memory: Arc::new(Semaphore::new(self.buffer_bytes)),
+                appends: Arc::new(Semaphore::new(self.max_appends_in_flight)),
                 workers: Mutex::new(Workers {
                     slots: HashMap::new(),
                     closed: false,

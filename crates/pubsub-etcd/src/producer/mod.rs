@@ -88,6 +88,8 @@ struct Shared {
     config: ProducerBuilder,
     /// Bytes of queued records not yet answered.
     memory: Arc<Semaphore>,
+    /// Turns to append: `max_appends_in_flight` permits.
+    appends: Arc<Semaphore>,
     /// A std mutex: it is never held across an await.
     workers: Mutex<Workers>,
     /// Workers not yet ended; `close` waits for none.

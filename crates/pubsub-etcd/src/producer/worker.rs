@@ -104,6 +104,9 @@ impl Worker {
                     Err(_) => continue,
                 },
             };
+            // Waiting for a turn lets the queue fill, so the batch taken
+            // next holds what came meanwhile. The semaphore is never closed.
+            let turn = self.shared.appends.clone().acquire_owned().await;
             let linger_until = Instant::now() + linger;
             let mut item = Some(first);
             loop {
@@ -153,6 +156,7 @@ impl Worker {
             if !batch.is_empty() {
                 self.send(batch).await;
             }
+            drop(turn);
             for done in flushes {
                 let _ = done.send(());
             }

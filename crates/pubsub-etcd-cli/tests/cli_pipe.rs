@@ -85,6 +85,19 @@ impl Namespace {
             .collect())
     }
 
+    /// A stage that failed left nothing: no output, no committed offset.
+    fn assert_nothing_done(&self) {
+        assert!(self.consumed("out").is_empty(), "nothing published");
+        let committed = self.committed();
+        assert!(
+            committed.as_ref().map_or_else(
+                |e| e.contains("does not exist"),
+                |c| c.iter().all(|c| c.is_null())
+            ),
+            "nothing committed: {committed:?}"
+        );
+    }
+
     /// `group describe g` as JSON, one object per partition.
     fn described(&self) -> Result<Vec<serde_json::Value>, String> {
         let output = self.run(&["group", "describe", "g", "--format", "json"], b"");
@@ -184,15 +197,7 @@ fn a_command_that_ends_early_fails_and_commits_nothing() {
         stderr.contains("CMD ended its output after 2 of 5 lines"),
         "{stderr}"
     );
-    assert!(ns.consumed("out").is_empty(), "nothing published");
-    let committed = ns.committed();
-    assert!(
-        committed.as_ref().map_or_else(
-            |e| e.contains("does not exist"),
-            |c| c.iter().all(|c| c.is_null())
-        ),
-        "nothing committed: {committed:?}"
-    );
+    ns.assert_nothing_done();
 }
 
 #[test]
@@ -243,15 +248,7 @@ fn a_command_that_hangs_is_stopped_by_the_exec_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert!(ns.consumed("out").is_empty(), "nothing published");
-    let committed = ns.committed();
-    assert!(
-        committed.as_ref().map_or_else(
-            |e| e.contains("does not exist"),
-            |c| c.iter().all(|c| c.is_null())
-        ),
-        "nothing committed: {committed:?}"
-    );
+    ns.assert_nothing_done();
 }
 
 #[test]

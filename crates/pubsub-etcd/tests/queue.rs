@@ -116,7 +116,10 @@ async fn every_message_is_settled_and_an_unacked_one_comes_back_after_ack_wait()
 async fn in_progress_extends_the_lease() {
     let (client, _ns) = client().await;
     topic_with(&client, "jobs", 1, 1).await;
-    let wait = Duration::from_millis(600);
+    // Long enough that an extension stored within a third of it lands
+    // before the lease ends also when the whole suite loads the machine
+    // (with 600 ms, one flush under load came too late).
+    let wait = Duration::from_secs(2);
     let mut holder = client
         .queue("jobs", "q")
         .ack_wait(wait)

@@ -502,8 +502,36 @@ fn pipeline_reports_both_stages_and_their_ratio_and_cleans_up() {
 }
 
 #[test]
+fn console_times_the_overview_of_what_it_seeded_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "console",
+            "--topics",
+            "3",
+            "--partitions",
+            "2",
+            "--groups",
+            "2",
+            "--messages",
+            "5",
+            "--rounds",
+            "4",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "console");
+    assert_eq!(summary["settings"]["topics"], 3, "{summary}");
+    let builds = summary["builds_ms"].as_array().expect("builds_ms");
+    assert_eq!(builds.len(), 4, "{summary}");
+    let median = assert_number(&summary["median_ms"], "median");
+    let max = assert_number(&summary["max_ms"], "max");
+    assert!(median > 0.0 && median <= max, "{summary}");
+}
+
+#[test]
 fn every_bench_option_documents_its_default() {
-    for bench in ["produce", "consume", "latency", "pipeline"] {
+    for bench in ["produce", "consume", "latency", "pipeline", "console"] {
         let output = Command::new(BIN)
             .args(["bench", bench, "--help"])
             .output()

@@ -132,9 +132,6 @@ thread_local! {
 /// less than the threshold (the batch is then stored plain). A batch larger
 /// than [`SAMPLE_BYTES`] is judged by its first [`SAMPLE_BYTES`] first.
 pub(crate) fn compress(compression: Compression, records: &[u8]) -> Option<(pb::Codec, Bytes)> {
-    if compression == Compression::None {
-        return None;
-    }
     if records.len() > SAMPLE_BYTES {
         compress_all(compression, &records[..SAMPLE_BYTES])?;
     }

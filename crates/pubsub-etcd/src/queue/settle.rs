@@ -18,15 +18,15 @@ use super::snapshot::{
 };
 use super::state::{Op, Settled, State};
 use super::worker::{ERROR_PAUSE, FLUSH_OPS};
-/// How long a settled key every state reflects stays unchanged before
-/// another worker deletes it as left behind by a worker that is gone.
-const STALE_SETTLED: Duration = Duration::from_secs(60);
-
 use super::Cmd;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::record::now_millis;
 use crate::topic::TopicInfo;
+
+/// How long a settled key every state reflects stays unchanged before
+/// another worker deletes it as left behind by a worker that is gone.
+const STALE_SETTLED: Duration = Duration::from_secs(60);
 
 /// Attempts to store a worker's settled key while etcd does not answer.
 const STORE_ATTEMPTS: u32 = 5;

@@ -213,8 +213,8 @@ impl State {
     /// Takes a lease for `worker`: due pending offsets first, else fresh ones
     /// below `head`, at most a share of them: what is left divided by the
     /// workers expected on this partition (`sharers`) or holding leases on
-    /// it, whichever are more, so that every worker finds some. Refuses (None) when nothing is due or
-    /// the state is full.
+    /// it, whichever are more, so that every worker finds some. Refuses
+    /// (None) when nothing is due or the state is full.
     /// Offsets taken again count as redelivered unless they are past
     /// `max_deliveries` (those go to the dead-letter topic, not to a worker).
     #[allow(clippy::too_many_arguments)]
@@ -255,11 +255,12 @@ impl State {
             if head <= self.next {
                 return None;
             }
-            let fresh = head - self.next - self.reserved(worker, head, sharers);
+            let holders = self.holders();
+            let fresh = head - self.next - self.reserved_among(worker, head, sharers, holders);
             if fresh == 0 {
                 return None;
             }
-            let share = fresh.div_ceil((self.holders() + 1).max(sharers) as u64);
+            let share = fresh.div_ceil((holders + 1).max(sharers) as u64);
             let to = self.next + share.clamp(1, max);
             let taken = Taken {
                 from: self.next,
@@ -290,14 +291,20 @@ impl State {
 
     /// How many of the fresh offsets below `head` `worker` must leave to
     /// the workers expected on this partition (`sharers`) that hold no
-    /// lease on it: one each, if `worker` holds one itself. A race of compare-and-swaps favours no one, so without
-    /// this a worker that keeps losing could watch the others take the
-    /// whole backlog lease after lease.
+    /// lease on it: one each, if `worker` holds one itself. A race of
+    /// compare-and-swaps favours no one, so without this a worker that
+    /// keeps losing could watch the others take the whole backlog lease
+    /// after lease.
     pub(crate) fn reserved(&self, worker: &str, head: u64, sharers: usize) -> u64 {
+        self.reserved_among(worker, head, sharers, self.holders())
+    }
+
+    /// [`State::reserved`] with the number of lease holders already counted.
+    fn reserved_among(&self, worker: &str, head: u64, sharers: usize, holders: usize) -> u64 {
         if !self.leases.iter().any(|l| l.worker == worker) {
             return 0;
         }
-        let without = sharers.saturating_sub(self.holders()) as u64;
+        let without = sharers.saturating_sub(holders) as u64;
         without.min(head.saturating_sub(self.next))
     }
 

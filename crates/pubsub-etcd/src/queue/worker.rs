@@ -517,7 +517,7 @@ impl Worker {
                 load: self.load.clone(),
                 settling: false,
             };
-            // Full (lease_size leaves room, so only if the caller closed
+            // Full (the lease size leaves room, so only if the caller closed
             // meanwhile): hand this one and the rest back.
             if let Err(e) = self.jobs.try_send(Ok(job)) {
                 if let Ok(job) = e.into_inner() {

@@ -3,19 +3,22 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::group::{check_partition, StartOffset};
+use crate::join::DEFAULT_FETCHES;
 use crate::partition::Partition;
 use crate::reader::{watch_topic, Envelope, ReaderSpec};
 use crate::record::Message;
 use crate::topic::topic_arc;
+use crate::watches::WatchHub;
 
 /// Reads chosen partitions from chosen positions with no group: no
 /// ownership, no commits (see [`Client::commit_offsets_unowned`] to record
@@ -48,6 +51,8 @@ impl Client {
         let name = topic_arc(topic);
         let (queue_tx, queue_rx) = mpsc::channel(1024);
         let mut tasks = Vec::new();
+        let watches = WatchHub::new(self.clone());
+        let turns = Arc::new(Semaphore::new(DEFAULT_FETCHES));
         for (partition, start) in partitions {
             check_partition(&info, partition)?;
             let from = self.resolve_start(&info, partition, start).await?;
@@ -57,6 +62,8 @@ impl Client {
                 from,
                 page: 1000,
                 epoch: 0,
+                watches: watches.clone(),
+                turns: turns.clone(),
             };
             tasks.push(tokio::spawn(spec.run(queue_tx.clone())));
         }

@@ -89,6 +89,7 @@ impl Consumer {
             start: builder.start,
             auto_commit: builder.auto_commit,
             page: builder.page,
+            fetches: builder.fetches,
         };
         let member = Member::join(
             config,

@@ -14,6 +14,10 @@ use crate::topic::validate_group_name;
 /// setting, low enough that no arithmetic on them overflows.
 const MAX_BUFFER: usize = 1 << 20;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+const MAX_FETCHES: usize = 1024;
+/// Enough reads in flight to keep one etcd member busy during a catch-up
+/// over many partitions, few enough that their pages stay a few MiB.
+pub(crate) const DEFAULT_FETCHES: usize = 8;
 
 /// Configures a group [`Consumer`]; every setting has a documented default.
 #[derive(Debug, Clone)]
@@ -27,6 +31,7 @@ pub struct ConsumerBuilder {
     pub(crate) auto_commit: AutoCommit,
     pub(crate) page: usize,
     pub(crate) buffer: usize,
+    pub(crate) fetches: usize,
 }
 
 impl ConsumerBuilder {
@@ -64,10 +69,20 @@ impl ConsumerBuilder {
     }
 
     /// Messages buffered ahead of the application, across all owned
-    /// partitions; each partition reader also holds at most one page.
-    /// Default: 1,024; at most 2^20 (as for `fetch_messages`).
+    /// partitions. Default: 1,024; at most 2^20 (as for `fetch_messages`).
     pub fn buffer(mut self, messages: usize) -> Self {
         self.buffer = messages;
+        self
+    }
+
+    /// Reads (or watch responses) whose messages may be held at once,
+    /// waiting for room in the buffer, across all owned partitions. With
+    /// `buffer`, this bounds the messages a consumer holds at
+    /// `buffer + max_fetches_in_flight × fetch_messages`, whatever the
+    /// partition count; a watch response counts as one fetch.
+    /// Default: 8; from 1 to 1,024.
+    pub fn max_fetches_in_flight(mut self, fetches: usize) -> Self {
+        self.fetches = fetches;
         self
     }
 
@@ -104,6 +119,12 @@ impl ConsumerBuilder {
             return Err(Error::InvalidConfig(format!(
                 "fetch_messages is {} and buffer is {}; both must be between 1 and {MAX_BUFFER}",
                 self.page, self.buffer
+            )));
+        }
+        if !(1..=MAX_FETCHES).contains(&self.fetches) {
+            return Err(Error::InvalidConfig(format!(
+                "max_fetches_in_flight is {}; it must be between 1 and {MAX_FETCHES}",
+                self.fetches
             )));
         }
         if let Some(id) = &self.member_id {
@@ -150,6 +171,7 @@ impl Client {
             auto_commit: AutoCommit::default(),
             page: 1000,
             buffer: 1024,
+            fetches: DEFAULT_FETCHES,
         }
     }
 }

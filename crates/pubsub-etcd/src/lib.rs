@@ -170,6 +170,7 @@ mod subscription;
 pub mod telemetry;
 mod topic;
 mod transaction;
+mod watches;
 
 pub use assigned::AssignedReader;
 pub use builder::{

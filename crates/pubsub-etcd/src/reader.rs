@@ -5,6 +5,12 @@
 //! are made from the stored batches, never from history, so compaction
 //! cannot lose a message, and the fallback neither stalls nor spins.
 //!
+//! The readers of one consumer share two things: one etcd watch stream
+//! ([`WatchHub`]), and a budget of fetch turns. A reader holds a turn from
+//! each read (or watch response) until the last of its messages is in the
+//! consumer's queue, so however many partitions a consumer follows, at
+//! most `turns` pages of messages are held outside the queue.
+//!
 //! A batch's data prefix just goes quiet when its topic is deleted, so
 //! group-less readers also run [`watch_topic`], which ends them with
 //! [`Error::TopicDeleted`] as a group member's topic check does.
@@ -21,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{EventType, GetOptions, WatchOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -30,6 +36,7 @@ use crate::keys::prefix_end;
 use crate::partition::Partition;
 use crate::record::{self, Message};
 use crate::telemetry;
+use crate::watches::WatchHub;
 
 /// What readers pass to the consumer front.
 #[derive(Debug)]
@@ -52,6 +59,9 @@ pub(crate) struct ReaderSpec {
     pub(crate) from: u64,
     pub(crate) page: usize,
     pub(crate) epoch: u64,
+    pub(crate) watches: WatchHub,
+    /// Fetch turns shared by the consumer's readers; never closed.
+    pub(crate) turns: Arc<Semaphore>,
 }
 
 /// Pause after a failed read or watch before trying again.
@@ -141,13 +151,20 @@ impl ReaderSpec {
         // page of messages without decoding any batch twice.
         let mut per_batch = 1usize;
         loop {
-            let (fetched, skipped) = read_partition(
+            let turn = self
+                .turns
+                .acquire()
+                .await
+                .expect("fetch turns are never closed");
+            // Boxed: the read's state is large, and only readers holding a
+            // turn need it, not every partition's task.
+            let (fetched, skipped) = Box::pin(read_partition(
                 &self.client,
                 &self.partition,
                 *position,
                 self.page,
                 Cut::WholeBatches(self.page.div_ceil(per_batch)),
-            )
+            ))
             .await?;
             if let Some(average) = fetched.messages.len().checked_div(fetched.batches) {
                 per_batch = average.max(1);
@@ -167,6 +184,7 @@ impl ReaderSpec {
                     return Ok(None);
                 }
             }
+            drop(turn);
             *position = (*position).max(fetched.next_offset);
             if done {
                 return Ok(Some(fetched.revision));
@@ -188,28 +206,21 @@ impl ReaderSpec {
         let options = WatchOptions::new()
             .with_range(prefix_end(&prefix))
             .with_start_revision(after + 1);
-        let mut stream = match self
-            .client
-            .timed(
-                "watch partition",
-                self.client.watch.clone().watch(start, Some(options)),
-            )
-            .await
-        {
-            Ok(stream) => stream,
-            Err(error) => return Follow::Failed(error),
-        };
+        let mut watch = self.watches.watch(start, options).await;
         loop {
-            let response = match stream.message().await {
-                Ok(Some(response)) => response,
-                Ok(None) => return Follow::Failed(Error::WatchEnded),
-                Err(e) => return Follow::Failed(Error::etcd("watch partition", e)),
+            let Some(response) = watch.next().await else {
+                return Follow::Failed(Error::WatchEnded);
             };
             if response.canceled() {
                 // Compacted past our revision (or cancelled by etcd): the
                 // stored batches are still there, read them.
                 return Follow::Restart;
             }
+            let _turn = self
+                .turns
+                .acquire()
+                .await
+                .expect("fetch turns are never closed");
             let now = record::now_millis();
             for event in response.events() {
                 if event.event_type() != EventType::Put {

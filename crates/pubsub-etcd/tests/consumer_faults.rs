@@ -11,9 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
+use common::etcd_proc::EtcdCluster;
 use common::group::{member, send_all, within, TTL};
 use common::ns::Namespace;
-use pubsub_etcd::{AutoCommit, Consumer, Event, NewTopic, Record};
+use pubsub_etcd::{AutoCommit, Client, Consumer, Event, NewTopic, Producer, Record};
 use tokio::time::{timeout, Instant};
 
 const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
@@ -788,5 +789,146 @@ async fn an_unreachable_etcd_is_reported_and_so_is_its_return() {
         }
     }
     eprintln!("etcd resumed: Reconnected after {:?}", resumed.elapsed());
+    consumer.close().await.unwrap();
+}
+
+/// A one-member etcd for this test alone, with topic `t` of `partitions`
+/// and a producer for it.
+async fn etcd_of_its_own(partitions: u32) -> (EtcdCluster, Client, Producer) {
+    let cluster = EtcdCluster::start(1);
+    let client = Client::builder(cluster.endpoints())
+        .namespace("own-etcd")
+        .connect()
+        .await
+        .unwrap();
+    client
+        .create_topic(NewTopic::new("t", partitions))
+        .await
+        .unwrap();
+    let producer = client.producer("t").build().await.unwrap();
+    (cluster, client, producer)
+}
+
+/// A gauge from etcd's `/metrics` (plain HTTP on the client port).
+fn etcd_gauge(endpoint: &str, name: &str) -> i64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("etcd reports no {name}")) as i64
+}
+
+/// Issue 17: a member's readers share one watch stream however many
+/// partitions it follows, and a partition handed to another member has its
+/// watch cancelled in etcd, not left behind. On an etcd of its own, so the
+/// gauges count this test's watches only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_share_one_watch_stream_and_cancel_the_watches_they_give_up() {
+    const PARTITIONS: u32 = 64;
+    let (cluster, client, producer) = etcd_of_its_own(PARTITIONS).await;
+    let endpoint = cluster.endpoint(0);
+    send_all(
+        &producer,
+        (0..PARTITIONS).map(|p| Record::new("x").partition(p)),
+    )
+    .await;
+    let watchers = || etcd_gauge(&endpoint, "etcd_debugging_mvcc_watcher_total");
+    let mut first = member(&client, "t", "g").await;
+    for _ in 0..PARTITIONS {
+        within(Duration::from_secs(10), first.recv()).await;
+    }
+    // Each reader watches once it has caught up; wait for all of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watchers() < i64::from(PARTITIONS) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alone = watchers();
+    assert!(
+        alone >= i64::from(PARTITIONS),
+        "{alone} watchers for {PARTITIONS} partitions"
+    );
+    let streams = etcd_gauge(&endpoint, "etcd_debugging_mvcc_watch_stream_total");
+    assert!(streams <= 4, "{streams} watch streams for one member");
+
+    // A second member takes half the partitions: the watches on them move
+    // with them, and only its own group and topic watches are added.
+    let mut second = member(&client, "t", "g").await;
+    // The second member has its half once it has read the message of each
+    // (nothing is committed); events are answered by polling both.
+    let mut taken = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while taken < PARTITIONS / 2 && Instant::now() < deadline {
+        let _ = timeout(Duration::from_millis(20), first.next_event()).await;
+        if let Ok(Some(Ok(Event::Message(_)))) =
+            timeout(Duration::from_millis(20), second.next_event()).await
+        {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, PARTITIONS / 2, "messages the second member read");
+    let expected = alone + (alone - i64::from(PARTITIONS));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = watchers();
+    while now != expected && Instant::now() < deadline {
+        let _ = timeout(Duration::from_millis(20), first.next_event()).await;
+        let _ = timeout(Duration::from_millis(20), second.next_event()).await;
+        now = watchers();
+    }
+    assert_eq!(
+        now, expected,
+        "watchers after the rebalance (one member: {alone})"
+    );
+    second.close().await.unwrap();
+    first.close().await.unwrap();
+}
+
+/// Issue 17: when the shared watch stream breaks (etcd restarted), every
+/// partition's reader reads again and watches on a new stream, so messages
+/// written after the restart reach the member on every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_partition_resumes_after_the_shared_watch_stream_breaks() {
+    const PARTITIONS: u32 = 16;
+    let (mut cluster, client, producer) = etcd_of_its_own(PARTITIONS).await;
+    let mut consumer = client
+        .consumer("t", "g")
+        .session_ttl(Duration::from_secs(30))
+        .auto_commit(AutoCommit::Disabled)
+        .join()
+        .await
+        .unwrap();
+    send_all(
+        &producer,
+        (0..PARTITIONS).map(|p| Record::new("before").partition(p)),
+    )
+    .await;
+    let mut seen = HashSet::new();
+    while seen.len() < PARTITIONS as usize {
+        let m = within(Duration::from_secs(10), consumer.recv()).await;
+        seen.insert(m.partition);
+    }
+    cluster.restart(0);
+    send_all(
+        &producer,
+        (0..PARTITIONS).map(|p| Record::new("after").partition(p)),
+    )
+    .await;
+    let mut after = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while after.len() < PARTITIONS as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = within(left, consumer.recv()).await;
+        if m.offset == 1 {
+            after.insert(m.partition);
+        }
+    }
+    assert_eq!(after, (0..PARTITIONS).collect::<BTreeSet<u32>>());
     consumer.close().await.unwrap();
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::WatchStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::reader::Envelope;
 use crate::telemetry;
 use crate::topic::{topic_arc, TopicInfo};
+use crate::watches::WatchHub;
 
 /// etcd's limit of operations per transaction (`--max-txn-ops`, 128 by
 /// default). Batched claims and releases count every compare and operation
@@ -57,6 +58,8 @@ pub(crate) struct MemberConfig {
     pub(crate) auto_commit: AutoCommit,
     /// Messages per read while catching up.
     pub(crate) page: usize,
+    /// Fetch turns of its readers (see `reader`).
+    pub(crate) fetches: usize,
 }
 
 /// Requests from the consumer front.
@@ -125,6 +128,9 @@ pub(crate) struct Member {
     lease_lost: mpsc::Receiver<i64>,
     lease_lost_tx: mpsc::Sender<i64>,
     readers: HashMap<u32, JoinHandle<()>>,
+    /// Shared by the readers: one watch stream and their fetch turns.
+    watches: WatchHub,
+    turns: Arc<Semaphore>,
     /// Live members and partition owners, as last seen in etcd.
     members: BTreeSet<String>,
     owners: BTreeMap<u32, Owner>,
@@ -185,6 +191,8 @@ impl Member {
             lease_lost,
             lease_lost_tx,
             readers: HashMap::new(),
+            watches: WatchHub::new(config.client.clone()),
+            turns: Arc::new(Semaphore::new(config.fetches)),
             members: BTreeSet::new(),
             owners: BTreeMap::new(),
             lost: Vec::new(),

@@ -144,7 +144,9 @@ struct Metadata {
 /// What a partition worker's queue carries.
 #[derive(Debug)]
 enum Item {
-    Record(Pending),
+    /// Boxed: a queue allocates its slots in blocks of 32, so with
+    /// thousands of partitions the item's size is paid thousands of times.
+    Record(Box<Pending>),
     /// Answered once everything queued before it is answered.
     Flush(oneshot::Sender<()>),
 }
@@ -371,12 +373,12 @@ impl Producer {
         let (reply, receiver) = oneshot::channel();
         handing
             .queue
-            .send(Item::Record(Pending {
+            .send(Item::Record(Box::new(Pending {
                 record,
                 size,
                 permit,
                 reply,
-            }))
+            })))
             .await
             .map_err(|_| Error::ProducerClosed)?;
         Ok((receiver, timestamp))

@@ -34,7 +34,7 @@ pub(super) struct Worker {
     /// Its slot's count of senders handing it a record.
     handing: Arc<AtomicUsize>,
     /// A record taken from the queue that did not fit the last batch.
-    held: Option<Pending>,
+    held: Option<Box<Pending>>,
     incarnation: i64,
     /// When the last retention trim started.
     last_trim: Option<Instant>,
@@ -94,11 +94,11 @@ impl Worker {
                 None => match tokio::time::timeout(idle, self.queue.recv()).await {
                     Ok(Some(item)) => item,
                     Ok(None) => {
-                        self.final_trim().await;
+                        Box::pin(self.final_trim()).await;
                         return;
                     }
                     Err(_) if self.retire() => {
-                        self.final_trim().await;
+                        Box::pin(self.final_trim()).await;
                         return;
                     }
                     Err(_) => continue,
@@ -125,7 +125,7 @@ impl Worker {
                             break;
                         }
                         bytes += pending.size;
-                        batch.push(pending);
+                        batch.push(*pending);
                         if batch.len() >= max_batch_records {
                             break;
                         }
@@ -154,7 +154,11 @@ impl Worker {
                 }
             }
             if !batch.is_empty() {
-                self.send(batch).await;
+                // Boxed, like the final trims: the append's state lives on
+                // the heap only while it runs (at most
+                // `max_appends_in_flight` at once), not in every
+                // partition's task.
+                Box::pin(self.send(batch)).await;
             }
             drop(turn);
             for done in flushes {

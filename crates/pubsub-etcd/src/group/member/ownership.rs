@@ -144,6 +144,8 @@ impl Member {
             from,
             page: self.config.page,
             epoch: claim.epoch(),
+            watches: self.watches.clone(),
+            turns: self.turns.clone(),
         };
         if let Some(old) = self
             .readers

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::fetch::SharedReads;
 use crate::group::{check_partition, StartOffset};
 use crate::join::DEFAULT_FETCHES;
 use crate::partition::Partition;
@@ -52,6 +53,7 @@ impl Client {
         let (queue_tx, queue_rx) = mpsc::channel(1024);
         let mut tasks = Vec::new();
         let watches = WatchHub::new(self.clone());
+        let reads = SharedReads::new(self.clone());
         let turns = Arc::new(Semaphore::new(DEFAULT_FETCHES));
         for (partition, start) in partitions {
             check_partition(&info, partition)?;
@@ -63,6 +65,7 @@ impl Client {
                 page: 1000,
                 epoch: 0,
                 watches: watches.clone(),
+                reads: reads.clone(),
                 turns: turns.clone(),
             };
             tasks.push(tokio::spawn(spec.run(queue_tx.clone())));

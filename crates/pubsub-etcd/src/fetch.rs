@@ -1,9 +1,11 @@
 //! Reading a partition by offset: the low-level [`Client::fetch`], the
-//! paged range read that consumers catch up with, and the check every
-//! batch read passes before anything trusts its offsets.
+//! paged range read that consumers catch up with, the [`SharedReads`] that
+//! put the catch-up reads of many partitions in one etcd request, and the
+//! check every batch read passes before anything trusts its offsets.
 
 use bytes::Bytes;
-use etcd_client::GetOptions;
+use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -84,6 +86,101 @@ impl Client {
     }
 }
 
+/// Reads of different partitions, queued while the previous ones are in
+/// flight, sent as one read-only transaction: a catch-up over thousands of
+/// partitions takes one request per round of readers instead of one per
+/// partition. The reads of one transaction all see the same revision. A
+/// transaction that etcd refuses (e.g. an answer over the client's message
+/// size, which one read alone would not reach) is retried as separate reads,
+/// so coalescing never makes a read fail that would succeed alone.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedReads {
+    requests: mpsc::Sender<RangeRead>,
+}
+
+/// Reads per transaction, well within etcd's 128 operations.
+const READS_PER_TXN: usize = 64;
+
+#[derive(Debug)]
+struct RangeRead {
+    key: Vec<u8>,
+    options: GetOptions,
+    reply: oneshot::Sender<Result<(i64, Vec<KeyValue>)>>,
+}
+
+impl SharedReads {
+    /// Starts the task that sends the reads; it ends with the last handle.
+    pub(crate) fn new(client: Client) -> SharedReads {
+        let (requests, receiver) = mpsc::channel(READS_PER_TXN);
+        tokio::spawn(send_reads(client, receiver));
+        SharedReads { requests }
+    }
+
+    /// One range read: the revision it saw and its keys.
+    async fn read(&self, key: Vec<u8>, options: GetOptions) -> Result<(i64, Vec<KeyValue>)> {
+        let (reply, answer) = oneshot::channel();
+        let read = RangeRead {
+            key,
+            options,
+            reply,
+        };
+        if self.requests.send(read).await.is_err() {
+            return Err(Error::ConsumerClosed);
+        }
+        answer.await.map_err(|_| Error::ConsumerClosed)?
+    }
+}
+
+async fn send_reads(client: Client, mut requests: mpsc::Receiver<RangeRead>) {
+    while let Some(first) = requests.recv().await {
+        let mut reads = vec![first];
+        while reads.len() < READS_PER_TXN {
+            match requests.try_recv() {
+                Ok(read) => reads.push(read),
+                Err(_) => break,
+            }
+        }
+        // Readers stopped meanwhile (a revoked partition) need no answer.
+        reads.retain(|read| !read.reply.is_closed());
+        if reads.len() > 1 {
+            let ops: Vec<TxnOp> = reads
+                .iter()
+                .map(|read| TxnOp::get(read.key.clone(), Some(read.options.clone())))
+                .collect();
+            match client.read_txn("fetch", Txn::new().and_then(ops)).await {
+                Ok(response) => {
+                    let revision = response.header().map_or(0, |h| h.revision());
+                    for (read, op) in reads.drain(..).zip(response.op_responses()) {
+                        let answer = match op {
+                            TxnOpResponse::Get(mut got) => Ok((revision, got.take_kvs())),
+                            _ => Err(Error::Corrupt {
+                                key: String::from_utf8_lossy(&read.key).into_owned(),
+                                reason: "etcd answered a range read in a transaction with another operation".to_string(),
+                            }),
+                        };
+                        let _ = read.reply.send(answer);
+                    }
+                }
+                Err(error) if error.is_outcome_unknown() => {
+                    for read in reads.drain(..) {
+                        let _ = read.reply.send(Err(error.clone()));
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, reads = reads.len(), "shared read refused, reading one by one");
+                }
+            }
+        }
+        for read in reads {
+            let answer = client
+                .read("fetch", read.key, Some(read.options))
+                .await
+                .map(|mut got| (got.header().map_or(0, |h| h.revision()), got.take_kvs()));
+            let _ = read.reply.send(answer);
+        }
+    }
+}
+
 /// [`read_partition`], logging each corrupt batch it skipped.
 pub(crate) async fn fetch_partition(
     client: &Client,
@@ -92,7 +189,7 @@ pub(crate) async fn fetch_partition(
     max: usize,
     cut: Cut,
 ) -> Result<Fetched> {
-    let (fetched, corrupt) = read_partition(client, part, from, max, cut).await?;
+    let (fetched, corrupt) = read_partition(client, None, part, from, max, cut).await?;
     for error in &corrupt {
         tracing::warn!(%error, "skipped a corrupt batch");
     }
@@ -116,9 +213,10 @@ pub(crate) async fn fetch_partition(
 /// only such keys, the next read starts just after them (and goes on to the
 /// open range), so garbage neither stops the fetch short of a good batch
 /// behind it nor makes it read the same keys again.
-#[tracing::instrument(level = "debug", name = "fetch", skip(client, part, cut), fields(topic = %part.topic(), partition = part.number()))]
+#[tracing::instrument(level = "debug", name = "fetch", skip(client, shared, part, cut), fields(topic = %part.topic(), partition = part.number()))]
 pub(crate) async fn read_partition(
     client: &Client,
+    shared: Option<&SharedReads>,
     part: &Partition,
     from: u64,
     max: usize,
@@ -149,13 +247,22 @@ pub(crate) async fn read_partition(
     let now = record::now_millis();
     'read: loop {
         let options = GetOptions::new().with_range(end.clone()).with_limit(limit);
-        let mut response = client.read("fetch", start.clone(), Some(options)).await?;
+        // Only the first read is shared: the others (gaps, garbage) are rare.
+        let (revision, kvs) = match shared {
+            Some(shared) if fetched.revision == 0 => shared.read(start.clone(), options).await?,
+            _ => {
+                let mut response = client.read("fetch", start.clone(), Some(options)).await?;
+                (
+                    response.header().map_or(0, |h| h.revision()),
+                    response.take_kvs(),
+                )
+            }
+        };
         if fetched.revision == 0 {
             // The first read's revision: a watch from just after it misses
             // nothing, and readers drop what it delivers twice by offset.
-            fetched.revision = response.header().map_or(0, |h| h.revision());
+            fetched.revision = revision;
         }
-        let kvs = response.take_kvs();
         let full = kvs.len() as i64 == limit;
         let Some(last_key) = kvs.last().map(|kv| kv.key().to_vec()) else {
             if open {

@@ -5,8 +5,9 @@
 //! are made from the stored batches, never from history, so compaction
 //! cannot lose a message, and the fallback neither stalls nor spins.
 //!
-//! The readers of one consumer share two things: one etcd watch stream
-//! ([`WatchHub`]), and a budget of fetch turns. A reader holds a turn from
+//! The readers of one consumer share three things: one etcd watch stream
+//! ([`WatchHub`]), their catch-up reads' requests ([`SharedReads`]), and a
+//! budget of fetch turns. A reader holds a turn from
 //! each read (or watch response) until the last of its messages is in the
 //! consumer's queue, so however many partitions a consumer follows, at
 //! most `turns` pages of messages are held outside the queue.
@@ -31,7 +32,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::client::Client;
 use crate::error::Error;
-use crate::fetch::{read_partition, Cut};
+use crate::fetch::{read_partition, Cut, SharedReads};
 use crate::keys::prefix_end;
 use crate::partition::Partition;
 use crate::record::{self, Message};
@@ -60,6 +61,7 @@ pub(crate) struct ReaderSpec {
     pub(crate) page: usize,
     pub(crate) epoch: u64,
     pub(crate) watches: WatchHub,
+    pub(crate) reads: SharedReads,
     /// Fetch turns shared by the consumer's readers; never closed.
     pub(crate) turns: Arc<Semaphore>,
 }
@@ -160,6 +162,7 @@ impl ReaderSpec {
             // turn need it, not every partition's task.
             let (fetched, skipped) = Box::pin(read_partition(
                 &self.client,
+                Some(&self.reads),
                 &self.partition,
                 *position,
                 self.page,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::etcd_proc::EtcdCluster;
 use common::group::{member, send_all, within, TTL};
 use common::ns::Namespace;
-use pubsub_etcd::{AutoCommit, Client, Consumer, Event, NewTopic, Producer, Record};
+use pubsub_etcd::{AutoCommit, Client, Consumer, Event, NewTopic, Producer, Record, StartOffset};
 use tokio::time::{timeout, Instant};
 
 const CHILD_ENV: &str = "PUBSUB_TEST_CHILD_MEMBER";
@@ -931,4 +931,41 @@ async fn every_partition_resumes_after_the_shared_watch_stream_breaks() {
     }
     assert_eq!(after, (0..PARTITIONS).collect::<BTreeSet<u32>>());
     consumer.close().await.unwrap();
+}
+
+/// Issue 17: the catch-up reads of many partitions go to etcd as one
+/// transaction. A client that cannot take the transaction's answer (here
+/// each partition holds 450 KB and the client accepts 600 KB per response:
+/// one read fits, two do not) still gets every read, one by one, and no
+/// reader reports an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_too_large_as_one_transaction_are_made_one_by_one() {
+    const PARTITIONS: u32 = 32;
+    let (cluster, _, producer) = etcd_of_its_own(PARTITIONS).await;
+    let value = vec![b'x'; 150_000];
+    send_all(
+        &producer,
+        (0..3).flat_map(|_| (0..PARTITIONS).map(|p| Record::new(value.clone()).partition(p))),
+    )
+    .await;
+    let client = Client::builder(cluster.endpoints())
+        .namespace("own-etcd")
+        .max_response_bytes(600_000)
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = client
+        .assign("t", (0..PARTITIONS).map(|p| (p, StartOffset::Earliest)))
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    while seen.len() < 3 * PARTITIONS as usize {
+        let m = within(Duration::from_secs(10), reader.recv()).await;
+        seen.insert((m.partition, m.offset));
+    }
+    let all: BTreeSet<(u32, u64)> = (0..PARTITIONS)
+        .flat_map(|p| (0..3).map(move |o| (p, o)))
+        .collect();
+    assert_eq!(seen, all);
+    reader.close().await;
 }

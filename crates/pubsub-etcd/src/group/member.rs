@@ -35,6 +35,7 @@ use super::start::StartOffset;
 use super::state::{Ack, Event, MemberState, Notice};
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::fetch::SharedReads;
 use crate::reader::Envelope;
 use crate::telemetry;
 use crate::topic::{topic_arc, TopicInfo};
@@ -128,8 +129,10 @@ pub(crate) struct Member {
     lease_lost: mpsc::Receiver<i64>,
     lease_lost_tx: mpsc::Sender<i64>,
     readers: HashMap<u32, JoinHandle<()>>,
-    /// Shared by the readers: one watch stream and their fetch turns.
+    /// Shared by the readers: one watch stream, their reads' requests and
+    /// their fetch turns.
     watches: WatchHub,
+    reads: SharedReads,
     turns: Arc<Semaphore>,
     /// Live members and partition owners, as last seen in etcd.
     members: BTreeSet<String>,
@@ -192,6 +195,7 @@ impl Member {
             lease_lost_tx,
             readers: HashMap::new(),
             watches: WatchHub::new(config.client.clone()),
+            reads: SharedReads::new(config.client.clone()),
             turns: Arc::new(Semaphore::new(config.fetches)),
             members: BTreeSet::new(),
             owners: BTreeMap::new(),

@@ -145,6 +145,7 @@ impl Member {
             page: self.config.page,
             epoch: claim.epoch(),
             watches: self.watches.clone(),
+            reads: self.reads.clone(),
             turns: self.turns.clone(),
         };
         if let Some(old) = self

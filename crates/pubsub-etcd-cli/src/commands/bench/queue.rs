@@ -6,9 +6,8 @@
 //! Both drains read one backlog: the group first (it commits offsets only,
 //! so the queue still finds every message unsettled), then the queue.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt as _};
@@ -196,8 +195,8 @@ async fn group_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
 /// `acks_in_flight` unconfirmed acks per worker; the time until every
 /// message's ack was confirmed, and the deliveries counted.
 async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(u64, u64, f64)> {
-    let seen = Arc::new(Mutex::new(HashSet::<(u32, u64)>::new()));
-    let settled = Arc::new(Mutex::new(HashSet::<(u32, u64)>::new()));
+    let seen = Arc::new(Marks::new(args.partitions, args.messages));
+    let settled = Arc::new(Marks::new(args.partitions, args.messages));
     let deliveries = Arc::new(AtomicU64::new(0));
     let (done_tx, done) = watch::channel(false);
     let done_tx = Arc::new(done_tx);
@@ -220,17 +219,21 @@ async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
                         if let Err(e) = acked {
                             break Err(anyhow::Error::from(e).context("an ack failed"));
                         }
-                        let mut settled = settled.lock().expect("settled lock");
-                        settled.insert(id);
-                        if settled.len() as u64 == total {
-                            let _ = done_tx.send(true);
+                        match settled.mark(id) {
+                            Ok(marked) if marked == total => {
+                                let _ = done_tx.send(true);
+                            }
+                            Ok(_) => {}
+                            Err(e) => break Err(e),
                         }
                     }
                     job = tokio::time::timeout(STALL, queue.recv()), if acks.len() < in_flight => match job {
                         Ok(Some(Ok(job))) => {
                             deliveries.fetch_add(1, Ordering::Relaxed);
                             let id = (job.message.partition, job.message.offset);
-                            seen.lock().expect("seen lock").insert(id);
+                            if let Err(e) = seen.mark(id) {
+                                break Err(e);
+                            }
                             acks.push(async move { (id, job.ack().await) });
                         }
                         Ok(Some(Err(e))) => break Err(anyhow::Error::from(e)),
@@ -253,13 +256,57 @@ async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
     for worker in workers {
         worker.await??;
     }
-    let settled = settled.lock().expect("settled lock").len() as u64;
-    let distinct = seen.lock().expect("seen lock").len() as u64;
+    let settled = settled.count();
+    let distinct = seen.count();
     anyhow::ensure!(
         distinct == settled,
         "{distinct} messages delivered, {settled} settled"
     );
     Ok((settled, deliveries.load(Ordering::Relaxed), seconds))
+}
+
+/// Which messages of the backlog happened, one bit each: the workers mark
+/// them without a lock, so the bookkeeping costs the queue side no more
+/// than the group side's counter. Offsets of the fresh benchmark topic are
+/// below the message count in every partition.
+struct Marks {
+    bits: Vec<AtomicU64>,
+    per_partition: u64,
+    count: AtomicU64,
+}
+
+impl Marks {
+    fn new(partitions: u32, messages: u64) -> Marks {
+        let words = (u64::from(partitions) * messages).div_ceil(64) as usize;
+        Marks {
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            per_partition: messages,
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks one message; the distinct messages marked so far.
+    fn mark(&self, (partition, offset): (u32, u64)) -> anyhow::Result<u64> {
+        anyhow::ensure!(
+            offset < self.per_partition,
+            "offset {offset} of partition {partition} is past the backlog"
+        );
+        let bit = u64::from(partition) * self.per_partition + offset;
+        let word = self
+            .bits
+            .get((bit / 64) as usize)
+            .ok_or_else(|| anyhow::anyhow!("partition {partition} is not the benchmark's"))?;
+        let mask = 1u64 << (bit % 64);
+        if word.fetch_or(mask, Ordering::Relaxed) & mask == 0 {
+            Ok(self.count.fetch_add(1, Ordering::Relaxed) + 1)
+        } else {
+            Ok(self.count.load(Ordering::Relaxed))
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
 }
 
 /// The first error of a task that ended; pending while none failed.

@@ -330,6 +330,38 @@ pub(crate) fn batch_messages(
     })
 }
 
+/// The messages of a batch kept decoded, at offsets in `[from, to)` and
+/// not expired at `now_ms`: [`batch_messages`] without consuming the batch,
+/// so it can serve again (payloads are shared, not copied).
+pub(crate) fn batch_messages_in<'a>(
+    part: &'a Partition,
+    batch: &'a pb::RecordBatch,
+    from: u64,
+    to: u64,
+    now_ms: i64,
+) -> impl Iterator<Item = Message> + 'a {
+    let base = batch.base_offset;
+    batch.records.iter().filter_map(move |r| {
+        let offset = base + u64::from(r.offset_delta);
+        if offset < from || offset >= to || (r.expires_at_ms != 0 && r.expires_at_ms <= now_ms) {
+            return None;
+        }
+        Some(Message {
+            topic: part.topic().clone(),
+            partition: part.number(),
+            offset,
+            timestamp: r.timestamp_ms,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -807,3 +807,26 @@ async fn a_worker_takes_work_from_partitions_added_after_it_joined() {
     assert_eq!(partitions, BTreeSet::from([0, 1, 2]));
     queue.close().await;
 }
+
+/// A worker keeps the batch its lease read for its next leases, but only
+/// while etcd holds that batch unchanged: a message deleted after the first
+/// lease read its batch is never delivered by a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_deleted_after_its_batch_was_read_is_not_delivered() {
+    let (client, _ns) = client().await;
+    topic_with(&client, "t", 1, 10).await;
+    let mut queue = client.queue("t", "q").max_batch(2).join().await.unwrap();
+    let first = next(&mut queue, Duration::from_secs(10)).await;
+    assert_eq!(first.message.offset, 0);
+    assert!(client.delete_message("t", 0, 7).await.unwrap());
+    first.ack().await.unwrap();
+    let mut got = BTreeSet::from([0]);
+    while got.len() < 9 {
+        let job = next(&mut queue, Duration::from_secs(10)).await;
+        assert_ne!(job.message.offset, 7, "a deleted message was delivered");
+        got.insert(job.message.offset);
+        job.ack().await.unwrap();
+    }
+    assert_eq!(got, BTreeSet::from([0, 1, 2, 3, 4, 5, 6, 8, 9]));
+    queue.close().await;
+}

@@ -4,6 +4,7 @@
 //! DESIGN.md ("Queue mode"); the state transitions are in [`state`].
 
 mod admin;
+mod batches;
 mod presence;
 mod settle;
 mod sizing;

@@ -13,6 +13,7 @@ use etcd_client::{EventType, WatchOptions, WatchStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
+use super::batches::{BatchCache, Range};
 use super::presence::Presence;
 use super::settle::Settler;
 use super::sizing::LeaseSizer;
@@ -21,7 +22,6 @@ use super::state::{Op, Settled, MAX_RANGES};
 use super::{Cmd, Job, Load, QueueConsumerBuilder};
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::fetch::{fetch_partition, Cut};
 use crate::keys::QueueKey;
 use crate::partition::Partition;
 use crate::record::{now_millis, Record};
@@ -39,6 +39,9 @@ const YIELD_PAUSE: Duration = Duration::from_millis(30);
 /// A worker that took no lease for this long is hungry: it retries a lost
 /// lease race at once, and the others step aside for it.
 const HUNGRY_AFTER: Duration = Duration::from_secs(1);
+/// Leases a worker takes in a row from one partition, while it has work,
+/// before it looks at the next one first.
+const STICKY_LEASES: u32 = 4;
 /// How often a worker re-reads its topic's partition count.
 const TOPIC_REFRESH: Duration = Duration::from_secs(5);
 /// How soon a worker whose job buffer has no room for a lease looks again.
@@ -152,6 +155,9 @@ pub(super) struct Worker {
     refreshed: Instant,
     next_lease: u64,
     next_partition: u32,
+    /// Leases left to take from `next_partition` before moving on.
+    sticky: u32,
+    batches: BatchCache,
     /// Per partition, an offset below which no message is stored any more.
     skip: HashMap<u32, u64>,
     load: Arc<Load>,
@@ -213,6 +219,8 @@ impl Worker {
             sizer: LeaseSizer::new(),
             last_took: None,
             next_partition: rand::random::<u32>(),
+            sticky: 0,
+            batches: BatchCache::default(),
             skip: HashMap::new(),
         }
     }
@@ -333,7 +341,9 @@ impl Worker {
             self.settler.prune(p as u32, &slot.state);
         }
         self.settler.clean_stale(&snapshot).await;
-        self.next_partition = self.next_partition.wrapping_add(1);
+        if self.sticky == 0 {
+            self.next_partition = self.next_partition.wrapping_add(1);
+        }
         // The running workers spread over the partitions with fresh work:
         // each such partition expects its part of them, so that many
         // partitions are drained in large leases and one partition is
@@ -356,7 +366,20 @@ impl Worker {
                 .lease_partition(partition, head, sharers, slot, &settled, size)
                 .await?
             {
-                Leased::Took => return Ok(Round::Leased),
+                Leased::Took => {
+                    // Back to the same partition for the next few leases:
+                    // the batch this one read then serves them too (see
+                    // `batches`), and fewer workers hold leases on each
+                    // partition. Then on to the next, so that no partition
+                    // waits while a busy one keeps a worker.
+                    if partition == self.next_partition % partitions && self.sticky > 0 {
+                        self.sticky -= 1;
+                    } else {
+                        self.next_partition = partition;
+                        self.sticky = STICKY_LEASES - 1;
+                    }
+                    return Ok(Round::Leased);
+                }
                 Leased::Nothing { due_ms } => {
                     due = due.into_iter().chain(due_ms).min();
                 }
@@ -460,34 +483,17 @@ impl Worker {
             }
         };
         let deadline = Instant::now() + self.config.ack_wait;
-        // A fetch may stop short of the range (it bounds its bytes): read
-        // on from where it stopped. Offsets it covered without a message
-        // are gaps (deleted, expired, trimmed), settled with the next flush.
-        let mut messages = Vec::new();
-        let mut covered = taken.from;
-        let mut beyond = None;
-        while covered < taken.to {
-            let part = Partition::new(self.topic.clone(), self.info.incarnation, partition);
-            let fetched = fetch_partition(
-                &self.client,
-                &part,
-                covered,
-                (taken.to - covered) as usize,
-                Cut::Exact,
-            )
+        // Offsets of the range without a message are gaps (deleted,
+        // expired, trimmed), settled with the next flush.
+        let part = Partition::new(self.topic.clone(), self.info.incarnation, partition);
+        let Range {
+            messages,
+            covered,
+            beyond,
+        } = self
+            .batches
+            .read(&self.client, &part, taken.from, taken.to)
             .await?;
-            for m in fetched.messages {
-                if m.offset < taken.to {
-                    messages.push(m);
-                } else {
-                    beyond = beyond.or(Some(m.offset));
-                }
-            }
-            if fetched.next_offset <= covered {
-                break;
-            }
-            covered = fetched.next_offset;
-        }
         if taken.deliveries == 1 && messages.is_empty() {
             if let Some(offset) = beyond {
                 self.skip.insert(partition, offset);

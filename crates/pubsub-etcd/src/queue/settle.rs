@@ -313,7 +313,7 @@ impl Settler {
                     break;
                 }
                 match cas(&self.client, &info, &key, slot.revision, &state).await? {
-                    Cas::Written => {
+                    Cas::Written(_) => {
                         slot.state = state;
                         break;
                     }

@@ -286,7 +286,8 @@ pub(crate) async fn retention_floor(
 
 /// The outcome of a compare-and-swap of one partition's state.
 pub(super) enum Cas {
-    Written,
+    /// Written at this revision (the key's new `mod_revision`).
+    Written(i64),
     /// Another worker changed it first: what it holds now.
     Lost(Slot),
 }
@@ -316,7 +317,7 @@ pub(super) async fn cas(
         .timed("write queue state", client.kv.clone().txn(txn))
         .await?;
     if response.succeeded() {
-        return Ok(Cas::Written);
+        return Ok(Cas::Written(response.header().map_or(0, |h| h.revision())));
     }
     let kv = match response.op_responses().into_iter().next() {
         Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),

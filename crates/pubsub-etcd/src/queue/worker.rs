@@ -47,6 +47,15 @@ const TOPIC_REFRESH: Duration = Duration::from_secs(5);
 /// How soon a worker whose job buffer has no room for a lease looks again.
 const FULL_PAUSE: Duration = Duration::from_millis(2);
 
+/// The partition state a worker wrote with its last lease, and what its
+/// snapshot said then: enough to lease there again without a new snapshot.
+struct Followup {
+    partition: u32,
+    slot: Slot,
+    head: u64,
+    sharers: usize,
+}
+
 /// What wakes the worker for its next lease round.
 type Wake = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -158,6 +167,8 @@ pub(super) struct Worker {
     /// Leases left to take from `next_partition` before moving on.
     sticky: u32,
     batches: BatchCache,
+    /// Where the last lease was taken, for the next one in a row.
+    followup: Option<Followup>,
     /// Per partition, an offset below which no message is stored any more.
     skip: HashMap<u32, u64>,
     load: Arc<Load>,
@@ -221,6 +232,7 @@ impl Worker {
             next_partition: rand::random::<u32>(),
             sticky: 0,
             batches: BatchCache::default(),
+            followup: None,
             skip: HashMap::new(),
         }
     }
@@ -334,6 +346,26 @@ impl Worker {
     async fn lease(&mut self, size: u64) -> Result<Round> {
         if self.refreshed.elapsed() >= TOPIC_REFRESH {
             self.refresh_topic().await;
+        }
+        // The next leases in a row on a partition start from the state this
+        // worker wrote there: a CAS at its revision fails (and returns the
+        // current state) if any other write came between, so the snapshot
+        // of every partition and settled key is read only every few leases.
+        if let Some(next) = self.followup.take().filter(|_| self.sticky > 0) {
+            let leased = self
+                .lease_partition(
+                    next.partition,
+                    next.head,
+                    next.sharers,
+                    next.slot,
+                    &[],
+                    size,
+                )
+                .await?;
+            if let Leased::Took = leased {
+                self.sticky -= 1;
+                return Ok(Round::Leased);
+            }
         }
         let snapshot = read_snapshot(&self.client, &self.info, &self.name).await?;
         let partitions = self.info.partitions;
@@ -451,7 +483,7 @@ impl Worker {
                 // though nothing is leased (best effort: whoever loses this
                 // race merged the same).
                 if merged && state.ranges() >= MAX_RANGES {
-                    if let Cas::Written =
+                    if let Cas::Written(_) =
                         cas(&self.client, &self.info, &key, slot.revision, &unexpired).await?
                     {
                         self.settler.prune(partition, &unexpired);
@@ -460,9 +492,15 @@ impl Worker {
                 return Ok(Leased::Nothing { due_ms });
             };
             match cas(&self.client, &self.info, &key, slot.revision, &state).await? {
-                Cas::Written => {
+                Cas::Written(revision) => {
                     self.settler.prune(partition, &state);
                     self.last_took = Some(Instant::now());
+                    self.followup = Some(Followup {
+                        partition,
+                        slot: Slot { revision, state },
+                        head,
+                        sharers,
+                    });
                     break (taken, id);
                 }
                 // A race of compare-and-swaps favours whoever is fastest,

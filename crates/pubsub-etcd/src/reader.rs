@@ -7,10 +7,10 @@
 //!
 //! The readers of one consumer share three things: one etcd watch stream
 //! ([`WatchHub`]), their catch-up reads' requests ([`SharedReads`]), and a
-//! budget of fetch turns. A reader holds a turn from
-//! each read (or watch response) until the last of its messages is in the
-//! consumer's queue, so however many partitions a consumer follows, at
-//! most `turns` pages of messages are held outside the queue.
+//! budget of fetch turns. A reader holds a turn from each read (or watch
+//! response) until the last of its messages is in the consumer's queue, so
+//! however many partitions a consumer follows, at most `turns` pages of
+//! messages are held outside the queue.
 //!
 //! A batch's data prefix just goes quiet when its topic is deleted, so
 //! group-less readers also run [`watch_topic`], which ends them with
@@ -62,7 +62,7 @@ pub(crate) struct ReaderSpec {
     pub(crate) epoch: u64,
     pub(crate) watches: WatchHub,
     pub(crate) reads: SharedReads,
-    /// Fetch turns shared by the consumer's readers; never closed.
+    /// Fetch turns shared by the consumer's readers.
     pub(crate) turns: Arc<Semaphore>,
 }
 
@@ -153,11 +153,10 @@ impl ReaderSpec {
         // page of messages without decoding any batch twice.
         let mut per_batch = 1usize;
         loop {
-            let turn = self
-                .turns
-                .acquire()
-                .await
-                .expect("fetch turns are never closed");
+            // The turns are never closed; if they were, reading would end.
+            let Ok(turn) = self.turns.acquire().await else {
+                return Ok(None);
+            };
             // Boxed: the read's state is large, and only readers holding a
             // turn need it, not every partition's task.
             let (fetched, skipped) = Box::pin(read_partition(
@@ -219,11 +218,9 @@ impl ReaderSpec {
                 // stored batches are still there, read them.
                 return Follow::Restart;
             }
-            let _turn = self
-                .turns
-                .acquire()
-                .await
-                .expect("fetch turns are never closed");
+            let Ok(_turn) = self.turns.acquire().await else {
+                return Follow::QueueClosed;
+            };
             let now = record::now_millis();
             for event in response.events() {
                 if event.event_type() != EventType::Put {

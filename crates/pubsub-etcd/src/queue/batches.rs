@@ -25,8 +25,8 @@ use crate::record::{self, pb, Message, MAX_RECORDS_PER_BATCH};
 /// next lease on the partition most likely starts in, and one more.
 const CACHED: usize = 2;
 
-/// Batch keys one listing returns; a lease of up to 10,000 offsets spans at
-/// most this many batches only when they are small, and then lists again.
+/// Batch keys one listing returns; a lease over more (small) batches lists
+/// again from the last one it read.
 const KEYS_PER_LIST: i64 = 32;
 
 #[derive(Debug, Default)]

@@ -1,6 +1,7 @@
 //! Reading without a group: [`AssignedReader`] follows chosen partitions
 //! from chosen positions, with no ownership and no commits.
 
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,15 +50,36 @@ impl Client {
         partitions: impl IntoIterator<Item = (u32, StartOffset)>,
     ) -> Result<AssignedReader> {
         let info = self.topic(topic).await?;
+        let requested: Vec<(u32, StartOffset)> = partitions.into_iter().collect();
+        for &(partition, _) in &requested {
+            check_partition(&info, partition)?;
+        }
+        // The bounds of neighbouring partitions come 64 per request, not
+        // one request per partition (4,096 requests for a whole topic).
+        let mut distinct: Vec<u32> = requested.iter().map(|&(p, _)| p).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let bounds: HashMap<u32, (u64, u64)> = distinct
+            .iter()
+            .copied()
+            .zip(self.partition_bounds_of(&info, &distinct).await?)
+            .collect();
+        // Every start is resolved before any reader starts, so a failure
+        // leaves nothing running.
+        let mut starts = Vec::with_capacity(requested.len());
+        for (partition, start) in requested {
+            let from = self
+                .resolve_within(&info, partition, start, bounds[&partition])
+                .await?;
+            starts.push((partition, from));
+        }
         let name = topic_arc(topic);
         let (queue_tx, queue_rx) = mpsc::channel(1024);
-        let mut tasks = Vec::new();
         let watches = WatchHub::new(self.clone());
         let reads = SharedReads::new(self.clone());
         let turns = Arc::new(Semaphore::new(DEFAULT_FETCHES));
-        for (partition, start) in partitions {
-            check_partition(&info, partition)?;
-            let from = self.resolve_start(&info, partition, start).await?;
+        let mut tasks = Vec::with_capacity(starts.len() + 1);
+        for (partition, from) in starts {
             let spec = ReaderSpec {
                 client: self.clone(),
                 partition: Partition::new(name.clone(), info.incarnation, partition),

@@ -121,9 +121,23 @@ impl Client {
                     .with_limit(1);
                 ops.push(TxnOp::get(prefix, Some(options)));
             }
-            let response = self
+            let response = match self
                 .read_txn("describe partitions", Txn::new().and_then(ops))
-                .await?;
+                .await
+            {
+                Ok(response) => response,
+                // Each partition's first batch comes whole: together they
+                // may exceed `max_response_bytes` where one alone does not.
+                Err(error) if !error.is_outcome_unknown() && chunk.len() > 1 => {
+                    tracing::debug!(%error, partitions = chunk.len(), "describing partitions one by one");
+                    for p in first..last {
+                        partitions.extend(Box::pin(self.partition_infos(topic, p..p + 1)).await?);
+                    }
+                    first = last;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let mut responses = response.op_responses().into_iter().map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().cloned(),
                 _ => None,

@@ -934,10 +934,11 @@ async fn every_partition_resumes_after_the_shared_watch_stream_breaks() {
 }
 
 /// Issue 17: the catch-up reads of many partitions go to etcd as one
-/// transaction. A client that cannot take the transaction's answer (here
-/// each partition holds 450 KB and the client accepts 600 KB per response:
-/// one read fits, two do not) still gets every read, one by one, and no
-/// reader reports an error.
+/// transaction, and so do the bounds `assign` resolves start offsets from
+/// (each reads a partition's first batch). A client that cannot take such
+/// an answer (here each partition holds 450 KB and the client accepts
+/// 600 KB per response: one read fits, two do not) still gets every read,
+/// one by one, and no reader reports an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_too_large_as_one_transaction_are_made_one_by_one() {
     const PARTITIONS: u32 = 32;

@@ -219,6 +219,7 @@ impl Hub {
                 // A watch still being created is cancelled once etcd says
                 // its id (`route` finds no route for it).
                 if let Some(id) = route.id {
+                    self.tokens_of.remove(&id);
                     self.cancel(id).await;
                 }
             }

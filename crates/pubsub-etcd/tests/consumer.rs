@@ -445,6 +445,8 @@ async fn out_of_range_consumer_settings_are_refused() {
     let builders = [
         client.consumer("t", "g").buffer(usize::MAX),
         client.consumer("t", "g").fetch_messages(0),
+        client.consumer("t", "g").max_fetches_in_flight(0),
+        client.consumer("t", "g").max_fetches_in_flight(1025),
         client.consumer("t", "g").session_ttl(Duration::MAX),
         client
             .consumer("t", "g")

@@ -11,10 +11,10 @@
 //! cache therefore gives exactly what a read would, expiry included (it is
 //! checked at serve time).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
-use etcd_client::GetOptions;
+use etcd_client::{GetOptions, KeyValue};
 
 use crate::client::Client;
 use crate::error::Result;
@@ -81,20 +81,52 @@ impl BatchCache {
                 .with_keys_only();
             let listed = client.read("list batches", start, Some(options)).await?;
             let full = listed.kvs().len() as i64 == KEYS_PER_LIST;
+            // Key order is offset order: the first batch named at or past
+            // `to - 1` is the last one the range can need.
+            let last_needed = keys.batch(part, to - 1);
+            let needed = listed
+                .kvs()
+                .iter()
+                .position(|kv| kv.key() >= last_needed.as_bytes())
+                .map_or(listed.kvs(), |i| &listed.kvs()[..=i]);
+            let mut values = self.missing_values(client, needed).await?;
+            // Batches are put back in the cache once the listing is done, so
+            // that none this listing needs is evicted by another it needs.
+            let mut used = Vec::new();
             let mut last = None;
-            for kv in listed.kvs() {
-                let Some(batch) = self
-                    .batch(client, part, kv.key(), kv.mod_revision())
-                    .await?
-                else {
-                    // Deleted since the listing: its offsets are gaps.
-                    continue;
+            for kv in needed {
+                let entry = match self.take(kv.key(), kv.mod_revision()) {
+                    Some(entry) => entry,
+                    None => {
+                        let got = match values.remove(kv.key()) {
+                            Some(got) => Some(got),
+                            None => client
+                                .read("fetch", kv.key().to_vec(), None)
+                                .await?
+                                .take_kvs()
+                                .into_iter()
+                                .next(),
+                        };
+                        // Deleted since the listing: its offsets are gaps.
+                        let Some(got) = got else { continue };
+                        let mod_revision = got.mod_revision();
+                        let (key, value) = got.into_key_value();
+                        match part.decode_batch(keys, &key, Bytes::from(value)) {
+                            Ok(batch) => Entry {
+                                key,
+                                mod_revision,
+                                batch,
+                            },
+                            // Nothing of it can be delivered, so its offsets
+                            // are gaps, as for a reader that skips it.
+                            Err(error) => {
+                                tracing::warn!(%error, "skipping a corrupt batch");
+                                continue;
+                            }
+                        }
+                    }
                 };
-                let Ok(batch) = batch else {
-                    // Corrupt (logged): nothing of it can be delivered, so
-                    // its offsets are gaps, as for a reader that skips it.
-                    continue;
-                };
+                let batch = &entry.batch;
                 let batch_end = batch.base_offset + u64::from(batch.offset_count);
                 range.messages.extend(record::batch_messages_in(
                     part,
@@ -111,9 +143,16 @@ impl BatchCache {
                         .find(|&offset| offset >= to);
                 }
                 last = Some(batch_end);
+                used.push(entry);
                 if batch_end >= to {
                     break;
                 }
+            }
+            for entry in used {
+                if self.entries.len() >= CACHED {
+                    self.entries.pop_front();
+                }
+                self.entries.push_back(entry);
             }
             range.covered = match last {
                 Some(end) if full && end < to => end,
@@ -123,47 +162,43 @@ impl BatchCache {
         Ok(range)
     }
 
-    /// The decoded batch at `key` as of `mod_revision`: from the cache, or
-    /// read again. `None` when the key is gone; `Some(Err)` when its value
-    /// is corrupt (logged).
-    async fn batch(
-        &mut self,
-        client: &Client,
-        part: &Partition,
-        key: &[u8],
-        mod_revision: i64,
-    ) -> Result<Option<std::result::Result<&pb::RecordBatch, ()>>> {
-        let cached = self
+    /// The cached batch at `key` as of `mod_revision`, taken out.
+    fn take(&mut self, key: &[u8], mod_revision: i64) -> Option<Entry> {
+        let index = self
             .entries
             .iter()
-            .position(|e| e.key == key && e.mod_revision == mod_revision);
-        let index = match cached {
-            Some(index) => index,
-            None => {
-                let mut response = client.read("fetch", key.to_vec(), None).await?;
-                let Some(kv) = response.take_kvs().into_iter().next() else {
-                    return Ok(None);
-                };
-                let mod_revision = kv.mod_revision();
-                let (key, value) = kv.into_key_value();
-                let batch = match part.decode_batch(&client.keys, &key, Bytes::from(value)) {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        tracing::warn!(%error, "skipping a corrupt batch");
-                        return Ok(Some(Err(())));
-                    }
-                };
-                if self.entries.len() >= CACHED {
-                    self.entries.pop_front();
-                }
-                self.entries.push_back(Entry {
-                    key,
-                    mod_revision,
-                    batch,
-                });
-                self.entries.len() - 1
-            }
+            .position(|e| e.key == key && e.mod_revision == mod_revision)?;
+        self.entries.remove(index)
+    }
+
+    /// The values of the `listed` batches the cache does not hold, by key:
+    /// one read from the first such key to the last, where one read per
+    /// batch would cost a round trip for each small batch. A key this read
+    /// misses (written or deleted meanwhile) is read alone by the caller.
+    async fn missing_values(
+        &self,
+        client: &Client,
+        listed: &[KeyValue],
+    ) -> Result<HashMap<Vec<u8>, KeyValue>> {
+        let cached = |kv: &KeyValue| {
+            self.entries
+                .iter()
+                .any(|e| e.key == kv.key() && e.mod_revision == kv.mod_revision())
         };
-        Ok(Some(Ok(&self.entries[index].batch)))
+        let mut missing = listed.iter().filter(|kv| !cached(kv));
+        let Some(first) = missing.next() else {
+            return Ok(HashMap::new());
+        };
+        let mut end = missing.next_back().unwrap_or(first).key().to_vec();
+        end.push(0);
+        let options = GetOptions::new().with_range(end).with_limit(KEYS_PER_LIST);
+        let mut response = client
+            .read("fetch", first.key().to_vec(), Some(options))
+            .await?;
+        Ok(response
+            .take_kvs()
+            .into_iter()
+            .map(|kv| (kv.key().to_vec(), kv))
+            .collect())
     }
 }

@@ -502,6 +502,43 @@ fn pipeline_reports_both_stages_and_their_ratio_and_cleans_up() {
 }
 
 #[test]
+fn queue_settles_the_backlog_with_both_ack_kinds_and_cleans_up() {
+    let ns = namespace();
+    let summary = bench_json(
+        &ns,
+        &[
+            "queue",
+            "--messages",
+            "3000",
+            "--partitions",
+            "3",
+            "--workers",
+            "4",
+        ],
+    );
+    assert_bench_namespace(&summary, &ns, "queue");
+    assert_eq!(summary["group"]["messages"], 3000, "{summary}");
+    let group = assert_number(&summary["group"]["msgs_per_sec"], "group msgs/s");
+    for (drain, acks, name) in [
+        ("queue", "confirmed", "work"),
+        ("queue_nowait", "nowait", "work-nowait"),
+    ] {
+        let q = &summary[drain];
+        assert_eq!(
+            (&q["acks"], &q["name"]),
+            (&acks.into(), &name.into()),
+            "{q}"
+        );
+        assert_eq!(q["drain"]["messages"], 3000, "{q}");
+        assert_eq!(q["detail"]["duplicates"], 0, "{q}");
+        assert_eq!(q["detail"]["stats"]["pending"], 0, "{q}");
+        let rate = assert_number(&q["drain"]["msgs_per_sec"], drain);
+        assert!((assert_number(&q["ratio"], drain) - rate / group).abs() < 1e-9);
+    }
+    assert_eq!(keys_under(&ns), 0);
+}
+
+#[test]
 fn console_times_the_overview_of_what_it_seeded_and_cleans_up() {
     let ns = namespace();
     let summary = bench_json(

@@ -270,6 +270,47 @@ async fn a_terminated_job_is_settled_and_never_redelivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_without_waiting_are_stored_by_a_flush_and_never_redelivered() {
+    let (client, _ns) = client().await;
+    topic_with(&client, "jobs", 1, 10).await;
+    let wait = Duration::from_millis(600);
+    // No periodic flush within the test: only `flush` stores the acks.
+    let mut queue = client
+        .queue("jobs", "q")
+        .ack_wait(wait)
+        .flush_interval(Duration::from_secs(3600))
+        .join()
+        .await
+        .unwrap();
+    let mut acked = BTreeSet::new();
+    while acked.len() < 10 {
+        let job = next(&mut queue, Duration::from_secs(10)).await;
+        acked.insert(job.message.offset);
+        job.ack_nowait().await.unwrap();
+    }
+    queue.flush().await.unwrap();
+    // Leases unsettled in etcd would expire and come to this worker.
+    let mut other = client
+        .queue("jobs", "q")
+        .ack_wait(wait)
+        .join()
+        .await
+        .unwrap();
+    assert!(
+        timeout(3 * wait, other.recv()).await.is_err(),
+        "an acked job came back"
+    );
+    other.close().await;
+    queue.close().await;
+    let stats = client.queue_stats("jobs", "q").await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.expired),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_workers_on_one_partition_all_get_work_and_settle_each_job() {
     const MESSAGES: usize = 2000;
     let (client, _ns) = client().await;

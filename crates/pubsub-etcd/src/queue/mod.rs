@@ -160,11 +160,13 @@ impl QueueConsumerBuilder {
         let capacity = (2 * self.max_batch) as usize;
         let (jobs_tx, jobs) = mpsc::channel(capacity);
         let (ops_tx, ops_rx) = mpsc::channel(FLUSH_OPS * 4);
+        let (flushes_tx, flushes_rx) = mpsc::channel(FLUSH_REQUESTS);
         let (stop_tx, stop_rx) = oneshot::channel();
         let worker_task = Worker::new(self.clone(), info, dead_letter, jobs_tx, ops_tx);
-        let task = tokio::spawn(worker_task.run(ops_rx, stop_rx));
+        let task = tokio::spawn(worker_task.run(ops_rx, flushes_rx, stop_rx));
         Ok(QueueConsumer {
             jobs,
+            flushes: flushes_tx,
             stop: Some(stop_tx),
             task: Some(task),
         })
@@ -175,6 +177,7 @@ impl QueueConsumerBuilder {
 #[derive(Debug)]
 pub struct QueueConsumer {
     jobs: mpsc::Receiver<Result<Job>>,
+    flushes: mpsc::Sender<FlushRequest>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -201,6 +204,26 @@ impl QueueConsumer {
             }
         }
         None
+    }
+
+    /// Stores every settle operation handed to this worker before the call
+    /// (the [`Job::ack_nowait`]s above all) now, instead of at the next
+    /// `flush_interval`, and returns once etcd has them.
+    ///
+    /// # Errors
+    /// [`Error::ConsumerClosed`] if the worker has stopped, and the error of
+    /// the flush (as for [`Job::ack`]); the operations are then kept for
+    /// the next flush.
+    ///
+    /// # Cancel safety
+    /// A dropped call may still have made the flush.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.flushes
+            .send(tx)
+            .await
+            .map_err(|_| Error::ConsumerClosed)?;
+        rx.await.map_err(|_| Error::ConsumerClosed)?
     }
 
     /// The jobs as a stream.
@@ -293,6 +316,13 @@ impl Drop for Job {
     }
 }
 
+/// Where the outcome of a [`QueueConsumer::flush`] goes.
+type FlushRequest = oneshot::Sender<Result<()>>;
+
+/// [`QueueConsumer::flush`] calls waiting for the worker's settling task;
+/// callers beyond it wait for room.
+const FLUSH_REQUESTS: usize = 8;
+
 #[derive(Debug)]
 struct Cmd {
     partition: u32,
@@ -338,6 +368,30 @@ impl Job {
     pub async fn ack(self) -> Result<()> {
         let op = Op::Ack(self.message.offset);
         self.settle(op).await
+    }
+
+    /// Settles the message as [`Job::ack`] does, but returns once the
+    /// worker holds the ack, not once etcd stores it: it is stored with the
+    /// worker's next flush (within `flush_interval`), and a flush that fails
+    /// keeps it for the one after. [`QueueConsumer::flush`] waits until
+    /// every ack made so far is stored. This trades the confirmation for
+    /// throughput, as JetStream's `ack` does next to its `double_ack`:
+    /// delivery stays at-least-once, since an ack lost with its process
+    /// (never stored) makes the message come back after `ack_wait`.
+    ///
+    /// # Errors
+    /// [`Error::ConsumerClosed`] if the worker has stopped.
+    ///
+    /// # Cancel safety
+    /// A dropped call leaves the ack either handed to the worker or not
+    /// made (the message comes back after its lease expires).
+    pub async fn ack_nowait(self) -> Result<()> {
+        let cmd = Cmd {
+            partition: self.message.partition,
+            op: Op::Ack(self.message.offset),
+            done: None,
+        };
+        self.ops.send(cmd).await.map_err(|_| Error::ConsumerClosed)
     }
 
     /// Settles the message without processing it.

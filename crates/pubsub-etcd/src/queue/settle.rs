@@ -18,7 +18,7 @@ use super::snapshot::{
 };
 use super::state::{Op, Settled, State};
 use super::worker::{ERROR_PAUSE, FLUSH_OPS};
-use super::Cmd;
+use super::{Cmd, FlushRequest};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::record::now_millis;
@@ -133,12 +133,13 @@ impl Settler {
     }
 
     /// Receives the jobs' operations and flushes them every `interval` (or
-    /// at [`FLUSH_OPS`]) until `stop`; `nacked` is told when a flush stored
-    /// a nack, which may make work due at once that only this worker is
-    /// woken for.
+    /// at [`FLUSH_OPS`], or when `flushes` asks) until `stop`; `nacked` is
+    /// told when a flush stored a nack, which may make work due at once that
+    /// only this worker is woken for.
     pub(super) async fn run(
         &self,
         ops: &mut mpsc::Receiver<Cmd>,
+        flushes: &mut mpsc::Receiver<FlushRequest>,
         stop: &mut oneshot::Receiver<()>,
         interval: Duration,
         nacked: &Notify,
@@ -146,20 +147,42 @@ impl Settler {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let flush = tokio::select! {
+            let request = tokio::select! {
                 biased;
                 _ = &mut *stop => break,
                 Some(cmd) = ops.recv() => {
                     let mut settling = self.lock();
                     settling.buffered.push(cmd);
-                    settling.buffered.len() >= FLUSH_OPS
+                    if settling.buffered.len() < FLUSH_OPS {
+                        continue;
+                    }
+                    None
                 }
-                _ = tick.tick() => true,
+                Some(request) = flushes.recv() => {
+                    // What the caller handed over before asking is queued
+                    // in `ops` by now.
+                    let mut settling = self.lock();
+                    while let Ok(cmd) = ops.try_recv() {
+                        settling.buffered.push(cmd);
+                    }
+                    Some(request)
+                }
+                _ = tick.tick() => None,
             };
-            if flush && self.flush().await {
+            let flushed = self.flush().await;
+            if matches!(flushed, Ok(true)) {
                 nacked.notify_one();
             }
+            if let Some(request) = request {
+                let _ = request.send(flushed.map(drop));
+            }
         }
+    }
+
+    /// Settle operations not stored yet: only flushes that keep failing let
+    /// them pile up.
+    pub(super) fn unstored(&self) -> usize {
+        self.lock().buffered.len()
     }
 
     /// Stores what is left once the lease rounds stopped, then merges this
@@ -170,7 +193,9 @@ impl Settler {
         while let Ok(cmd) = ops.try_recv() {
             self.lock().buffered.push(cmd);
         }
-        self.flush().await;
+        // A failure is reported by the merge below, or by the workers
+        // that merge what this one left.
+        let _ = self.flush().await;
         if self.lock().unmerged.is_empty() {
             return;
         }
@@ -183,11 +208,11 @@ impl Settler {
     /// worker's settled key: one plain write per flush, whatever the number
     /// of partitions, that no other worker contends for. True when a nack
     /// was among them.
-    async fn flush(&self) -> bool {
+    async fn flush(&self) -> Result<bool> {
         let (cmds, next) = {
             let mut settling = self.lock();
             if settling.buffered.is_empty() && !settling.rewrite {
-                return false;
+                return Ok(false);
             }
             let cmds = std::mem::take(&mut settling.buffered);
             let mut next = settling.unmerged.clone();
@@ -208,7 +233,8 @@ impl Settler {
             settling.rewrite = false;
         } else {
             // Stored by nobody: the operations without a waiter (gaps,
-            // releases) go with the next flush; waiters get the error.
+            // releases, `ack_nowait`s) go with the next flush; waiters get
+            // the error.
             let mut settling = self.lock();
             settling
                 .buffered
@@ -223,7 +249,7 @@ impl Settler {
                 let _ = done.send(result.clone());
             }
         }
-        nacked && result.is_ok()
+        result.map(|()| nacked)
     }
 
     /// Writes (or, when empty, deletes) this worker's settled key. Both are
@@ -331,7 +357,6 @@ impl Settler {
             }
             self.prune(partition, &slot.state);
         }
-        self.flush().await;
-        Ok(())
+        self.flush().await.map(drop)
     }
 }

@@ -41,6 +41,13 @@ impl LeaseSizer {
     /// jobs it holds. A worker never leases more than it can finish before
     /// the leases expire, a new worker starts small, and a busy worker comes
     /// back for more often, so many workers on one partition all get work.
+    ///
+    /// Until its rate is measured, a worker doubles its lease each time it
+    /// comes back for more (a slow start): waiting [`RATE_WINDOW`] at
+    /// [`MIN_LEASE`] cost a quarter of a one-second drain. It leases again
+    /// only once it holds at most half of the size, so leases stay large
+    /// where topping up after each few jobs made many small ones (0 means
+    /// not yet).
     pub(super) fn next(&mut self, load: &Load, ack_wait: Duration, max_batch: u64) -> u64 {
         let finished = load.finished.load(Ordering::Relaxed);
         let outstanding = load.outstanding.load(Ordering::Relaxed);
@@ -60,11 +67,67 @@ impl LeaseSizer {
         // At most twice the last lease: the rate was measured before this
         // lease adds to the load.
         let work = LEASE_WORK.min(ack_wait / 4);
-        let target = (self.rate * work.as_secs_f64()) as u64;
+        let target = if self.rate == 0.0 {
+            u64::MAX
+        } else {
+            (self.rate * work.as_secs_f64()) as u64
+        };
         let size = target
             .min(self.last_lease.saturating_mul(2))
             .clamp(MIN_LEASE.min(max_batch), max_batch);
+        if outstanding > size / 2 {
+            return 0;
+        }
         self.last_lease = size;
-        size.saturating_sub(outstanding)
+        size - outstanding
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(outstanding: u64, finished: u64) -> Load {
+        let load = Load::default();
+        load.outstanding.store(outstanding, Ordering::Relaxed);
+        load.finished.store(finished, Ordering::Relaxed);
+        load
+    }
+
+    #[test]
+    fn a_new_worker_doubles_its_lease_until_its_rate_is_known() {
+        let mut sizer = LeaseSizer::new();
+        let wait = Duration::from_secs(30);
+        let sizes: Vec<u64> = (0..8)
+            .map(|_| sizer.next(&load(0, 0), wait, 1024))
+            .collect();
+        assert_eq!(sizes, [16, 32, 64, 128, 256, 512, 1024, 1024]);
+        assert_eq!(sizer.next(&load(0, 0), wait, 100), 100);
+    }
+
+    #[test]
+    fn a_worker_tops_up_only_once_it_used_half_of_its_lease() {
+        let mut sizer = LeaseSizer::new();
+        let wait = Duration::from_secs(30);
+        for _ in 0..6 {
+            sizer.next(&load(0, 0), wait, 1024);
+        }
+        assert_eq!(sizer.next(&load(513, 0), wait, 1024), 0);
+        assert_eq!(sizer.next(&load(512, 0), wait, 1024), 512);
+    }
+
+    #[test]
+    fn a_measured_rate_bounds_the_lease() {
+        let mut sizer = LeaseSizer::new();
+        sizer.rate = 40.0;
+        sizer.sampled = (Instant::now(), 0);
+        sizer.last_lease = 1024;
+        // 40 jobs/s, a quarter of a 400 ms ack_wait: 4 jobs, raised to the minimum.
+        assert_eq!(
+            sizer.next(&load(0, 0), Duration::from_millis(400), 1024),
+            MIN_LEASE
+        );
+        // One second of work at 40 jobs/s is 40, but at most twice the last lease.
+        assert_eq!(sizer.next(&load(0, 0), Duration::from_secs(30), 1024), 16);
     }
 }

@@ -19,7 +19,7 @@ use super::settle::Settler;
 use super::sizing::LeaseSizer;
 use super::snapshot::{cas, read_snapshot, Cas, Slot, CAS_PATIENCE};
 use super::state::{Op, Settled, MAX_RANGES};
-use super::{Cmd, Job, Load, QueueConsumerBuilder};
+use super::{Cmd, FlushRequest, Job, Load, QueueConsumerBuilder};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::QueueKey;
@@ -44,6 +44,10 @@ const HUNGRY_AFTER: Duration = Duration::from_secs(1);
 const STICKY_LEASES: u32 = 4;
 /// How often a worker re-reads its topic's partition count.
 const TOPIC_REFRESH: Duration = Duration::from_secs(5);
+/// Settle operations a worker holds unstored before it stops leasing: only
+/// flushes that keep failing (etcd refusing the settled key) let them pile
+/// up, and more leases would only add to them.
+const MAX_UNSTORED: usize = 8 * FLUSH_OPS;
 /// How soon a worker whose job buffer has no room for a lease looks again.
 const FULL_PAUSE: Duration = Duration::from_millis(2);
 
@@ -239,7 +243,12 @@ impl Worker {
 
     /// Runs the lease rounds in a task of their own and the settling in
     /// this one until `stop`, then stores and merges what is left.
-    pub(super) async fn run(self, mut ops: mpsc::Receiver<Cmd>, mut stop: oneshot::Receiver<()>) {
+    pub(super) async fn run(
+        self,
+        mut ops: mpsc::Receiver<Cmd>,
+        mut flushes: mpsc::Receiver<FlushRequest>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
         let client = self.client.clone();
         let presence = Presence::start(client.clone(), &self.info.name, &self.name, &self.worker);
         let settler = self.settler.clone();
@@ -247,7 +256,9 @@ impl Worker {
         let interval = self.config.flush_interval;
         let (stop_leasing, leasing_stopped) = oneshot::channel();
         let leasing = tokio::spawn(self.lease_rounds(leasing_stopped));
-        settler.run(&mut ops, &mut stop, interval, &nacked).await;
+        settler
+            .run(&mut ops, &mut flushes, &mut stop, interval, &nacked)
+            .await;
         let _ = stop_leasing.send(());
         let _ = leasing.await;
         presence.stop(&client).await;
@@ -289,7 +300,10 @@ impl Worker {
         let size = self
             .sizer
             .next(&self.load, self.config.ack_wait, self.config.max_batch);
-        if size == 0 || self.jobs.capacity() < size as usize {
+        if size == 0
+            || self.jobs.capacity() < size as usize
+            || self.settler.unstored() >= MAX_UNSTORED
+        {
             return Box::pin(tokio::time::sleep(FULL_PAUSE));
         }
         match self.lease(size).await {

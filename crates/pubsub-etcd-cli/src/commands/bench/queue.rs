@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use pubsub_etcd::{Client, NewTopic, QueueStats};
 use serde::Serialize;
@@ -24,6 +25,9 @@ use crate::output::Table;
 const TOPIC: &str = "jobs";
 const GROUP: &str = "drain";
 const QUEUE: &str = "work";
+/// The queue of the drain with unconfirmed acks: a second queue reads the
+/// same backlog from the start.
+const QUEUE_NOWAIT: &str = "work-nowait";
 /// A drain with no message for this long has stalled.
 const STALL: Duration = Duration::from_secs(60);
 
@@ -34,8 +38,20 @@ pub struct QueueSummary {
     etcd_metrics: Option<String>,
     backlog: Backlog,
     group: Drain,
-    queue: Drain,
-    queue_detail: QueueDetail,
+    /// Acks awaited until stored.
+    queue: QueueDrain,
+    /// Acks handed over without waiting, stored by each worker's flushes.
+    queue_nowait: QueueDrain,
+}
+
+/// One queue's drain of the backlog.
+#[derive(Debug, Serialize)]
+struct QueueDrain {
+    acks: Acks,
+    /// The queue's name: each drain has a queue of its own.
+    name: &'static str,
+    drain: Drain,
+    detail: QueueDetail,
     /// Queue msgs/s over group msgs/s.
     ratio: Option<f64>,
 }
@@ -57,8 +73,8 @@ struct Settings {
 struct Drain {
     /// Distinct messages consumed (group) or settled (queue).
     messages: u64,
-    /// From the first join to the last message (group) or confirmed ack
-    /// (queue).
+    /// From the first join to the last message (group), or until every
+    /// ack is stored (queue).
     seconds: f64,
     msgs_per_sec: f64,
     etcd: Option<EtcdWork>,
@@ -96,10 +112,8 @@ pub async fn run(
     let before = read(metrics.as_ref()).await;
     let (messages, seconds) = group_drain(client, args).await?;
     let group = drain(messages, seconds, before, read(metrics.as_ref()).await);
-    let before = read(metrics.as_ref()).await;
-    let (settled, deliveries, seconds) = queue_drain(client, args).await?;
-    let queue = drain(settled, seconds, before, read(metrics.as_ref()).await);
-    let stats = client.queue_stats(TOPIC, QUEUE).await?;
+    let queue = queue_phase(client, args, metrics.as_ref(), Acks::Confirmed, &group).await?;
+    let queue_nowait = queue_phase(client, args, metrics.as_ref(), Acks::Nowait, &group).await?;
     Ok(QueueSummary {
         settings: Settings {
             messages: args.messages,
@@ -112,10 +126,30 @@ pub async fn run(
         },
         etcd_metrics: metrics.map(|m| m.url().to_string()),
         backlog,
-        ratio: ratio(queue.msgs_per_sec, group.msgs_per_sec),
         group,
         queue,
-        queue_detail: QueueDetail {
+        queue_nowait,
+    })
+}
+
+/// One queue drain of the backlog, next to the group's.
+async fn queue_phase(
+    client: &Client,
+    args: &BenchQueueArgs,
+    metrics: Option<&EtcdMetrics>,
+    acks: Acks,
+    group: &Drain,
+) -> anyhow::Result<QueueDrain> {
+    let before = read(metrics).await;
+    let (settled, deliveries, seconds) = queue_drain(client, args, acks).await?;
+    let drain = drain(settled, seconds, before, read(metrics).await);
+    let stats = client.queue_stats(TOPIC, acks.queue()).await?;
+    Ok(QueueDrain {
+        acks,
+        name: acks.queue(),
+        ratio: ratio(drain.msgs_per_sec, group.msgs_per_sec),
+        drain,
+        detail: QueueDetail {
             deliveries,
             duplicates: deliveries.saturating_sub(settled),
             stats,
@@ -191,10 +225,35 @@ async fn group_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
     Ok((received.load(Ordering::Relaxed), seconds))
 }
 
-/// `workers` queue workers take jobs and ack each at once, up to
-/// `acks_in_flight` unconfirmed acks per worker; the time until every
-/// message's ack was confirmed, and the deliveries counted.
-async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(u64, u64, f64)> {
+/// How the queue workers of one drain ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Acks {
+    /// `Job::ack`, each awaited until etcd stores it, up to
+    /// `acks_in_flight` at a time per worker.
+    Confirmed,
+    /// `Job::ack_nowait`, then one `QueueConsumer::flush` per worker at
+    /// the end.
+    Nowait,
+}
+
+impl Acks {
+    fn queue(self) -> &'static str {
+        match self {
+            Acks::Confirmed => QUEUE,
+            Acks::Nowait => QUEUE_NOWAIT,
+        }
+    }
+}
+
+/// `workers` queue workers take jobs and ack each at once; the time until
+/// every worker's acks are stored (the last confirmed ack, or each worker's
+/// final flush), and the deliveries counted.
+async fn queue_drain(
+    client: &Client,
+    args: &BenchQueueArgs,
+    acks_mode: Acks,
+) -> anyhow::Result<(u64, u64, f64)> {
     let seen = Arc::new(Marks::new(args.partitions, args.messages));
     let settled = Arc::new(Marks::new(args.partitions, args.messages));
     let deliveries = Arc::new(AtomicU64::new(0));
@@ -203,7 +262,7 @@ async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.workers {
-        let mut builder = client.queue(TOPIC, QUEUE);
+        let mut builder = client.queue(TOPIC, acks_mode.queue());
         if let Some(n) = args.max_batch {
             builder = builder.max_batch(n);
         }
@@ -213,18 +272,23 @@ async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
         let (total, in_flight) = (args.messages, args.acks_in_flight as usize);
         workers.push(tokio::spawn(async move {
             let mut acks = FuturesUnordered::new();
+            let settle = |id| match settled.mark(id) {
+                Ok(marked) => {
+                    if marked == total {
+                        let _ = done_tx.send(true);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
             let outcome = loop {
                 tokio::select! {
                     Some((id, acked)) = acks.next(), if !acks.is_empty() => {
                         if let Err(e) = acked {
                             break Err(anyhow::Error::from(e).context("an ack failed"));
                         }
-                        match settled.mark(id) {
-                            Ok(marked) if marked == total => {
-                                let _ = done_tx.send(true);
-                            }
-                            Ok(_) => {}
-                            Err(e) => break Err(e),
+                        if let Err(e) = settle(id) {
+                            break Err(e);
                         }
                     }
                     job = tokio::time::timeout(STALL, queue.recv()), if acks.len() < in_flight => match job {
@@ -234,27 +298,43 @@ async fn queue_drain(client: &Client, args: &BenchQueueArgs) -> anyhow::Result<(
                             if let Err(e) = seen.mark(id) {
                                 break Err(e);
                             }
-                            acks.push(async move { (id, job.ack().await) });
+                            match acks_mode {
+                                Acks::Confirmed => acks.push(async move { (id, job.ack().await) }),
+                                Acks::Nowait => {
+                                    if let Err(e) = job.ack_nowait().await {
+                                        break Err(anyhow::Error::from(e).context("an ack failed"));
+                                    }
+                                    if let Err(e) = settle(id) {
+                                        break Err(e);
+                                    }
+                                }
+                            }
                         }
                         Ok(Some(Err(e))) => break Err(anyhow::Error::from(e)),
                         Ok(None) => break Err(anyhow::anyhow!("a queue worker closed")),
                         Err(_) => break Err(anyhow::anyhow!("no job for {STALL:?}")),
                     },
-                    _ = done.wait_for(|&d| d) => break Ok(()),
+                    // The watch's guard must not live across the ack awaited above.
+                    _ = async { done.wait_for(|&d| d).await.map(drop) } => break Ok(()),
                 }
             };
+            let flushed = queue.flush().await;
+            let stored_at = started.elapsed().as_secs_f64();
             queue.close().await;
-            outcome
+            outcome?;
+            flushed.context("flushing the acks")?;
+            Ok(stored_at)
         }));
     }
     let mut finished = done.clone();
-    let seconds = tokio::select! {
-        _ = finished.wait_for(|&d| d) => started.elapsed().as_secs_f64(),
+    tokio::select! {
+        _ = finished.wait_for(|&d| d) => {}
         failed = first_failure(&mut workers) => return Err(failed),
     };
     let _ = done_tx.send(true);
+    let mut seconds = 0.0f64;
     for worker in workers {
-        worker.await??;
+        seconds = seconds.max(worker.await??);
     }
     let settled = settled.count();
     let distinct = seen.count();
@@ -310,11 +390,13 @@ impl Marks {
 }
 
 /// The first error of a task that ended; pending while none failed.
-async fn first_failure(tasks: &mut [tokio::task::JoinHandle<anyhow::Result<()>>]) -> anyhow::Error {
+async fn first_failure<T>(
+    tasks: &mut [tokio::task::JoinHandle<anyhow::Result<T>>],
+) -> anyhow::Error {
     let mut running: FuturesUnordered<_> = tasks.iter_mut().collect();
     while let Some(ended) = running.next().await {
         match ended {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return e,
             Err(e) => return anyhow::Error::from(e).context("a task panicked"),
         }
@@ -354,7 +436,8 @@ impl Summary for QueueSummary {
         ]);
         for (name, d) in [
             ("group drain", &self.group),
-            ("queue, ack each", &self.queue),
+            ("queue, ack each", &self.queue.drain),
+            ("queue, ack_nowait each", &self.queue_nowait.drain),
         ] {
             table.row([
                 name.to_string(),
@@ -369,15 +452,19 @@ impl Summary for QueueSummary {
             ]);
         }
         text.push_str(&table.render());
-        let q = &self.queue_detail;
-        text.push_str(&format!(
-            "\nqueue/group: {}; {} deliveries, {} duplicates; redelivered {}, expired {}\n",
-            cell(self.ratio),
-            q.deliveries,
-            q.duplicates,
-            q.stats.redelivered,
-            q.stats.expired,
-        ));
+        text.push('\n');
+        for q in [&self.queue, &self.queue_nowait] {
+            let d = &q.detail;
+            text.push_str(&format!(
+                "queue {}/group: {}; {} deliveries, {} duplicates; redelivered {}, expired {}\n",
+                q.name,
+                cell(q.ratio),
+                d.deliveries,
+                d.duplicates,
+                d.stats.redelivered,
+                d.stats.expired,
+            ));
+        }
         text
     }
 }

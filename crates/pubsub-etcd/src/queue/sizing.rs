@@ -42,15 +42,18 @@ impl LeaseSizer {
     /// the leases expire, a new worker starts small, and a busy worker comes
     /// back for more often, so many workers on one partition all get work.
     ///
-    /// Until its rate is measured, a worker doubles its lease each time it
-    /// comes back for more (a slow start): waiting [`RATE_WINDOW`] at
-    /// [`MIN_LEASE`] cost a quarter of a one-second drain. It leases again
-    /// only once it holds at most half of the size, so leases stay large
-    /// where topping up after each few jobs made many small ones (0 means
-    /// not yet).
+    /// A worker leases again only once it holds at most half of its last
+    /// lease size, so leases stay large where topping up after every few
+    /// jobs made many small ones (0 means not yet). Until its rate is
+    /// measured, each such top-up doubles the size (a slow start): waiting
+    /// [`RATE_WINDOW`] at [`MIN_LEASE`] cost a quarter of a one-second
+    /// drain, and a worker must finish half of one size to get the next.
     pub(super) fn next(&mut self, load: &Load, ack_wait: Duration, max_batch: u64) -> u64 {
         let finished = load.finished.load(Ordering::Relaxed);
         let outstanding = load.outstanding.load(Ordering::Relaxed);
+        if outstanding > self.last_lease / 2 {
+            return 0;
+        }
         let (at, before) = self.sampled;
         let elapsed = at.elapsed();
         if elapsed >= RATE_WINDOW {
@@ -75,11 +78,8 @@ impl LeaseSizer {
         let size = target
             .min(self.last_lease.saturating_mul(2))
             .clamp(MIN_LEASE.min(max_batch), max_batch);
-        if outstanding > size / 2 {
-            return 0;
-        }
         self.last_lease = size;
-        size - outstanding
+        size.saturating_sub(outstanding)
     }
 }
 
@@ -109,11 +109,16 @@ mod tests {
     fn a_worker_tops_up_only_once_it_used_half_of_its_lease() {
         let mut sizer = LeaseSizer::new();
         let wait = Duration::from_secs(30);
-        for _ in 0..6 {
-            sizer.next(&load(0, 0), wait, 1024);
+        assert_eq!(sizer.next(&load(0, 0), wait, 1024), 16);
+        // Holding its first lease, a worker gets no more, nor a larger size.
+        assert_eq!(sizer.next(&load(16, 0), wait, 1024), 0);
+        assert_eq!(sizer.next(&load(9, 7), wait, 1024), 0);
+        assert_eq!(sizer.next(&load(8, 8), wait, 1024), 32 - 8);
+        for _ in 0..4 {
+            sizer.next(&load(0, 8), wait, 1024);
         }
-        assert_eq!(sizer.next(&load(513, 0), wait, 1024), 0);
-        assert_eq!(sizer.next(&load(512, 0), wait, 1024), 512);
+        assert_eq!(sizer.next(&load(257, 8), wait, 1024), 0);
+        assert_eq!(sizer.next(&load(256, 8), wait, 1024), 1024 - 256);
     }
 
     #[test]

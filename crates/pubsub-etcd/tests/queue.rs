@@ -269,6 +269,33 @@ async fn a_terminated_job_is_settled_and_never_redelivered() {
     );
 }
 
+#[tokio::test]
+async fn a_lease_over_more_batches_than_one_read_returns_delivers_them_all() {
+    let (client, _ns) = client().await;
+    client.create_topic(NewTopic::new("jobs", 1)).await.unwrap();
+    let producer = client.producer("jobs").build().await.unwrap();
+    // One batch per message: each send waits for the one before.
+    for i in 0..300 {
+        producer.send(Record::new(format!("m{i}"))).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let mut queue = client.queue("jobs", "q").join().await.unwrap();
+    let mut got = BTreeSet::new();
+    while got.len() < 300 {
+        let job = next(&mut queue, Duration::from_secs(10)).await;
+        assert!(
+            got.insert(job.message.offset),
+            "{} twice",
+            job.message.offset
+        );
+        assert_eq!(job.message.value, format!("m{}", job.message.offset));
+        job.ack_nowait().await.unwrap();
+    }
+    queue.close().await;
+    let stats = client.queue_stats("jobs", "q").await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, 0), "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_without_waiting_are_stored_by_a_flush_and_never_redelivered() {
     let (client, _ns) = client().await;

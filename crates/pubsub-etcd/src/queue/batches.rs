@@ -4,17 +4,17 @@
 //! 10,000 records (about 1 MiB of 100-byte messages), so reading the batch
 //! for every lease moved and decoded each message many times: in
 //! `bench queue`, 850 leases read 850 MiB to settle 200,000 messages of
-//! 100 B. A lease now lists the batch keys of its range with a keys-only read
-//! and takes each batch from this cache when etcd still holds it at the same
-//! `mod_revision`; only a batch that is new, or changed (rewritten by key
-//! compaction or a deletion), is read and decoded again. Serving from the
-//! cache therefore gives exactly what a read would, expiry included (it is
-//! checked at serve time).
+//! 100 B. A lease now takes the batch its range starts in from this cache
+//! when etcd still holds it at the same `mod_revision` (checked in the same
+//! read-only transaction that reads the batches after it); only a batch that
+//! is new, or changed (rewritten by key compaction or a deletion), is read
+//! and decoded again. Serving from the cache therefore gives exactly what a
+//! read would, expiry included (it is checked at serve time).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
-use etcd_client::{GetOptions, KeyValue};
+use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::client::Client;
 use crate::error::Result;
@@ -25,8 +25,8 @@ use crate::record::{self, pb, Message, MAX_RECORDS_PER_BATCH};
 /// next lease on the partition most likely starts in, and one more.
 const CACHED: usize = 2;
 
-/// Batch keys one listing returns; a lease over more (small) batches lists
-/// again from the last one it read.
+/// Batches one read returns; a lease over more (small) batches reads on
+/// from the last one it got.
 const KEYS_PER_LIST: i64 = 32;
 
 #[derive(Debug, Default)]
@@ -55,6 +55,14 @@ pub(super) struct Range {
 
 impl BatchCache {
     /// The messages of `part` at offsets in `[from, to)`.
+    ///
+    /// One read-only transaction per step: it checks that the cached batch
+    /// holding `covered` (if any) is still stored at its `mod_revision`, and
+    /// reads the values of the batches after it that the range needs. Those
+    /// are the keys from `batch(start)` below `batch(to - 1)` (at most
+    /// [`KEYS_PER_LIST`]), and the first key at or past `batch(to - 1)`:
+    /// batch keys name their last offset, so only that one can still hold an
+    /// offset below `to`.
     pub(super) async fn read(
         &mut self,
         client: &Client,
@@ -63,6 +71,7 @@ impl BatchCache {
         to: u64,
     ) -> Result<Range> {
         let keys = &client.keys;
+        let prefix = keys.batches_prefix(part);
         let now = record::now_millis();
         let mut range = Range {
             messages: Vec::new(),
@@ -70,64 +79,76 @@ impl BatchCache {
             beyond: None,
         };
         while range.covered < to {
-            // A batch is named by its last offset and spans at most
-            // MAX_RECORDS_PER_BATCH, so every batch holding an offset of
-            // the range is named below `to + MAX_RECORDS_PER_BATCH`.
-            let start = keys.batch(part, range.covered);
-            let end = keys.batch(part, to.saturating_add(MAX_RECORDS_PER_BATCH));
-            let options = GetOptions::new()
-                .with_range(end)
-                .with_limit(KEYS_PER_LIST)
-                .with_keys_only();
-            let listed = client.read("list batches", start, Some(options)).await?;
-            let full = listed.kvs().len() as i64 == KEYS_PER_LIST;
-            // Key order is offset order: the first batch named at or past
-            // `to - 1` is the last one the range can need.
-            let last_needed = keys.batch(part, to - 1);
-            let needed = listed
-                .kvs()
-                .iter()
-                .position(|kv| kv.key() >= last_needed.as_bytes())
-                .map_or(listed.kvs(), |i| &listed.kvs()[..=i]);
-            let mut values = self.missing_values(client, needed).await?;
-            // Batches are put back in the cache once the listing is done, so
-            // that none this listing needs is evicted by another it needs.
-            let mut used = Vec::new();
-            let mut last = None;
-            for kv in needed {
-                let entry = match self.take(kv.key(), kv.mod_revision()) {
-                    Some(entry) => entry,
-                    None => {
-                        let got = match values.remove(kv.key()) {
-                            Some(got) => Some(got),
-                            None => client
-                                .read("fetch", kv.key().to_vec(), None)
-                                .await?
-                                .take_kvs()
-                                .into_iter()
-                                .next(),
-                        };
-                        // Deleted since the listing: its offsets are gaps.
-                        let Some(got) = got else { continue };
-                        let mod_revision = got.mod_revision();
-                        let (key, value) = got.into_key_value();
-                        match part.decode_batch(keys, &key, Bytes::from(value)) {
-                            Ok(batch) => Entry {
-                                key,
-                                mod_revision,
-                                batch,
-                            },
-                            // Nothing of it can be delivered, so its offsets
-                            // are gaps, as for a reader that skips it.
-                            Err(error) => {
-                                tracing::warn!(%error, "skipping a corrupt batch");
-                                continue;
-                            }
-                        }
+            let cached = self.entries.iter().position(|e| {
+                e.key.starts_with(prefix.as_bytes())
+                    && e.batch.base_offset <= range.covered
+                    && range.covered < e.end()
+            });
+            let start = cached.map_or(range.covered, |i| self.entries[i].end());
+            let mut ops = Vec::with_capacity(3);
+            if let Some(i) = cached {
+                let options = GetOptions::new().with_keys_only();
+                ops.push(TxnOp::get(self.entries[i].key.clone(), Some(options)));
+            }
+            if start < to {
+                let last_needed = keys.batch(part, to - 1);
+                let before = GetOptions::new()
+                    .with_range(last_needed.clone())
+                    .with_limit(KEYS_PER_LIST);
+                ops.push(TxnOp::get(keys.batch(part, start), Some(before)));
+                // A batch spans at most MAX_RECORDS_PER_BATCH offsets.
+                let end = keys.batch(part, to.saturating_add(MAX_RECORDS_PER_BATCH));
+                let last = GetOptions::new().with_range(end).with_limit(1);
+                ops.push(TxnOp::get(last_needed, Some(last)));
+            }
+            let response = client.read_txn("fetch", Txn::new().and_then(ops)).await?;
+            let mut gets = response.op_responses().into_iter().filter_map(|r| match r {
+                TxnOpResponse::Get(get) => Some(get),
+                _ => None,
+            });
+            let mut batches = Vec::new();
+            if let Some(i) = cached {
+                let entry = &self.entries[i];
+                let unchanged = gets.next().is_some_and(|get| {
+                    get.kvs()
+                        .first()
+                        .is_some_and(|kv| kv.mod_revision() == entry.mod_revision)
+                });
+                if !unchanged {
+                    // Rewritten or deleted since it was read: read again.
+                    self.entries.remove(i);
+                    continue;
+                }
+                batches.extend(self.entries.remove(i));
+            }
+            let mut truncated = false;
+            if let (Some(mut before), Some(mut last)) = (gets.next(), gets.next()) {
+                let kvs = before.take_kvs();
+                truncated = kvs.len() as i64 == KEYS_PER_LIST;
+                let mut stored = kvs;
+                // Past a truncated listing, the next step reads on from
+                // the last batch it returned.
+                if !truncated {
+                    stored.extend(last.take_kvs());
+                }
+                for kv in stored {
+                    let mod_revision = kv.mod_revision();
+                    let (key, value) = kv.into_key_value();
+                    match part.decode_batch(keys, &key, Bytes::from(value)) {
+                        Ok(batch) => batches.push(Entry {
+                            key,
+                            mod_revision,
+                            batch,
+                        }),
+                        // Nothing of it can be delivered, so its offsets
+                        // are gaps, as for a reader that skips it.
+                        Err(error) => tracing::warn!(%error, "skipping a corrupt batch"),
                     }
-                };
+                }
+            }
+            let mut last = None;
+            for entry in &batches {
                 let batch = &entry.batch;
-                let batch_end = batch.base_offset + u64::from(batch.offset_count);
                 range.messages.extend(record::batch_messages_in(
                     part,
                     batch,
@@ -142,63 +163,28 @@ impl BatchCache {
                         .map(|r| batch.base_offset + u64::from(r.offset_delta))
                         .find(|&offset| offset >= to);
                 }
-                last = Some(batch_end);
-                used.push(entry);
-                if batch_end >= to {
-                    break;
-                }
+                last = Some(entry.end());
             }
-            for entry in used {
+            // Batches go back in the cache once this step is done, so that
+            // none it needs is evicted by another it needs.
+            for entry in batches {
                 if self.entries.len() >= CACHED {
                     self.entries.pop_front();
                 }
                 self.entries.push_back(entry);
             }
             range.covered = match last {
-                Some(end) if full && end < to => end,
+                Some(end) if truncated && end < to => end.max(range.covered),
                 _ => to,
             };
         }
         Ok(range)
     }
+}
 
-    /// The cached batch at `key` as of `mod_revision`, taken out.
-    fn take(&mut self, key: &[u8], mod_revision: i64) -> Option<Entry> {
-        let index = self
-            .entries
-            .iter()
-            .position(|e| e.key == key && e.mod_revision == mod_revision)?;
-        self.entries.remove(index)
-    }
-
-    /// The values of the `listed` batches the cache does not hold, by key:
-    /// one read from the first such key to the last, where one read per
-    /// batch would cost a round trip for each small batch. A key this read
-    /// misses (written or deleted meanwhile) is read alone by the caller.
-    async fn missing_values(
-        &self,
-        client: &Client,
-        listed: &[KeyValue],
-    ) -> Result<HashMap<Vec<u8>, KeyValue>> {
-        let cached = |kv: &KeyValue| {
-            self.entries
-                .iter()
-                .any(|e| e.key == kv.key() && e.mod_revision == kv.mod_revision())
-        };
-        let mut missing = listed.iter().filter(|kv| !cached(kv));
-        let Some(first) = missing.next() else {
-            return Ok(HashMap::new());
-        };
-        let mut end = missing.next_back().unwrap_or(first).key().to_vec();
-        end.push(0);
-        let options = GetOptions::new().with_range(end).with_limit(KEYS_PER_LIST);
-        let mut response = client
-            .read("fetch", first.key().to_vec(), Some(options))
-            .await?;
-        Ok(response
-            .take_kvs()
-            .into_iter()
-            .map(|kv| (kv.key().to_vec(), kv))
-            .collect())
+impl Entry {
+    /// Past the batch's last offset.
+    fn end(&self) -> u64 {
+        self.batch.base_offset + u64::from(self.batch.offset_count)
     }
 }

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::client::Client;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
 use crate::partition::Partition;
 use crate::record::{self, pb, Message, MAX_RECORDS_PER_BATCH};
 
@@ -121,10 +122,20 @@ impl BatchCache {
                 }
                 batches.extend(self.entries.remove(i));
             }
-            let mut truncated = false;
+            // Past a truncated listing, the next step starts after the
+            // offset its last key names, decoded or not.
+            let mut listed_up_to = None;
             if let (Some(mut before), Some(mut last)) = (gets.next(), gets.next()) {
+                let truncated = before.more();
                 let kvs = before.take_kvs();
-                truncated = kvs.len() as i64 == KEYS_PER_LIST;
+                if truncated {
+                    let key = kvs.last().map(|kv| kv.key()).unwrap_or_default();
+                    listed_up_to =
+                        Some(Keys::trailing_number(key).ok_or_else(|| Error::Corrupt {
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            reason: "a batch key must end in the offset of its last record".into(),
+                        })?);
+                }
                 let mut stored = kvs;
                 // Past a truncated listing, the next step reads on from
                 // the last batch it returned.
@@ -173,9 +184,12 @@ impl BatchCache {
                 }
                 self.entries.push_back(entry);
             }
-            range.covered = match last {
-                Some(end) if truncated && end < to => end.max(range.covered),
-                _ => to,
+            range.covered = match listed_up_to {
+                Some(listed) => {
+                    let past = last.unwrap_or(range.covered).max(listed.saturating_add(1));
+                    past.clamp(range.covered + 1, to)
+                }
+                None => to,
             };
         }
         Ok(range)

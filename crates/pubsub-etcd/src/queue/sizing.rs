@@ -22,8 +22,10 @@ pub(super) struct LeaseSizer {
     rate: f64,
     /// When `rate` was last sampled, and `Load::finished` then.
     sampled: (Instant, u64),
-    /// The lease size `next` last allowed.
+    /// The size of the last lease taken: `next` allows at most twice it.
     last_lease: u64,
+    /// The size `next` last allowed, which `took` makes `last_lease`.
+    allowed: u64,
 }
 
 impl LeaseSizer {
@@ -32,6 +34,7 @@ impl LeaseSizer {
             rate: 0.0,
             sampled: (Instant::now(), 0),
             last_lease: MIN_LEASE,
+            allowed: MIN_LEASE,
         }
     }
 
@@ -48,6 +51,8 @@ impl LeaseSizer {
     /// measured, each such top-up doubles the size (a slow start): waiting
     /// [`RATE_WINDOW`] at [`MIN_LEASE`] cost a quarter of a one-second
     /// drain, and a worker must finish half of one size to get the next.
+    /// Only a lease taken counts ([`LeaseSizer::took`]): rounds that find no
+    /// work do not grow the size of a worker that has finished nothing.
     pub(super) fn next(&mut self, load: &Load, ack_wait: Duration, max_batch: u64) -> u64 {
         let finished = load.finished.load(Ordering::Relaxed);
         let outstanding = load.outstanding.load(Ordering::Relaxed);
@@ -78,8 +83,13 @@ impl LeaseSizer {
         let size = target
             .min(self.last_lease.saturating_mul(2))
             .clamp(MIN_LEASE.min(max_batch), max_batch);
-        self.last_lease = size;
+        self.allowed = size;
         size.saturating_sub(outstanding)
+    }
+
+    /// The round that asked [`LeaseSizer::next`] took a lease.
+    pub(super) fn took(&mut self) {
+        self.last_lease = self.allowed;
     }
 }
 
@@ -99,10 +109,25 @@ mod tests {
         let mut sizer = LeaseSizer::new();
         let wait = Duration::from_secs(30);
         let sizes: Vec<u64> = (0..8)
-            .map(|_| sizer.next(&load(0, 0), wait, 1024))
+            .map(|_| {
+                let size = sizer.next(&load(0, 0), wait, 1024);
+                sizer.took();
+                size
+            })
             .collect();
         assert_eq!(sizes, [16, 32, 64, 128, 256, 512, 1024, 1024]);
         assert_eq!(sizer.next(&load(0, 0), wait, 100), 100);
+    }
+
+    #[test]
+    fn rounds_that_take_no_lease_do_not_grow_it() {
+        let mut sizer = LeaseSizer::new();
+        let wait = Duration::from_secs(30);
+        for _ in 0..10 {
+            assert_eq!(sizer.next(&load(0, 0), wait, 1024), 16);
+        }
+        sizer.took();
+        assert_eq!(sizer.next(&load(0, 0), wait, 1024), 32);
     }
 
     #[test]
@@ -110,12 +135,15 @@ mod tests {
         let mut sizer = LeaseSizer::new();
         let wait = Duration::from_secs(30);
         assert_eq!(sizer.next(&load(0, 0), wait, 1024), 16);
+        sizer.took();
         // Holding its first lease, a worker gets no more, nor a larger size.
         assert_eq!(sizer.next(&load(16, 0), wait, 1024), 0);
         assert_eq!(sizer.next(&load(9, 7), wait, 1024), 0);
         assert_eq!(sizer.next(&load(8, 8), wait, 1024), 32 - 8);
+        sizer.took();
         for _ in 0..4 {
             sizer.next(&load(0, 8), wait, 1024);
+            sizer.took();
         }
         assert_eq!(sizer.next(&load(257, 8), wait, 1024), 0);
         assert_eq!(sizer.next(&load(256, 8), wait, 1024), 1024 - 256);
@@ -132,6 +160,7 @@ mod tests {
             sizer.next(&load(0, 0), Duration::from_millis(400), 1024),
             MIN_LEASE
         );
+        sizer.took();
         // One second of work at 40 jobs/s is 40, but at most twice the last lease.
         assert_eq!(sizer.next(&load(0, 0), Duration::from_secs(30), 1024), 16);
     }

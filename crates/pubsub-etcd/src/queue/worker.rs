@@ -307,7 +307,10 @@ impl Worker {
             return Box::pin(tokio::time::sleep(FULL_PAUSE));
         }
         match self.lease(size).await {
-            Ok(Round::Leased) => Box::pin(std::future::ready(())),
+            Ok(Round::Leased) => {
+                self.sizer.took();
+                Box::pin(std::future::ready(()))
+            }
             Ok(Round::Yielded) => {
                 let pause = YIELD_PAUSE.mul_f64(0.5 + rand::random::<f64>());
                 Box::pin(tokio::time::sleep(pause))

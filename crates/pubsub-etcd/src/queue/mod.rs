@@ -212,8 +212,9 @@ impl QueueConsumer {
     ///
     /// # Errors
     /// [`Error::ConsumerClosed`] if the worker has stopped, and the error of
-    /// the flush (as for [`Job::ack`]); the operations are then kept for
-    /// the next flush.
+    /// the flush (as for [`Job::ack`]); the operations nobody waits for
+    /// ([`Job::ack_nowait`]s) are then kept for the next flush, while the
+    /// [`Job::ack`]s, nacks and terms in it fail with the same error.
     ///
     /// # Cancel safety
     /// A dropped call may still have made the flush.

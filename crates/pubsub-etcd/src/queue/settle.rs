@@ -150,14 +150,8 @@ impl Settler {
             let request = tokio::select! {
                 biased;
                 _ = &mut *stop => break,
-                Some(cmd) = ops.recv() => {
-                    let mut settling = self.lock();
-                    settling.buffered.push(cmd);
-                    if settling.buffered.len() < FLUSH_OPS {
-                        continue;
-                    }
-                    None
-                }
+                // Before `ops`: while acks keep coming, `ops` is never
+                // empty, and a flush asked for must not wait for a pause.
                 Some(request) = flushes.recv() => {
                     // What the caller handed over before asking is queued
                     // in `ops` by now.
@@ -166,6 +160,14 @@ impl Settler {
                         settling.buffered.push(cmd);
                     }
                     Some(request)
+                }
+                Some(cmd) = ops.recv() => {
+                    let mut settling = self.lock();
+                    settling.buffered.push(cmd);
+                    if settling.buffered.len() < FLUSH_OPS {
+                        continue;
+                    }
+                    None
                 }
                 _ = tick.tick() => None,
             };

@@ -42,6 +42,8 @@ struct Settling {
     unmerged: BTreeMap<u32, Settled>,
     /// `unmerged` shrank since it was last stored.
     rewrite: bool,
+    /// Why the last flush failed, until one succeeds.
+    failure: Option<Error>,
 }
 
 /// One worker's handle on its settled key; clones share it.
@@ -172,19 +174,30 @@ impl Settler {
                 _ = tick.tick() => None,
             };
             let flushed = self.flush().await;
+            let failed = flushed.is_err();
             if matches!(flushed, Ok(true)) {
                 nacked.notify_one();
             }
             if let Some(request) = request {
                 let _ = request.send(flushed.map(drop));
             }
+            if failed {
+                // Past FLUSH_OPS every new operation would otherwise start
+                // another flush at once while etcd keeps refusing them.
+                tokio::select! {
+                    biased;
+                    _ = &mut *stop => break,
+                    _ = tokio::time::sleep(ERROR_PAUSE) => {}
+                }
+            }
         }
     }
 
-    /// Settle operations not stored yet: only flushes that keep failing let
-    /// them pile up.
-    pub(super) fn unstored(&self) -> usize {
-        self.lock().buffered.len()
+    /// Settle operations not stored yet (only flushes that keep failing let
+    /// them pile up), and why the last flush failed.
+    pub(super) fn unstored(&self) -> (usize, Option<Error>) {
+        let settling = self.lock();
+        (settling.buffered.len(), settling.failure.clone())
     }
 
     /// Stores what is left once the lease rounds stopped, then merges this
@@ -233,11 +246,13 @@ impl Settler {
             let mut settling = self.lock();
             settling.unmerged = next;
             settling.rewrite = false;
+            settling.failure = None;
         } else {
             // Stored by nobody: the operations without a waiter (gaps,
             // releases, `ack_nowait`s) go with the next flush; waiters get
             // the error.
             let mut settling = self.lock();
+            settling.failure = result.clone().err();
             settling
                 .buffered
                 .extend(cmds.iter().filter(|c| c.done.is_none()).map(|c| Cmd {

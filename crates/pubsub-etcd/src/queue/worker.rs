@@ -300,10 +300,16 @@ impl Worker {
         let size = self
             .sizer
             .next(&self.load, self.config.ack_wait, self.config.max_batch);
-        if size == 0
-            || self.jobs.capacity() < size as usize
-            || self.settler.unstored() >= MAX_UNSTORED
-        {
+        let (unstored, failure) = self.settler.unstored();
+        if unstored >= MAX_UNSTORED {
+            // Leasing waits for a flush to store them; the application
+            // hears why (the acks it did not wait for cannot tell it).
+            if let Some(error) = failure {
+                let _ = self.jobs.try_send(Err(error));
+            }
+            return Box::pin(tokio::time::sleep(ERROR_PAUSE));
+        }
+        if size == 0 || self.jobs.capacity() < size as usize {
             return Box::pin(tokio::time::sleep(FULL_PAUSE));
         }
         match self.lease(size).await {

@@ -191,8 +191,9 @@ impl QueueConsumer {
     ///
     /// # Errors
     /// As said above: errors that stop the worker from leasing, such as
-    /// [`Error::Corrupt`] naming the key, [`Error::TopicDeleted`] or a failed
-    /// dead-letter append.
+    /// [`Error::Corrupt`] naming the key, [`Error::TopicDeleted`], a failed
+    /// dead-letter append, or the error of the last flush while 8,192
+    /// settle operations wait for one to store them.
     ///
     /// # Cancel safety
     /// Cancel-safe: a dropped call loses no job.

@@ -255,7 +255,7 @@ impl QueueConsumer {
                     },
                     done: None,
                 };
-                let _ = job.ops.try_send(cmd);
+                let _ = job.handle.ops.try_send(cmd);
             }
         }
         if let Some(stop) = self.stop.take() {
@@ -275,6 +275,15 @@ pub struct Job {
     lease: u64,
     deadline: Instant,
     ack_wait: Duration,
+    handle: JobHandle,
+}
+
+/// What settling a job needs once its message is no longer wanted, and the
+/// job's part in its worker's [`Load`] until then: an awaited ack holds
+/// only this (a few words, not the message), which matters when an
+/// application keeps a thousand acks in flight.
+#[derive(Debug)]
+struct JobHandle {
     ops: mpsc::Sender<Cmd>,
     load: Arc<Load>,
     /// Settled, waiting for etcd to confirm it.
@@ -308,7 +317,7 @@ impl Load {
     }
 }
 
-impl Drop for Job {
+impl Drop for JobHandle {
     fn drop(&mut self) {
         if self.settling {
             self.load.settling.fetch_sub(1, Ordering::Relaxed);
@@ -332,26 +341,41 @@ struct Cmd {
     done: Option<oneshot::Sender<Result<()>>>,
 }
 
-impl Job {
-    async fn send(&self, op: Op) -> Result<()> {
+impl JobHandle {
+    /// Hands `op` to the worker and waits until a flush stored it.
+    async fn send(&self, partition: u32, op: Op) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let cmd = Cmd {
-            partition: self.message.partition,
+            partition,
             op,
             done: Some(tx),
         };
-        self.ops
-            .send(cmd)
-            .await
-            .map_err(|_| Error::ConsumerClosed)?;
+        match self.ops.try_send(cmd) {
+            Ok(()) => {}
+            // Boxed: the wait for room is rare, and inline it would make
+            // every settle future several times larger.
+            Err(mpsc::error::TrySendError::Full(cmd)) => Box::pin(self.ops.send(cmd))
+                .await
+                .map_err(|_| Error::ConsumerClosed)?,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ConsumerClosed),
+        }
         rx.await.map_err(|_| Error::ConsumerClosed)?
     }
+}
 
-    async fn settle(mut self, op: Op) -> Result<()> {
-        self.load.finish_one();
-        self.load.settling.fetch_add(1, Ordering::Relaxed);
-        self.settling = true;
-        self.send(op).await
+impl Job {
+    async fn settle(self, op: Op) -> Result<()> {
+        let Job {
+            message,
+            mut handle,
+            ..
+        } = self;
+        let partition = message.partition;
+        drop(message);
+        handle.load.finish_one();
+        handle.load.settling.fetch_add(1, Ordering::Relaxed);
+        handle.settling = true;
+        handle.send(partition, op).await
     }
 
     /// Settles the message; returns once that is stored in etcd.
@@ -393,7 +417,13 @@ impl Job {
             op: Op::Ack(self.message.offset),
             done: None,
         };
-        self.ops.send(cmd).await.map_err(|_| Error::ConsumerClosed)
+        match self.handle.ops.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(cmd)) => Box::pin(self.handle.ops.send(cmd))
+                .await
+                .map_err(|_| Error::ConsumerClosed),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ConsumerClosed),
+        }
     }
 
     /// Settles the message without processing it.
@@ -453,7 +483,7 @@ impl Job {
             lease: self.lease,
             deadline_ms: now_millis() + self.ack_wait.as_millis() as i64,
         };
-        self.send(op).await?;
+        self.handle.send(self.message.partition, op).await?;
         self.deadline = Instant::now() + self.ack_wait;
         Ok(())
     }

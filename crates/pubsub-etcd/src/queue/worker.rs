@@ -19,7 +19,7 @@ use super::settle::Settler;
 use super::sizing::LeaseSizer;
 use super::snapshot::{cas, read_snapshot, Cas, Slot, CAS_PATIENCE};
 use super::state::{Op, Settled, MAX_RANGES};
-use super::{Cmd, FlushRequest, Job, Load, QueueConsumerBuilder};
+use super::{Cmd, FlushRequest, Job, JobHandle, Load, QueueConsumerBuilder};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::keys::QueueKey;
@@ -580,9 +580,11 @@ impl Worker {
                 lease: id,
                 deadline,
                 ack_wait: self.config.ack_wait,
-                ops: self.ops.clone(),
-                load: self.load.clone(),
-                settling: false,
+                handle: JobHandle {
+                    ops: self.ops.clone(),
+                    load: self.load.clone(),
+                    settling: false,
+                },
             };
             // Full (the lease size leaves room, so only if the caller closed
             // meanwhile): hand this one and the rest back.

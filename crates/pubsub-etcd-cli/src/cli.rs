@@ -978,6 +978,11 @@ pub struct BenchQueueArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_batch: Option<u64>,
 
+    /// How often each worker stores its settled jobs [default: the
+    /// library's, 10ms]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub flush_interval: Option<Duration>,
+
     /// Unconfirmed acks each worker keeps in flight
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub acks_in_flight: u32,

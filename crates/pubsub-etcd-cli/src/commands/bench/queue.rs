@@ -65,6 +65,8 @@ struct Settings {
     group_members: u32,
     /// None: the library's default.
     max_batch: Option<u64>,
+    /// Milliseconds; none: the library's default.
+    flush_interval_ms: Option<u128>,
     acks_in_flight: u32,
 }
 
@@ -122,6 +124,7 @@ pub async fn run(
             workers: args.workers,
             group_members: args.group_members,
             max_batch: args.max_batch,
+            flush_interval_ms: args.flush_interval.map(|d| d.as_millis()),
             acks_in_flight: args.acks_in_flight,
         },
         etcd_metrics: metrics.map(|m| m.url().to_string()),
@@ -265,6 +268,9 @@ async fn queue_drain(
         let mut builder = client.queue(TOPIC, acks_mode.queue());
         if let Some(n) = args.max_batch {
             builder = builder.max_batch(n);
+        }
+        if let Some(interval) = args.flush_interval {
+            builder = builder.flush_interval(interval);
         }
         let mut queue = builder.join().await?;
         let (seen, settled, deliveries) = (seen.clone(), settled.clone(), deliveries.clone());
@@ -412,10 +418,13 @@ impl Summary for QueueSummary {
         let batch = s
             .max_batch
             .map_or_else(|| "default".to_string(), |n| n.to_string());
+        let flush = s
+            .flush_interval_ms
+            .map_or_else(|| "default".to_string(), |ms| format!("{ms} ms"));
         let mut text = format!(
             "bench queue: backlog of {} messages of {} B in {} partition(s); group of {} member(s) \
-             against {} queue workers (max_batch {batch}, up to {} acks in flight each, one ack per \
-             message, no-op jobs); namespace {namespace}\n\
+             against {} queue workers (max_batch {batch}, flush interval {flush}, up to {} acks in \
+             flight each, one ack per message, no-op jobs); namespace {namespace}\n\
              backlog produced at {:.0} msgs/s; etcd counts from {}\n\n",
             s.messages,
             s.size,

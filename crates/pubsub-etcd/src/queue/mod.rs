@@ -12,6 +12,7 @@ mod snapshot;
 mod state;
 mod worker;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,44 +342,71 @@ struct Cmd {
     done: Option<oneshot::Sender<Result<()>>>,
 }
 
+/// Where a settle operation went when it was made.
+enum Handoff {
+    /// In the worker's channel.
+    Sent,
+    /// Waiting for room in it.
+    Full(Cmd),
+    Closed,
+}
+
 impl JobHandle {
-    /// Hands `op` to the worker and waits until a flush stored it.
-    async fn send(&self, partition: u32, op: Op) -> Result<()> {
+    /// Puts `op` in the worker's channel at once if it has room; the
+    /// receiver hears when a flush stored it.
+    fn hand_over(&self, partition: u32, op: Op) -> (Handoff, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = oneshot::channel();
         let cmd = Cmd {
             partition,
             op,
             done: Some(tx),
         };
-        match self.ops.try_send(cmd) {
-            Ok(()) => {}
+        let handoff = match self.ops.try_send(cmd) {
+            Ok(()) => Handoff::Sent,
+            Err(mpsc::error::TrySendError::Full(cmd)) => Handoff::Full(cmd),
+            Err(mpsc::error::TrySendError::Closed(_)) => Handoff::Closed,
+        };
+        (handoff, rx)
+    }
+
+    /// Waits for room in the channel, if there was none, then for the
+    /// flush that stores the operation.
+    async fn confirmed(
+        &self,
+        handoff: Handoff,
+        stored: oneshot::Receiver<Result<()>>,
+    ) -> Result<()> {
+        match handoff {
+            Handoff::Sent => {}
             // Boxed: the wait for room is rare, and inline it would make
             // every settle future several times larger.
-            Err(mpsc::error::TrySendError::Full(cmd)) => Box::pin(self.ops.send(cmd))
+            Handoff::Full(cmd) => Box::pin(self.ops.send(cmd))
                 .await
                 .map_err(|_| Error::ConsumerClosed)?,
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ConsumerClosed),
+            Handoff::Closed => return Err(Error::ConsumerClosed),
         }
-        rx.await.map_err(|_| Error::ConsumerClosed)?
+        stored.await.map_err(|_| Error::ConsumerClosed)?
     }
 }
 
 impl Job {
-    async fn settle(self, op: Op) -> Result<()> {
+    /// Settles the job at once and returns the wait for etcd to store it,
+    /// which holds the job's handle but not its message.
+    fn settle(self, op: Op) -> impl Future<Output = Result<()>> + Send + 'static {
         let Job {
             message,
             mut handle,
             ..
         } = self;
-        let partition = message.partition;
-        drop(message);
         handle.load.finish_one();
         handle.load.settling.fetch_add(1, Ordering::Relaxed);
         handle.settling = true;
-        handle.send(partition, op).await
+        let (handoff, stored) = handle.hand_over(message.partition, op);
+        async move { handle.confirmed(handoff, stored).await }
     }
 
-    /// Settles the message; returns once that is stored in etcd.
+    /// Settles the message: the ack is handed to the worker when this is
+    /// called, and the future returned resolves once etcd stores it.
     ///
     /// # Errors
     /// [`Error::ConsumerClosed`] if the worker has stopped, and the error of
@@ -391,9 +419,9 @@ impl Job {
     /// A dropped call leaves the ack either handed to the worker (it is
     /// stored with the next flush) or not made (the message comes back after
     /// its lease expires); either way nothing is lost.
-    pub async fn ack(self) -> Result<()> {
+    pub fn ack(self) -> impl Future<Output = Result<()>> + Send + 'static {
         let op = Op::Ack(self.message.offset);
-        self.settle(op).await
+        self.settle(op)
     }
 
     /// Settles the message as [`Job::ack`] does, but returns once the
@@ -433,9 +461,9 @@ impl Job {
     ///
     /// # Cancel safety
     /// As for [`Job::ack`].
-    pub async fn term(self) -> Result<()> {
+    pub fn term(self) -> impl Future<Output = Result<()>> + Send + 'static {
         let op = Op::Term(self.message.offset);
-        self.settle(op).await
+        self.settle(op)
     }
 
     /// Makes the message deliverable again after `delay`.
@@ -446,8 +474,8 @@ impl Job {
     /// # Cancel safety
     /// As for [`Job::ack`]: an unstored nack means the message comes back
     /// once its lease expires instead of after `delay`.
-    pub async fn nack(self, delay: Duration) -> Result<()> {
-        self.nack_with_reason(delay, "").await
+    pub fn nack(self, delay: Duration) -> impl Future<Output = Result<()>> + Send + 'static {
+        self.nack_with_reason(delay, "")
     }
 
     /// [`Job::nack`] with a reason the dead-letter topic's header carries
@@ -458,7 +486,11 @@ impl Job {
     ///
     /// # Cancel safety
     /// As for [`Job::nack`].
-    pub async fn nack_with_reason(self, delay: Duration, reason: &str) -> Result<()> {
+    pub fn nack_with_reason(
+        self,
+        delay: Duration,
+        reason: &str,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
         let mut reason = reason.to_string();
         state::truncate(&mut reason, MAX_REASON);
         let op = Op::Nack {
@@ -467,7 +499,7 @@ impl Job {
             not_before_ms: now_millis().saturating_add(delay.as_millis() as i64),
             reason,
         };
-        self.settle(op).await
+        self.settle(op)
     }
 
     /// Extends this job's lease (and its batch's) by `ack_wait` from now.
@@ -483,7 +515,8 @@ impl Job {
             lease: self.lease,
             deadline_ms: now_millis() + self.ack_wait.as_millis() as i64,
         };
-        self.handle.send(self.message.partition, op).await?;
+        let (handoff, stored) = self.handle.hand_over(self.message.partition, op);
+        self.handle.confirmed(handoff, stored).await?;
         self.deadline = Instant::now() + self.ack_wait;
         Ok(())
     }

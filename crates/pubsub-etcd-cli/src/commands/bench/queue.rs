@@ -305,7 +305,11 @@ async fn queue_drain(
                                 break Err(e);
                             }
                             match acks_mode {
-                                Acks::Confirmed => acks.push(async move { (id, job.ack().await) }),
+                                Acks::Confirmed => {
+                                    // Handed over now; the future waits for etcd.
+                                    let acked = job.ack();
+                                    acks.push(async move { (id, acked.await) });
+                                }
                                 Acks::Nowait => {
                                     if let Err(e) = job.ack_nowait().await {
                                         break Err(anyhow::Error::from(e).context("an ack failed"));

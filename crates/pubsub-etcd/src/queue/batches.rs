@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -129,12 +129,7 @@ impl BatchCache {
                 let truncated = before.more();
                 let kvs = before.take_kvs();
                 if truncated {
-                    let key = kvs.last().map(|kv| kv.key()).unwrap_or_default();
-                    listed_up_to =
-                        Some(Keys::trailing_number(key).ok_or_else(|| Error::Corrupt {
-                            key: String::from_utf8_lossy(key).into_owned(),
-                            reason: "a batch key must end in the offset of its last record".into(),
-                        })?);
+                    listed_up_to = Some(last_listed(keys, part, &kvs)?);
                 }
                 let mut stored = kvs;
                 // Past a truncated listing, the next step reads on from
@@ -194,6 +189,29 @@ impl BatchCache {
         }
         Ok(range)
     }
+}
+
+/// The offset the last well-formed key of a cut-off listing names. A
+/// malformed key (another width, a suffix) can sort among batch keys while
+/// naming an offset far ahead or behind, so it is not trusted with where to
+/// read on.
+fn last_listed(keys: &Keys, part: &Partition, kvs: &[KeyValue]) -> Result<u64> {
+    kvs.iter()
+        .rev()
+        .find_map(|kv| {
+            Keys::trailing_number(kv.key())
+                .filter(|&offset| keys.batch(part, offset).as_bytes() == kv.key())
+        })
+        .ok_or_else(|| Error::Corrupt {
+            key: kvs
+                .last()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .unwrap_or_default(),
+            reason: format!(
+                "none of the {} batch keys listed up to here ends in the offset of its last record",
+                kvs.len()
+            ),
+        })
 }
 
 impl Entry {

@@ -406,7 +406,8 @@ impl Job {
     }
 
     /// Settles the message: the ack is handed to the worker when this is
-    /// called, and the future returned resolves once etcd stores it.
+    /// called (or, if the worker's channel is full, when the future is
+    /// first polled), and the future returned resolves once etcd stores it.
     ///
     /// # Errors
     /// [`Error::ConsumerClosed`] if the worker has stopped, and the error of

@@ -249,13 +249,14 @@ impl Settler {
             settling.failure = None;
         } else {
             // Stored by nobody: the operations without a waiter (gaps,
-            // releases, `ack_nowait`s) go with the next flush; waiters get
-            // the error.
+            // releases, `ack_nowait`s, acks whose caller stopped waiting)
+            // go with the next flush; waiters get the error.
             let mut settling = self.lock();
             settling.failure = result.clone().err();
+            let unwaited = |c: &&Cmd| c.done.as_ref().is_none_or(|done| done.is_closed());
             settling
                 .buffered
-                .extend(cmds.iter().filter(|c| c.done.is_none()).map(|c| Cmd {
+                .extend(cmds.iter().filter(unwaited).map(|c| Cmd {
                     partition: c.partition,
                     op: c.op.clone(),
                     done: None,

@@ -303,9 +303,13 @@ impl Worker {
         let (unstored, failure) = self.settler.unstored();
         if unstored >= MAX_UNSTORED {
             // Leasing waits for a flush to store them; the application
-            // hears why (the acks it did not wait for cannot tell it).
+            // hears why (the acks it did not wait for cannot tell it), once
+            // it has taken what came before, so that errors do not pile up
+            // in the channel while etcd fails.
             if let Some(error) = failure {
-                let _ = self.jobs.try_send(Err(error));
+                if self.jobs.capacity() == self.jobs.max_capacity() {
+                    let _ = self.jobs.try_send(Err(error));
+                }
             }
             return Box::pin(tokio::time::sleep(ERROR_PAUSE));
         }

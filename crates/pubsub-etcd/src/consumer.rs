@@ -50,6 +50,7 @@ pub struct Consumer {
     client: Client,
     topic: Arc<str>,
     group: String,
+    delivered: metrics::Counter,
     member_id: String,
     auto_commit: AutoCommit,
     queue: mpsc::Receiver<Envelope>,
@@ -107,6 +108,7 @@ impl Consumer {
         Ok(Consumer {
             client: control,
             committer,
+            delivered: telemetry::delivered(&builder.topic, &builder.group),
             topic: topic_arc(&builder.topic),
             group: builder.group,
             member_id,
@@ -214,7 +216,7 @@ impl Consumer {
                     if self.auto_commit == AutoCommit::EveryMessage {
                         self.uncommitted = Some((message.partition, message.offset));
                     }
-                    telemetry::delivered(&self.topic, &self.group);
+                    self.delivered.increment(1);
                     return Poll::Ready(Some(Ok(Event::Message(message))));
                 }
                 Envelope::Error { error, epoch } => {

@@ -16,11 +16,14 @@
 //!
 //! Labels are `topic` and `group`, and `partition` for lag only, so the
 //! number of series grows with topics and groups, not with messages.
+//!
+//! Install the recorder before making consumers: a group member takes its
+//! delivered-messages counter when it is made.
 
 use std::time::Duration;
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
 };
 
 /// Messages acknowledged as stored, by topic.
@@ -145,9 +148,12 @@ pub(crate) fn etcd_unreachable(unreachable: bool) {
     gauge!(ETCD_UNREACHABLE).set(if unreachable { 1.0 } else { 0.0 });
 }
 
-pub(crate) fn delivered(topic: &str, group: &str) {
+/// The counter of messages a group member delivers, taken once per
+/// consumer: registering it per message cost two label strings and a
+/// registry lookup each, 5% of a catch-up's profile. A consumer made
+/// before the recorder was installed therefore records nothing.
+pub(crate) fn delivered(topic: &str, group: &str) -> Counter {
     counter!(DELIVERED_MESSAGES, "topic" => topic.to_string(), "group" => group.to_string())
-        .increment(1);
 }
 
 pub(crate) fn committed(topic: &str, group: &str, took: Duration) {

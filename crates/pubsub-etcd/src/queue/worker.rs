@@ -306,10 +306,12 @@ impl Worker {
             // hears why (the acks it did not wait for cannot tell it), once
             // it has taken what came before, so that errors do not pile up
             // in the channel while etcd fails.
-            if let Some(error) = failure {
-                if self.jobs.capacity() == self.jobs.max_capacity() {
-                    let _ = self.jobs.try_send(Err(error));
-                }
+            let Some(error) = failure else {
+                // Flushes are behind, not failing.
+                return Box::pin(tokio::time::sleep(FULL_PAUSE));
+            };
+            if self.jobs.capacity() == self.jobs.max_capacity() {
+                let _ = self.jobs.try_send(Err(error));
             }
             return Box::pin(tokio::time::sleep(ERROR_PAUSE));
         }

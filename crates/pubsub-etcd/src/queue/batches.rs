@@ -132,8 +132,8 @@ impl BatchCache {
                     listed_up_to = Some(last_listed(keys, part, &kvs)?);
                 }
                 let mut stored = kvs;
-                // Past a truncated listing, the next step reads on from
-                // the last batch it returned.
+                // The batch at or past `key(to - 1)` is the range's last:
+                // after a truncated listing, a later step reads it.
                 if !truncated {
                     stored.extend(last.take_kvs());
                 }
@@ -152,7 +152,6 @@ impl BatchCache {
                     }
                 }
             }
-            let mut last = None;
             for entry in &batches {
                 let batch = &entry.batch;
                 range.messages.extend(record::batch_messages_in(
@@ -169,7 +168,6 @@ impl BatchCache {
                         .map(|r| batch.base_offset + u64::from(r.offset_delta))
                         .find(|&offset| offset >= to);
                 }
-                last = Some(entry.end());
             }
             // Batches go back in the cache once this step is done, so that
             // none it needs is evicted by another it needs.
@@ -179,11 +177,11 @@ impl BatchCache {
                 }
                 self.entries.push_back(entry);
             }
+            // Every batch this step holds ends at or before the listed
+            // offset: a decoded batch's key names its last offset, and the
+            // cached one ends where the listing starts.
             range.covered = match listed_up_to {
-                Some(listed) => {
-                    let past = last.unwrap_or(range.covered).max(listed.saturating_add(1));
-                    past.clamp(range.covered + 1, to)
-                }
+                Some(listed) => listed.saturating_add(1).clamp(range.covered + 1, to),
                 None => to,
             };
         }

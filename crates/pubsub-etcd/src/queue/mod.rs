@@ -361,12 +361,28 @@ impl JobHandle {
             op,
             done: Some(tx),
         };
-        let handoff = match self.ops.try_send(cmd) {
+        (self.try_put(cmd), rx)
+    }
+
+    fn try_put(&self, cmd: Cmd) -> Handoff {
+        match self.ops.try_send(cmd) {
             Ok(()) => Handoff::Sent,
             Err(mpsc::error::TrySendError::Full(cmd)) => Handoff::Full(cmd),
             Err(mpsc::error::TrySendError::Closed(_)) => Handoff::Closed,
-        };
-        (handoff, rx)
+        }
+    }
+
+    /// Waits for room in the channel, if there was none.
+    async fn put(&self, handoff: Handoff) -> Result<()> {
+        match handoff {
+            Handoff::Sent => Ok(()),
+            // Boxed: the wait for room is rare, and inline it would make
+            // every settle future several times larger.
+            Handoff::Full(cmd) => Box::pin(self.ops.send(cmd))
+                .await
+                .map_err(|_| Error::ConsumerClosed),
+            Handoff::Closed => Err(Error::ConsumerClosed),
+        }
     }
 
     /// Waits for room in the channel, if there was none, then for the
@@ -376,15 +392,7 @@ impl JobHandle {
         handoff: Handoff,
         stored: oneshot::Receiver<Result<()>>,
     ) -> Result<()> {
-        match handoff {
-            Handoff::Sent => {}
-            // Boxed: the wait for room is rare, and inline it would make
-            // every settle future several times larger.
-            Handoff::Full(cmd) => Box::pin(self.ops.send(cmd))
-                .await
-                .map_err(|_| Error::ConsumerClosed)?,
-            Handoff::Closed => return Err(Error::ConsumerClosed),
-        }
+        self.put(handoff).await?;
         stored.await.map_err(|_| Error::ConsumerClosed)?
     }
 }
@@ -446,13 +454,8 @@ impl Job {
             op: Op::Ack(self.message.offset),
             done: None,
         };
-        match self.handle.ops.try_send(cmd) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(cmd)) => Box::pin(self.handle.ops.send(cmd))
-                .await
-                .map_err(|_| Error::ConsumerClosed),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ConsumerClosed),
-        }
+        let handoff = self.handle.try_put(cmd);
+        self.handle.put(handoff).await
     }
 
     /// Settles the message without processing it.
